@@ -64,5 +64,6 @@ def compile_gemm(spec: GemmSpec, config: KernelConfig):
     from .kernels.sm90.grouped_gemm import Sm90GroupedGemm
 
     kernel = Sm90GroupedGemm(spec.kind, config.tile_m, config.tile_n, config.cluster_m, config.cluster_n,
-                             config.stages, config.panel, spec.n, spec.k, spec.has_c)
+                             config.stages, config.panel, spec.n, spec.k, spec.has_c,
+                             bool(config.direct_store))
     return cute.compile(kernel, *fake_arguments(spec), options="--enable-tvm-ffi")

@@ -1,6 +1,10 @@
 """Public BF16 GEMM operations (DeepGEMM names and semantics) on torch tensors.
 
-Warm path: validate the arguments, one dict lookup, one TVM-FFI launch on the current CUDA stream.
+First call of a shape: full Python validation, dispatch, compile or load, then launch.
+Warm call: one dict lookup keyed by the static shape, then the TVM-FFI launch on the current CUDA
+stream; TVM-FFI itself checks dtypes, shapes, strides, device type and 16-byte alignment before it
+launches, and when it refuses an argument the Python validation runs to raise an error that names
+the public argument with expected vs actual.
 """
 
 from typing import Callable, Optional
@@ -19,23 +23,39 @@ _BF16 = (torch.bfloat16,)
 _OUT = (torch.bfloat16, torch.float32)
 _INT32 = (torch.int32,)
 
-# (kind, n, k, d dtype, has_c, groups, expected_m, alignment, device, forced config) -> (fn, max clusters)
-_launchers: dict[tuple, tuple[Callable, int]] = {}
+
+class _Launch:
+    """A compiled specialization bound to its launch facts."""
+
+    __slots__ = ("fn", "clusters")
+
+    def __init__(self, fn: Callable, clusters: int):
+        self.fn = fn
+        self.clusters = clusters
 
 
-def _launcher(kind: str, n: int, k: int, d_dtype: torch.dtype, has_c: bool, num_groups: int, expected_m: int,
-              device: torch.device) -> tuple[Callable, int]:
+# (op, static shape, output dtype, has C / expected_m / alignment, device, forced config) -> _Launch
+_launches: dict[tuple, _Launch] = {}
+
+
+def _build(key: tuple, kind: str, n: int, k: int, d_dtype: torch.dtype, has_c: bool, num_groups: int,
+           expected_m: int, device: torch.device) -> _Launch:
     alignment = get_mk_alignment_for_contiguous_layout() if kind == "contiguous" else 0
-    forced = forced_config()
-    key = (kind, n, k, d_dtype, has_c, num_groups, expected_m, alignment, device.index, forced)
-    hit = _launchers.get(key)
-    if hit is None:
-        config = forced or choose_config(kind, n, k, num_groups, expected_m, alignment)
-        check_config_fits(kind, config, alignment)
-        spec = GemmSpec(kind=kind, n=n, k=k, d_dtype=dtype_name(d_dtype), has_c=has_c)
-        hit = (runtime.get_kernel(spec, config), runtime.max_clusters(device, config.cluster_size))
-        _launchers[key] = hit
-    return hit
+    config = forced_config() or choose_config(kind, n, k, num_groups, expected_m, alignment)
+    check_config_fits(kind, config, alignment)
+    spec = GemmSpec(kind=kind, n=n, k=k, d_dtype=dtype_name(d_dtype), has_c=has_c)
+    launch = _Launch(runtime.get_kernel(spec, config), runtime.max_clusters(device, config.cluster_size))
+    _launches[key] = launch
+    return launch
+
+
+def _run(launch: _Launch, validate: Callable[[], None], *args) -> None:
+    """Launch; if TVM-FFI refuses an argument, re-validate in Python for an error naming it."""
+    try:
+        launch.fn(*args, launch.clusters)
+    except (ValueError, TypeError):
+        validate()
+        raise
 
 
 def _check_nk(n: int, k: int) -> None:
@@ -50,8 +70,7 @@ def _check_groups(name: str, num_groups: int) -> None:
         raise ValueError(f"{name}: expected between 1 and {MAX_GROUPS} groups, got {num_groups}")
 
 
-def bf16_gemm_nt(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: Optional[torch.Tensor] = None) -> None:
-    """d = c + a @ b.T (c optional): a [M, K] bf16, b [N, K] bf16, d and c [M, N] bf16 or fp32."""
+def _validate_dense(a, b, d, c) -> None:
     check_tensor("a", a, _BF16, 2)
     check_tensor("b", b, _BF16, 2)
     check_tensor("d", d, _OUT, 2)
@@ -67,20 +86,25 @@ def bf16_gemm_nt(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: Optional[
         check_shape("c", c, (m, n))
         check_contiguous("c", c)
     check_placement(a=a, b=b, d=d, c=c)
-    if m == 0:
+
+
+def bf16_gemm_nt(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: Optional[torch.Tensor] = None) -> None:
+    """d = c + a @ b.T (c optional, may be d itself): a [M, K] bf16, b [N, K] bf16, d and c [M, N]
+    bf16 or fp32 (same dtype)."""
+    key = ("dense", b.shape, d.dtype, c is None, a.get_device(), forced_config())
+    launch = _launches.get(key)
+    if launch is None:
+        _validate_dense(a, b, d, c)
+        if a.shape[0] == 0:
+            return
+        launch = _build(key, "dense", b.shape[0], b.shape[1], d.dtype, c is not None, 1, a.shape[0], a.device)
+    elif a.shape[0] == 0 or b.get_device() != key[4] or d.get_device() != key[4]:
+        _validate_dense(a, b, d, c)
         return
-    fn, clusters = _launcher("dense", n, k, d.dtype, c is not None, 1, m, a.device)
-    fn(a, b, d, c, None, clusters)
+    _run(launch, lambda: _validate_dense(a, b, d, c), a, b, d, c, None)
 
 
-def m_grouped_bf16_gemm_nt_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor,
-                                      grouped_layout: torch.Tensor) -> None:
-    """d[r] = a[r] @ b[grouped_layout[r]].T for each row r with grouped_layout[r] >= 0.
-
-    a [M, K] bf16 holds every expert's rows, each expert's segment starting at a multiple of
-    ``get_mk_alignment_for_contiguous_layout()``; grouped_layout int32 [M] is -1 on padding rows
-    (their d rows are left unspecified); b [G, N, K] bf16; d [M, N] bf16 or fp32.
-    """
+def _validate_contiguous(a, b, d, grouped_layout) -> None:
     check_tensor("a", a, _BF16, 2)
     check_tensor("b", b, _BF16, 3)
     check_tensor("d", d, _OUT, 2)
@@ -96,20 +120,31 @@ def m_grouped_bf16_gemm_nt_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch
         check_contiguous(name, t)
     check_multiple("a", m, get_mk_alignment_for_contiguous_layout(), "the row count (aligned expert segments)")
     check_placement(a=a, b=b, d=d, grouped_layout=grouped_layout)
-    if m == 0:
-        return
-    fn, clusters = _launcher("contiguous", n, k, d.dtype, False, num_groups, 0, a.device)
-    fn(a, b, d, None, grouped_layout, clusters)
 
 
-def m_grouped_bf16_gemm_nt_masked(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, masked_m: torch.Tensor,
-                                  expected_m: int) -> None:
-    """d[g, :masked_m[g]] = a[g, :masked_m[g]] @ b[g].T; rows >= masked_m[g] of d are not written.
+def m_grouped_bf16_gemm_nt_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor,
+                                      grouped_layout: torch.Tensor) -> None:
+    """d[r] = a[r] @ b[grouped_layout[r]].T for each row r with grouped_layout[r] >= 0.
 
-    a [G, Mmax, K] bf16, b [G, N, K] bf16, d [G, Mmax, N] bf16 or fp32, masked_m int32 [G] on the GPU
-    (never read by the host, so CUDA graphs stay valid when it changes); expected_m: a tuning hint
-    (typical rows per expert). masked_m[g] > Mmax is treated as Mmax.
+    a [M, K] bf16 holds every expert's rows, each expert's segment starting at a multiple of
+    ``get_mk_alignment_for_contiguous_layout()`` (M a multiple of it too); grouped_layout int32 [M] is
+    -1 on padding rows (their d rows are left unspecified); b [G, N, K] bf16; d [M, N] bf16 or fp32.
+    Expert ids >= G are not detected on the device: their rows come out as zeros.
     """
+    alignment = get_mk_alignment_for_contiguous_layout()
+    key = ("contiguous", b.shape, d.dtype, alignment, a.get_device(), forced_config())
+    launch = _launches.get(key)
+    m = a.shape[0]
+    if launch is None or m % alignment != 0 or m == 0 or d.get_device() != key[4]:
+        _validate_contiguous(a, b, d, grouped_layout)
+        if m == 0:
+            return
+        launch = launch or _build(key, "contiguous", b.shape[1], b.shape[2], d.dtype, False, b.shape[0], 0,
+                                  a.device)
+    _run(launch, lambda: _validate_contiguous(a, b, d, grouped_layout), a, b, d, None, grouped_layout)
+
+
+def _validate_masked(a, b, d, masked_m, expected_m) -> None:
     check_tensor("a", a, _BF16, 3)
     check_tensor("b", b, _BF16, 3)
     check_tensor("d", d, _OUT, 3)
@@ -125,25 +160,31 @@ def m_grouped_bf16_gemm_nt_masked(a: torch.Tensor, b: torch.Tensor, d: torch.Ten
     for name, t in (("a", a), ("b", b), ("d", d), ("masked_m", masked_m)):
         check_contiguous(name, t)
     check_placement(a=a, b=b, d=d, masked_m=masked_m)
-    if max_m == 0:
-        return
-    fn, clusters = _launcher("masked", n, k, d.dtype, False, num_groups, expected_m, a.device)
-    fn(a, b, d, None, masked_m, clusters)
 
 
-def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor,
-               out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """torch._grouped_mm for 2-D a and 3-D b: out[offs[g-1]:offs[g]] = a[offs[g-1]:offs[g]] @ b[g].
+def m_grouped_bf16_gemm_nt_masked(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, masked_m: torch.Tensor,
+                                  expected_m: int) -> None:
+    """d[g, :masked_m[g]] = a[g, :masked_m[g]] @ b[g].T; rows >= masked_m[g] of d are not written.
 
-    a [M, K] bf16; b [G, K, N] bf16 whose K is the contiguous dimension (e.g. ``w.transpose(-2, -1)``
-    of a row-major [G, N, K] weight); offs int32 [G] cumulative group ends (unaligned, empty groups
-    allowed, offs[-1] <= M); returns out [M, N] in out_dtype (bf16 default, or fp32). Rows past
-    offs[-1] are left unwritten, as in torch.
+    a [G, Mmax, K] bf16, b [G, N, K] bf16, d [G, Mmax, N] bf16 or fp32, masked_m int32 [G] on the GPU
+    (never read by the host, so CUDA graphs stay valid when it changes); expected_m: a tuning hint
+    (typical rows per expert). masked_m[g] > Mmax is treated as Mmax.
     """
+    key = ("masked", b.shape, d.dtype, expected_m, a.get_device(), forced_config())
+    launch = _launches.get(key)
+    if launch is None or type(expected_m) is not int or a.numel() == 0 or d.get_device() != key[4]:
+        _validate_masked(a, b, d, masked_m, expected_m)
+        if a.numel() == 0:
+            return
+        launch = launch or _build(key, "masked", b.shape[1], b.shape[2], d.dtype, False, b.shape[0],
+                                  expected_m, a.device)
+    _run(launch, lambda: _validate_masked(a, b, d, masked_m, expected_m), a, b, d, None, masked_m)
+
+
+def _validate_grouped_mm(a, b, offs, out_dtype) -> None:
     check_tensor("a", a, _BF16, 2)
     check_tensor("b", b, _BF16, 3)
     check_tensor("offs", offs, _INT32, 1)
-    out_dtype = torch.bfloat16 if out_dtype is None else out_dtype
     if out_dtype not in _OUT:
         raise TypeError(f"out_dtype: expected bfloat16 or float32, got {out_dtype}")
     m, k = a.shape
@@ -154,14 +195,30 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor,
     _check_groups("b", num_groups)
     check_contiguous("a", a)
     check_contiguous("offs", offs)
-    weights = b.transpose(1, 2)
-    if not weights.is_contiguous():
+    if not b.transpose(1, 2).is_contiguous():
         raise ValueError(f"b: expected K-contiguous [G, K, N] (strides (N*K, 1, K) = {(n * k, 1, k)}), "
                          f"got strides {b.stride()}")
     check_placement(a=a, b=b, offs=offs)
-    out = torch.empty((m, n), dtype=out_dtype, device=a.device)
-    if m == 0:
-        return out
-    fn, clusters = _launcher("ragged", n, k, out_dtype, False, num_groups, 0, a.device)
-    fn(a, weights, out, None, offs, clusters)
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor,
+               out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """torch._grouped_mm for 2-D a and 3-D b: out[offs[g-1]:offs[g]] = a[offs[g-1]:offs[g]] @ b[g].
+
+    a [M, K] bf16; b [G, K, N] bf16 whose K is the contiguous dimension (e.g. ``w.transpose(-2, -1)``
+    of a row-major [G, N, K] weight); offs int32 [G] cumulative group ends (unaligned, empty groups
+    allowed, offs[-1] <= M; ends past M are clamped); returns out [M, N] in out_dtype (bf16 default, or
+    fp32). Rows past offs[-1] are left unwritten, as in torch.
+    """
+    out_dtype = torch.bfloat16 if out_dtype is None else out_dtype
+    key = ("ragged", b.shape, out_dtype, a.get_device(), forced_config())
+    launch = _launches.get(key)
+    if launch is None or a.shape[0] == 0 or b.get_device() != key[3]:
+        _validate_grouped_mm(a, b, offs, out_dtype)
+        if a.shape[0] == 0:
+            return torch.empty((0, b.shape[2]), dtype=out_dtype, device=a.device)
+        launch = launch or _build(key, "ragged", b.shape[2], b.shape[1], out_dtype, False, b.shape[0], 0,
+                                  a.device)
+    out = torch.empty((a.shape[0], b.shape[2]), dtype=out_dtype, device=a.device)
+    _run(launch, lambda: _validate_grouped_mm(a, b, offs, out_dtype), a, b.transpose(1, 2), out, None, offs)
     return out

@@ -43,8 +43,8 @@ class Row:
     baseline: str
 
 
-def time_per_call(launch: Callable[[int], object], num_sets: int, repeats: int = 15) -> float:
-    """Median microseconds per launch, from CUDA-graph replays that rotate through input sets."""
+def _graph_of(launch: Callable[[int], object], num_sets: int) -> tuple[torch.cuda.CUDAGraph, int]:
+    """Capture enough rotating launches that one replay lasts about 10 ms."""
     for i in range(num_sets):
         launch(i)
     torch.cuda.synchronize()
@@ -55,20 +55,30 @@ def time_per_call(launch: Callable[[int], object], num_sets: int, repeats: int =
     end.record()
     end.synchronize()
     estimate_us = max(start.elapsed_time(end) * 1e3 / num_sets, 1.0)
-    calls = max(num_sets, min(400, math.ceil(3000 / estimate_us)))
+    calls = max(num_sets, min(1000, math.ceil(10000 / estimate_us)))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for i in range(calls):
             launch(i % num_sets)
     graph.replay()
-    samples = []
+    return graph, calls
+
+
+def time_pair(ours: Callable[[int], object], base: Callable[[int], object], num_sets: int,
+              repeats: int = 20) -> tuple[float, float]:
+    """Median microseconds per launch of ours and of the baseline, their graph replays interleaved so
+    clock and thermal drift hit both alike."""
+    graphs = [_graph_of(ours, num_sets), _graph_of(base, num_sets)]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    samples: list[list[float]] = [[], []]
     for _ in range(repeats):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(samples)
+        for which, (graph, calls) in enumerate(graphs):
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            samples[which].append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(samples[0]), statistics.median(samples[1])
 
 
 def sets_for(bytes_per_set: int) -> int:
@@ -106,7 +116,7 @@ def bench_contiguous(kind: str, g: int, m: int, n: int, k: int) -> Row:
     ours(0)
     base(0)
     diff = calc_diff(outs["ours"], outs["base"])
-    t_ours, t_base = time_per_call(ours, len(sets)), time_per_call(base, len(sets))
+    t_ours, t_base = time_pair(ours, base, len(sets))
     flops = 2 * total * n * k
     return Row(kind, f"{g}x{m} n={n} k={k}", t_ours, t_base, flops / t_ours / 1e6, bytes_per_set / t_ours / 1e3,
                t_base / t_ours, diff, "torch._grouped_mm")
@@ -134,7 +144,7 @@ def bench_masked(g: int, max_m: int, expected_m: int, n: int, k: int) -> Row:
     base(0)
     ours_packed = torch.cat([d[i, :c] for i, c in enumerate(counts)])
     diff = calc_diff(ours_packed, outs["base"])
-    t_ours, t_base = time_per_call(ours, 1), time_per_call(base, 1)
+    t_ours, t_base = time_pair(ours, base, 1)
     bytes_moved = (g * n * k + valid * k + valid * n) * 2
     return Row("masked", f"{g}x{max_m} exp_m={expected_m} n={n} k={k}", t_ours, t_base,
                2 * valid * n * k / t_ours / 1e6, bytes_moved / t_ours / 1e3, t_base / t_ours, diff,
@@ -159,7 +169,7 @@ def bench_dense(m: int, n: int, k: int) -> Row:
     ours(0)
     base(0)
     diff = calc_diff(outs["ours"], outs["base"])
-    t_ours, t_base = time_per_call(ours, len(sets)), time_per_call(base, len(sets))
+    t_ours, t_base = time_pair(ours, base, len(sets))
     return Row("dense", f"m={m} n={n} k={k}", t_ours, t_base, 2 * m * n * k / t_ours / 1e6,
                bytes_per_set / t_ours / 1e3, t_base / t_ours, diff, "torch.matmul")
 
@@ -183,9 +193,9 @@ def host_overhead_us(calls: int = 2000) -> float:
     return statistics.median(samples)
 
 
-def run(only: set[str]) -> list[Row]:
+def run(only: set[str], nk_shapes: tuple) -> list[Row]:
     rows = []
-    for n, k in NK_SHAPES:
+    for n, k in nk_shapes:
         for g, m in CONTIGUOUS_GM:
             for kind in ("contiguous", "ragged"):
                 if kind in only:
@@ -216,17 +226,23 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--only", default="contiguous,ragged,masked,dense",
                         help="comma-separated kinds among contiguous, ragged, masked, dense")
     parser.add_argument("--config", default=None, help="force a KernelConfig, e.g. tile_m=128,tile_n=256,cluster_m=2")
+    parser.add_argument("--nk", default=None, help="only these N x K shapes, e.g. 4096x7168,7168x2048")
+    parser.add_argument("--alignment", type=int, default=None, help="contiguous-layout segment alignment")
     parser.add_argument("--no-host", action="store_true", help="skip the host-overhead measurement")
     parser.add_argument("--out", default="bench_results", help="folder for bench.md and bench.json")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     only = set(args.only.split(","))
+    nk_shapes = NK_SHAPES if args.nk is None else tuple(
+        tuple(int(x) for x in item.split("x")) for item in args.nk.split(","))
+    if args.alignment is not None:
+        cute_moe.set_mk_alignment_for_contiguous_layout(args.alignment)
     print(HEADER, flush=True)
     if args.config:
         with force_config(parse_config(args.config)):
-            rows = run(only)
+            rows = run(only, nk_shapes)
     else:
-        rows = run(only)
+        rows = run(only, nk_shapes)
     host = None if args.no_host else host_overhead_us()
     device = torch.cuda.get_device_name()
     stamp = time.strftime("%Y-%m-%d")

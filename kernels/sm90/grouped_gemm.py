@@ -43,7 +43,7 @@ class Sm90GroupedGemm:
     """Compile-time configuration of one GEMM specialization (see module docstring)."""
 
     def __init__(self, kind: str, tile_m: int, tile_n: int, cluster_m: int, cluster_n: int,
-                 stages: int, panel: int, n: int, k: int, has_c: bool):
+                 stages: int, panel: int, n: int, k: int, has_c: bool, direct_store: bool = False):
         if tile_m not in (64, 128):
             raise ValueError(f"tile_m: expected 64 or 128, got {tile_m}")
         if tile_n not in (64, 128, 256):
@@ -58,6 +58,7 @@ class Sm90GroupedGemm:
         self.n = n
         self.k = k
         self.has_c = has_c
+        self.direct_store = direct_store
         self.acc_dtype = cutlass.Float32
         self.num_consumer_wgs = tile_m // 64
         self.num_consumer_threads = 128 * self.num_consumer_wgs
@@ -363,7 +364,10 @@ class Sm90GroupedGemm:
 
                 # ---------------- epilogue
                 col_start = n_block * tile_n
-                if rows_valid > 0 and col_start < self.n:
+                if cutlass.const_expr(self.direct_store):
+                    if rows_valid > 0 and col_start < self.n:
+                        self.store_direct(thr_mma, accumulators, mD, mC, row_start, rows_valid, n_block)
+                elif rows_valid > 0 and col_start < self.n:
                     gD = cute.local_tile(cute.domain_offset((row_start, 0), mD), (tile_m, tile_n), (0, n_block))
                     cD = cute.local_tile(cute.make_identity_tensor((tile_m, self.n)), (tile_m, tile_n), (0, n_block))
                     gD_epi = cute.flat_divide(gD, self.epi_tile)
@@ -384,6 +388,41 @@ class Sm90GroupedGemm:
                         epi_buffer = (epi_buffer + 1) % EPI_STAGES
             linear = linear + num_clusters
             g, g_first = self.scheduler.advance(group_values, linear, g, g_first, num_groups, total_rows)
+
+    @cute.jit
+    def store_direct(self, thr_mma, accumulators: cute.Tensor, mD: cute.Tensor, mC: Optional[cute.Tensor],
+                     row_start: Int32, rows_valid: Int32, n_block: Int32):
+        """Write the accumulators straight from registers (pairs of adjacent columns per thread),
+        adding C in FP32 first; rows past ``rows_valid`` and columns past N are skipped."""
+        tile_m, tile_n, _ = self.tile_shape_mnk
+        gD = cute.local_tile(cute.domain_offset((row_start, 0), mD), (tile_m, tile_n), (0, n_block))
+        cD = cute.local_tile(cute.make_identity_tensor((tile_m, self.n)), (tile_m, tile_n), (0, n_block))
+        tDgD = thr_mma.partition_C(gD)
+        tDcD = thr_mma.partition_C(cD)
+        values = accumulators.load()
+        full = rows_valid >= tile_m and (n_block + 1) * tile_n <= self.n
+        if cutlass.const_expr(self.has_c):
+            tDgC = thr_mma.partition_C(
+                cute.local_tile(cute.domain_offset((row_start, 0), mC), (tile_m, tile_n), (0, n_block)))
+            c_frag = cute.make_rmem_tensor(accumulators.shape, self.d_dtype)
+            c_frag.fill(0.0)
+            if full:
+                cute.autovec_copy(tDgC, c_frag)
+            else:
+                for i in cutlass.range_constexpr(cute.size(c_frag)):
+                    coord = tDcD[i]
+                    if coord[0] < rows_valid and coord[1] < self.n:
+                        c_frag[i] = tDgC[i]
+            values = values + c_frag.load().to(self.acc_dtype)
+        out = cute.make_rmem_tensor(accumulators.shape, self.d_dtype)
+        out.store(values.to(self.d_dtype))
+        if full:
+            cute.autovec_copy(out, tDgD)
+        else:
+            for i in cutlass.range_constexpr(cute.size(out)):
+                coord = tDcD[i]
+                if coord[0] < rows_valid and coord[1] < self.n:
+                    tDgD[i] = out[i]
 
     @cute.jit
     def store_epi_tile(self, thr_s2g, s_tile: cute.Tensor, g_tile: cute.Tensor, c_tile: cute.Tensor,

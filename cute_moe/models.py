@@ -1,0 +1,110 @@
+"""MoE model presets and the expert GEMMs one rank runs for them under expert / tensor parallelism."""
+
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class MoeModel:
+    """The MoE block of a model: hidden size, per-expert intermediate size, routed experts, top-k."""
+
+    name: str
+    hidden: int
+    moe_intermediate: int
+    experts: int
+    top_k: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name: expected a non-empty string, got {self.name!r}")
+        for name in ("hidden", "moe_intermediate", "experts", "top_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{self.name}: {name}: expected a positive integer, got {value!r}")
+        if self.top_k > self.experts:
+            raise ValueError(f"{self.name}: top_k: expected <= experts ({self.experts}), got {self.top_k}")
+
+
+PRESETS: dict[str, MoeModel] = {m.name: m for m in (
+    MoeModel("DeepSeek-V3", 7168, 2048, 256, 8),
+    MoeModel("DeepSeek-V4-Flash", 4096, 2048, 256, 6),
+    MoeModel("DeepSeek-V4-Pro", 7168, 3072, 384, 6),
+    MoeModel("Qwen3-30B-A3B", 2048, 768, 128, 8),
+    MoeModel("Qwen3-235B-A22B", 4096, 1536, 128, 8),
+    MoeModel("Mixtral-8x7B", 4096, 14336, 8, 2),
+    MoeModel("gpt-oss-120b", 2880, 2880, 128, 4),
+    MoeModel("Kimi-K2", 7168, 2048, 384, 8),
+)}
+
+
+def get_preset(name: str) -> MoeModel:
+    """The preset called ``name`` (case-insensitive)."""
+    for model in PRESETS.values():
+        if model.name.lower() == name.lower():
+            return model
+    raise ValueError(f"--model: unknown model {name!r}; presets: {', '.join(PRESETS)} "
+                     f"(or describe it in a --shapes JSON file)")
+
+
+def load_shapes(path: str) -> list[MoeModel]:
+    """Models from a JSON file: one object or a list of objects with the fields of MoeModel."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--shapes: cannot read {path}: {e}") from e
+    items = data if isinstance(data, list) else [data]
+    names = [f.name for f in fields(MoeModel)]
+    models = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or sorted(item) != sorted(names):
+            raise ValueError(f"--shapes: {path}: entry {i}: expected an object with exactly the keys "
+                             f"{names}, got {item!r}")
+        try:
+            models.append(MoeModel(**item))
+        except ValueError as e:
+            raise ValueError(f"--shapes: {path}: entry {i}: {e}") from e
+    if not models:
+        raise ValueError(f"--shapes: {path}: no models in the file")
+    return models
+
+
+@dataclass(frozen=True)
+class ExpertGemm:
+    """One expert GEMM of one rank: D[rows, n] = A[rows, k] . B[g, n, k]^T over ``num_groups`` experts."""
+
+    model: str
+    name: str
+    n: int
+    k: int
+    num_groups: int
+
+
+def expert_gemms(model: MoeModel, ep: int = 1, tp: int = 1) -> tuple[ExpertGemm, ExpertGemm]:
+    """GEMM1 (gate+up fused: N = 2 * moe_intermediate / tp, K = hidden) and GEMM2 (down: N = hidden,
+    K = moe_intermediate / tp), each over experts / ep local experts."""
+    if ep < 1 or model.experts % ep != 0:
+        raise ValueError(f"--ep: expected a divisor of {model.name}'s {model.experts} experts, got {ep}")
+    if tp < 1 or model.moe_intermediate % tp != 0 or (model.moe_intermediate // tp) % 8 != 0:
+        raise ValueError(f"--tp: expected a divisor of {model.name}'s moe_intermediate {model.moe_intermediate} "
+                         f"leaving a multiple of 8 per rank, got {tp}")
+    if model.hidden % 8 != 0:
+        raise ValueError(f"{model.name}: hidden: expected a multiple of 8, got {model.hidden}")
+    groups = model.experts // ep
+    inter = model.moe_intermediate // tp
+    return (ExpertGemm(model.name, "gate_up", 2 * inter, model.hidden, groups),
+            ExpertGemm(model.name, "down", model.hidden, inter, groups))
+
+
+def expected_rows(model: MoeModel, tokens: int, ep: int = 1) -> int:
+    """Average rows one local expert receives when each rank feeds ``tokens`` tokens to the MoE layer.
+
+    With expert parallelism the ep ranks' tokens * top_k routes spread over all experts, so each of
+    the experts / ep local experts gets tokens * ep * top_k / experts = tokens * top_k / (experts / ep)
+    rows on average (rounded up). Under tensor parallelism alone (ep = 1) every rank sees every token
+    and every expert. This is the ``expected_m`` hint of the masked (decode) kernels.
+    """
+    if tokens < 0:
+        raise ValueError(f"tokens: expected >= 0, got {tokens}")
+    return math.ceil(tokens * model.top_k * ep / model.experts)
