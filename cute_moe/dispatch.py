@@ -23,11 +23,13 @@ M_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 # masked: the caller's expected_m) and 0 for contiguous and ragged, whose launcher keys must not
 # depend on per-call token counts. Precompile enumerates hints for these kinds only.
 KINDS_WITH_ROW_HINT = ("dense", "masked")
+# Kinds whose groups start on multiples of the contiguous-layout alignment.
+ALIGNED_KINDS = ("contiguous", "psum")
 # Streaming multiprocessors assumed when the caller does not say (H100/H200 SXM: 132).
 DEFAULT_NUM_SMS = {"sm_90a": 132}
 TUNED_TABLE_FORMAT = "cute-moe-tuned-table"
 TUNED_TABLE_ENV = "CUTE_MOE_TUNED_TABLE"
-_TUNED_DIR = Path(__file__).resolve().parent / "tuned"
+TABLE_KEY_FIELDS = ("arch", "kind", "ab_dtype", "d_dtype", "n", "k", "expected_m")
 
 
 def m_bucket(expected_m: int) -> int:
@@ -79,13 +81,19 @@ class Problem:
             raise ValueError(f"alignment: expected >= 0, got {self.alignment}")
 
 
+def max_tile_n(ab_dtype: str) -> int:
+    """Widest N tile of the SM90 kernel: FP8 B tiles match the 128 x 128 weight scale blocks."""
+    return 128 if ab_dtype == "fp8_e4m3" else 256
+
+
 def rule_config(p: Problem) -> KernelConfig:
     """The SM90 rules (see docs/dispatch.md; values to be tuned on the GPU).
 
     1. tile_m: 64 rows (one consumer warpgroup) when a group holds at most 64 rows, or when the
-       contiguous segment alignment is not a multiple of 128; otherwise 128.
-    2. tile_n: 256, or 128 when N <= 1024 is not a multiple of 256 (the last N block would be mostly
-       padding) or when 256-wide tiles would leave SMs idle (known rows only).
+       segment alignment of the contiguous layouts is not a multiple of 128; otherwise 128.
+    2. tile_n: the widest the kernel offers (BF16 256, FP8 128), or 128 when N <= 1024 is not a
+       multiple of it (the last N block would be mostly padding) or when the widest tiles would
+       leave SMs idle (known rows only).
     3. cluster: none when each group is a single M tile (every weight block is read once, there is
        nothing to share); B multicast over an M-cluster of 2 when both CTAs of the cluster fall in one
        group (unknown or > tile_m rows; contiguous: the alignment covers 2 * tile_m rows); else A
@@ -93,15 +101,15 @@ def rule_config(p: Problem) -> KernelConfig:
     4. stages: as many as fit in shared memory; panel: 8 M blocks.
     """
     m = p.expected_m
-    contiguous = p.kind == "contiguous"
-    tile_m = 64 if 0 < m <= 64 or (contiguous and p.alignment % 128 != 0) else 128
-    tile_n = 256 if p.n % 256 == 0 or p.n > 1024 else 128
+    tile_m = 64 if 0 < m <= 64 or (p.kind in ALIGNED_KINDS and p.alignment % 128 != 0) else 128
+    widest = max_tile_n(p.ab_dtype)
+    tile_n = widest if p.n % widest == 0 or p.n > 1024 else 128
     m_tiles = math.ceil(m / tile_m) if m else 0
-    if tile_n == 256 and m and p.num_groups * m_tiles * math.ceil(p.n / 256) < p.num_sms:
+    if tile_n > 128 and m and p.num_groups * m_tiles * math.ceil(p.n / tile_n) < p.num_sms:
         tile_n = 128
     if m_tiles == 1:
         return KernelConfig(tile_m=tile_m, tile_n=tile_n)
-    if not contiguous or p.alignment % (2 * tile_m) == 0:
+    if p.kind != "contiguous" or p.alignment % (2 * tile_m) == 0:
         return KernelConfig(tile_m=tile_m, tile_n=tile_n, cluster_m=2)
     if math.ceil(p.n / tile_n) % 2 == 0:
         return KernelConfig(tile_m=tile_m, tile_n=tile_n, cluster_n=2)
@@ -109,30 +117,37 @@ def rule_config(p: Problem) -> KernelConfig:
 
 
 def check_config_fits(kind: str, config: KernelConfig, alignment: int) -> None:
-    """Reject a (forced or tuned) config that would compute a wrong answer for this problem kind."""
+    """Reject a (forced or tuned) config that would compute a wrong answer for this problem kind.
+
+    contiguous: a cluster's tiles must stay inside one aligned segment; psum: each group is tiled from
+    its aligned start, so a tile must divide the alignment.
+    """
     if kind == "contiguous" and alignment % (config.tile_m * config.cluster_m) != 0:
         raise ValueError(f"config: contiguous layout aligned to {alignment} rows needs tile_m * cluster_m "
                          f"to divide it, got tile_m={config.tile_m}, cluster_m={config.cluster_m}")
+    if kind == "psum" and alignment % config.tile_m != 0:
+        raise ValueError(f"config: psum layout aligned to {alignment} rows needs tile_m to divide it, "
+                         f"got tile_m={config.tile_m}")
 
 
 def format_config(config: KernelConfig) -> str:
-    """Short form for tables and logs: ``128x256 c2x1 st0 p8``."""
-    return (f"{config.tile_m}x{config.tile_n} c{config.cluster_m}x{config.cluster_n} "
-            f"st{config.stages} p{config.panel}")
+    """Short form for tables and logs: tile, cluster, then the other fields that differ from their
+    defaults, e.g. ``128x256 c2x1`` or ``64x128 c1x1 stages=4``."""
+    default = KernelConfig()
+    others = [f"{name}={value}" for name, value in asdict(config).items()
+              if name not in ("tile_m", "tile_n", "cluster_m", "cluster_n") and value != getattr(default, name)]
+    return " ".join([f"{config.tile_m}x{config.tile_n} c{config.cluster_m}x{config.cluster_n}", *others])
 
 
 # ---------------------------------------------------------------------------------------- tuned table
 def table_key(p: Problem) -> tuple:
-    """What a tuned entry is keyed by: (arch, kind, ab_dtype, d_dtype, n, k, expected_m bucket)."""
+    """What a tuned entry is keyed by: the values of TABLE_KEY_FIELDS (expected_m is the bucket)."""
     return (p.arch, p.kind, p.ab_dtype, p.d_dtype, p.n, p.k, p.expected_m)
-
-
-_KEY_FIELDS = ("arch", "kind", "ab_dtype", "d_dtype", "n", "k", "expected_m")
 
 
 def table_entry(p: Problem, config: KernelConfig, **measured: float) -> dict:
     """One JSON entry of a tuned table (``measured`` holds informative numbers such as timings)."""
-    return {**dict(zip(_KEY_FIELDS, table_key(p))), "config": asdict(config), **measured}
+    return {**dict(zip(TABLE_KEY_FIELDS, table_key(p))), "config": asdict(config), **measured}
 
 
 def read_tuned_table(path: Path) -> dict[tuple, KernelConfig]:
@@ -157,14 +172,19 @@ def read_tuned_table(path: Path) -> dict[tuple, KernelConfig]:
     return table
 
 
+def default_table_path(arch: str) -> Path:
+    """The tuned table shipped in the package for ``arch``: cute_moe/tuned/<arch>.json."""
+    return Path(__file__).resolve().parent / "tuned" / f"{arch}.json"
+
+
 def tuned_table_path(arch: str) -> Optional[Path]:
-    """CUTE_MOE_TUNED_TABLE (``off`` disables tables), else the package's tuned/<arch>.json if shipped."""
+    """CUTE_MOE_TUNED_TABLE (``off`` disables tables), else the package's table for ``arch`` if shipped."""
     setting = os.environ.get(TUNED_TABLE_ENV, "")
     if setting.lower() == "off":
         return None
     if setting:
         return Path(setting)
-    default = _TUNED_DIR / f"{arch}.json"
+    default = default_table_path(arch)
     return default if default.is_file() else None
 
 
@@ -211,8 +231,8 @@ def choose_config(kind: str, n: int, k: int, num_groups: int, expected_m: int, a
                   num_sms: Optional[int] = None) -> KernelConfig:
     """The kernel configuration for one problem: the tuned table's entry when one fits, else the rules.
 
-    expected_m: rows per group hint (0 = unknown); alignment: contiguous segment alignment (0 for
-    other kinds). With CUTE_MOE_PRINT_CONFIGS=1 each decision is printed once (stderr).
+    expected_m: rows per group hint (0 = unknown); alignment: segment alignment of the contiguous
+    layouts (ALIGNED_KINDS; 0 for other kinds). With CUTE_MOE_PRINT_CONFIGS=1 each decision is printed once (stderr).
     """
     return _resolve(problem_of(kind, n, k, num_groups, expected_m, alignment, arch=arch, ab_dtype=ab_dtype,
                                d_dtype=d_dtype, num_sms=num_sms))

@@ -7,55 +7,20 @@ launches, and when it refuses an argument the Python validation runs to raise an
 the public argument with expected vs actual.
 """
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-from . import runtime
-from .dispatch import check_config_fits, choose_config, forced_config
+from .dispatch import forced_config
 from .kernels.tile_scheduler import MAX_GROUPS
+from .launch import _launches, build_launch, run_launch
 from .layouts.alignment import get_mk_alignment_for_contiguous_layout
-from .specs import GemmSpec
 from .validation import (check_contiguous, check_int_arg, check_multiple, check_placement, check_shape,
                          check_tensor, dtype_name)
 
 _BF16 = (torch.bfloat16,)
 _OUT = (torch.bfloat16, torch.float32)
 _INT32 = (torch.int32,)
-
-
-class _Launch:
-    """A compiled specialization bound to its launch facts."""
-
-    __slots__ = ("fn", "clusters")
-
-    def __init__(self, fn: Callable, clusters: int):
-        self.fn = fn
-        self.clusters = clusters
-
-
-# (op, static shape, output dtype, has C / expected_m / alignment, device, forced config) -> _Launch
-_launches: dict[tuple, _Launch] = {}
-
-
-def _build(key: tuple, kind: str, n: int, k: int, d_dtype: torch.dtype, has_c: bool, num_groups: int,
-           expected_m: int, device: torch.device) -> _Launch:
-    alignment = get_mk_alignment_for_contiguous_layout() if kind == "contiguous" else 0
-    config = forced_config() or choose_config(kind, n, k, num_groups, expected_m, alignment)
-    check_config_fits(kind, config, alignment)
-    spec = GemmSpec(kind=kind, n=n, k=k, d_dtype=dtype_name(d_dtype), has_c=has_c)
-    launch = _Launch(runtime.get_kernel(spec, config), runtime.max_clusters(device, config.cluster_size))
-    _launches[key] = launch
-    return launch
-
-
-def _run(launch: _Launch, validate: Callable[[], None], *args) -> None:
-    """Launch; if TVM-FFI refuses an argument, re-validate in Python for an error naming it."""
-    try:
-        launch.fn(*args, launch.clusters)
-    except (ValueError, TypeError):
-        validate()
-        raise
 
 
 def _check_nk(n: int, k: int) -> None:
@@ -70,9 +35,9 @@ def _check_groups(name: str, num_groups: int) -> None:
         raise ValueError(f"{name}: expected between 1 and {MAX_GROUPS} groups, got {num_groups}")
 
 
-def _validate_dense(a, b, d, c) -> None:
-    check_tensor("a", a, _BF16, 2)
-    check_tensor("b", b, _BF16, 2)
+def _validate_dense(a, b, d, c, operand_dtypes: tuple = _BF16) -> None:
+    check_tensor("a", a, operand_dtypes, 2)
+    check_tensor("b", b, operand_dtypes, 2)
     check_tensor("d", d, _OUT, 2)
     m, k = a.shape
     n = b.shape[0]
@@ -91,29 +56,30 @@ def _validate_dense(a, b, d, c) -> None:
 def bf16_gemm_nt(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: Optional[torch.Tensor] = None) -> None:
     """d = c + a @ b.T (c optional, may be d itself): a [M, K] bf16, b [N, K] bf16, d and c [M, N]
     bf16 or fp32 (same dtype)."""
-    key = ("dense", b.shape, d.dtype, c is None, a.get_device(), forced_config())
+    m = a.shape[0]
+    key = ("dense", b.shape, m.bit_length(), d.dtype, c is None, a.get_device(), forced_config())
     launch = _launches.get(key)
     if launch is None:
         _validate_dense(a, b, d, c)
-        if a.shape[0] == 0:
+        if m == 0:
             return
-        launch = _build(key, "dense", b.shape[0], b.shape[1], d.dtype, c is not None, 1, a.shape[0], a.device)
-    elif a.shape[0] == 0 or b.get_device() != key[4] or d.get_device() != key[4]:
+        launch = build_launch(key, "dense", b.shape[0], b.shape[1], d.dtype, c is not None, 1, m, a.device)
+    elif m == 0 or b.get_device() != key[5] or d.get_device() != key[5]:
         _validate_dense(a, b, d, c)
         return
-    _run(launch, lambda: _validate_dense(a, b, d, c), a, b, d, c, None)
+    run_launch(launch, lambda: _validate_dense(a, b, d, c), a, b, d, c, None, None, None)
 
 
-def _validate_contiguous(a, b, d, grouped_layout) -> None:
-    check_tensor("a", a, _BF16, 2)
-    check_tensor("b", b, _BF16, 3)
+def _validate_contiguous(a, b, d, grouped_layout, use_psum_layout: bool, operand_dtypes: tuple = _BF16) -> None:
+    check_tensor("a", a, operand_dtypes, 2)
+    check_tensor("b", b, operand_dtypes, 3)
     check_tensor("d", d, _OUT, 2)
     check_tensor("grouped_layout", grouped_layout, _INT32, 1)
     m, k = a.shape
     num_groups, n = b.shape[0], b.shape[1]
     check_shape("b", b, (num_groups, n, k))
     check_shape("d", d, (m, n))
-    check_shape("grouped_layout", grouped_layout, (m,))
+    check_shape("grouped_layout", grouped_layout, (num_groups,) if use_psum_layout else (m,))
     _check_nk(n, k)
     _check_groups("b", num_groups)
     for name, t in (("a", a), ("b", b), ("d", d), ("grouped_layout", grouped_layout)):
@@ -123,30 +89,34 @@ def _validate_contiguous(a, b, d, grouped_layout) -> None:
 
 
 def m_grouped_bf16_gemm_nt_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor,
-                                      grouped_layout: torch.Tensor) -> None:
-    """d[r] = a[r] @ b[grouped_layout[r]].T for each row r with grouped_layout[r] >= 0.
+                                      grouped_layout: torch.Tensor, use_psum_layout: bool = False) -> None:
+    """d[r] = a[r] @ b[expert(r)].T for every row r that belongs to an expert.
 
     a [M, K] bf16 holds every expert's rows, each expert's segment starting at a multiple of
-    ``get_mk_alignment_for_contiguous_layout()`` (M a multiple of it too); grouped_layout int32 [M] is
-    -1 on padding rows (their d rows are left unspecified); b [G, N, K] bf16; d [M, N] bf16 or fp32.
-    Expert ids >= G are not detected on the device: their rows come out as zeros.
+    ``get_mk_alignment_for_contiguous_layout()`` (M a multiple of it too); b [G, N, K] bf16; d [M, N]
+    bf16 or fp32. grouped_layout is int32 [M], each row's expert and -1 on padding rows, or with
+    ``use_psum_layout`` int32 [G] of cumulative unaligned ends (expert g owns rows
+    [align(ends[g-1]), ends[g])). Padding rows of d are left unspecified. Expert ids >= G are not
+    detected on the device: their rows come out as zeros.
     """
     alignment = get_mk_alignment_for_contiguous_layout()
-    key = ("contiguous", b.shape, d.dtype, alignment, a.get_device(), forced_config())
+    kind = "psum" if use_psum_layout else "contiguous"
+    key = (kind, b.shape, d.dtype, alignment, a.get_device(), forced_config())
     launch = _launches.get(key)
     m = a.shape[0]
     if launch is None or m % alignment != 0 or m == 0 or d.get_device() != key[4]:
-        _validate_contiguous(a, b, d, grouped_layout)
+        _validate_contiguous(a, b, d, grouped_layout, use_psum_layout)
         if m == 0:
             return
-        launch = launch or _build(key, "contiguous", b.shape[1], b.shape[2], d.dtype, False, b.shape[0], 0,
-                                  a.device)
-    _run(launch, lambda: _validate_contiguous(a, b, d, grouped_layout), a, b, d, None, grouped_layout)
+        launch = launch or build_launch(key, kind, b.shape[1], b.shape[2], d.dtype, False, b.shape[0], 0,
+                                        a.device)
+    run_launch(launch, lambda: _validate_contiguous(a, b, d, grouped_layout, use_psum_layout),
+               a, b, d, None, None, None, grouped_layout)
 
 
-def _validate_masked(a, b, d, masked_m, expected_m) -> None:
-    check_tensor("a", a, _BF16, 3)
-    check_tensor("b", b, _BF16, 3)
+def _validate_masked(a, b, d, masked_m, expected_m, operand_dtypes: tuple = _BF16) -> None:
+    check_tensor("a", a, operand_dtypes, 3)
+    check_tensor("b", b, operand_dtypes, 3)
     check_tensor("d", d, _OUT, 3)
     check_tensor("masked_m", masked_m, _INT32, 1)
     check_int_arg("expected_m", expected_m, 0)
@@ -176,9 +146,9 @@ def m_grouped_bf16_gemm_nt_masked(a: torch.Tensor, b: torch.Tensor, d: torch.Ten
         _validate_masked(a, b, d, masked_m, expected_m)
         if a.numel() == 0:
             return
-        launch = launch or _build(key, "masked", b.shape[1], b.shape[2], d.dtype, False, b.shape[0],
-                                  expected_m, a.device)
-    _run(launch, lambda: _validate_masked(a, b, d, masked_m, expected_m), a, b, d, None, masked_m)
+        launch = launch or build_launch(key, "masked", b.shape[1], b.shape[2], d.dtype, False, b.shape[0],
+                                        expected_m, a.device)
+    run_launch(launch, lambda: _validate_masked(a, b, d, masked_m, expected_m), a, b, d, None, None, None, masked_m)
 
 
 def _validate_grouped_mm(a, b, offs, out_dtype) -> None:
@@ -217,8 +187,9 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor,
         _validate_grouped_mm(a, b, offs, out_dtype)
         if a.shape[0] == 0:
             return torch.empty((0, b.shape[2]), dtype=out_dtype, device=a.device)
-        launch = launch or _build(key, "ragged", b.shape[2], b.shape[1], out_dtype, False, b.shape[0], 0,
-                                  a.device)
+        launch = launch or build_launch(key, "ragged", b.shape[2], b.shape[1], out_dtype, False, b.shape[0], 0,
+                                        a.device)
     out = torch.empty((a.shape[0], b.shape[2]), dtype=out_dtype, device=a.device)
-    _run(launch, lambda: _validate_grouped_mm(a, b, offs, out_dtype), a, b.transpose(1, 2), out, None, offs)
+    run_launch(launch, lambda: _validate_grouped_mm(a, b, offs, out_dtype), a, b.transpose(1, 2), out, None,
+               None, None, offs)
     return out

@@ -1,23 +1,30 @@
-"""In-process cache of compiled specializations and per-device launch facts."""
+"""In-process cache of compiled specializations (backed by the disk cache) and per-device launch facts."""
 
+import threading
 from typing import Callable
 
 import torch
 
+from . import cache
 from .specs import GemmSpec, KernelConfig
 
-_compiled: dict[tuple[GemmSpec, KernelConfig], Callable] = {}
+_kernels: dict[tuple[GemmSpec, KernelConfig], Callable] = {}
+_counts = {"compiled": 0, "disk": 0}
+_miss_lock = threading.Lock()  # cute.compile is not thread-safe
 _sm_counts: dict[int, int] = {}
 
 
 def get_kernel(spec: GemmSpec, config: KernelConfig) -> Callable:
-    """Compiled function for (spec, config): from memory, else compiled now."""
-    fn = _compiled.get((spec, config))
+    """Compiled function for (spec, config): from memory, else loaded from the disk cache, else compiled
+    now (and exported to the disk cache)."""
+    fn = _kernels.get((spec, config))
     if fn is None:
-        from .compile import compile_gemm
-
-        fn = compile_gemm(spec, config)
-        _compiled[(spec, config)] = fn
+        with _miss_lock:
+            fn = _kernels.get((spec, config))
+            if fn is None:
+                fn, source = cache.get_or_compile(spec, config)
+                _counts[source] += 1
+                _kernels[(spec, config)] = fn
     return fn
 
 
@@ -31,5 +38,18 @@ def max_clusters(device: torch.device, cluster_size: int) -> int:
 
 
 def compiled_count() -> int:
-    """Number of specializations held in memory (tests assert nothing new was compiled)."""
-    return len(_compiled)
+    """Specializations compiled in this process (tests assert a precompiled cache keeps it unchanged)."""
+    return _counts["compiled"]
+
+
+def loaded_count() -> int:
+    """Specializations loaded from the disk cache in this process."""
+    return _counts["disk"]
+
+
+def clear_memory() -> None:
+    """Forget the in-memory specializations (the next get_kernel goes to disk); counters are kept.
+
+    ops.py keeps its own per-shape launcher table, which holds the functions too.
+    """
+    _kernels.clear()

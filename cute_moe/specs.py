@@ -5,8 +5,9 @@ Together with the target arch they are everything a compiled object depends on: 
 
 from dataclasses import asdict, dataclass
 
-KINDS = ("dense", "contiguous", "masked", "ragged")
-AB_DTYPES = ("bf16",)
+KINDS = ("dense", "contiguous", "psum", "masked", "ragged")
+AB_DTYPES = ("bf16", "fp8_e4m3")
+FP8_KINDS = ("dense", "contiguous", "psum", "masked")
 D_DTYPES = ("bf16", "fp32")
 ARCHS = ("sm_90a",)
 
@@ -22,6 +23,7 @@ class GemmSpec:
     d_dtype: str = "bf16"
     has_c: bool = False
     arch: str = "sm_90a"
+    alignment: int = 0  # psum kind: rows each group's segment is aligned to
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -38,6 +40,15 @@ class GemmSpec:
                 raise ValueError(f"{name}: expected a positive multiple of 8 (16-byte rows), got {value}")
         if self.has_c and self.kind != "dense":
             raise ValueError(f"has_c: C is supported for the dense kind only, got kind={self.kind!r}")
+        if self.ab_dtype == "fp8_e4m3" and self.kind not in FP8_KINDS:
+            raise ValueError(f"kind: FP8 supports {FP8_KINDS}, got {self.kind!r}")
+        if (self.kind == "psum") != (self.alignment > 0):
+            raise ValueError(f"alignment: expected a positive alignment exactly for the psum kind, "
+                             f"got kind={self.kind!r}, alignment={self.alignment}")
+
+    @property
+    def fp8(self) -> bool:
+        return self.ab_dtype == "fp8_e4m3"
 
     def key(self) -> str:
         return "-".join(f"{k}={v}" for k, v in asdict(self).items())

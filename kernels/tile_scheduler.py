@@ -14,9 +14,10 @@ Problem kinds (compile-time):
 - ``dense`` / ``contiguous``: one group of ``total_rows`` rows (the contiguous kind looks up each
   tile's expert in ``grouped_layout`` separately);
 - ``masked``: group ``g`` has ``masked_m[g]`` rows starting at ``g * max_m``;
-- ``ragged``: group ``g`` spans rows ``[ends[g-1], ends[g])`` of cumulative ends ``ends``.
+- ``ragged``: group ``g`` spans rows ``[ends[g-1], ends[g])`` of cumulative ends ``ends``;
+- ``psum``: the contiguous layout's psum form, group ``g`` spans ``[align(ends[g-1]), ends[g])``.
 The per-group values live in shared memory (``group_values``), filled once per CTA by
-``load_group_values``: for ``masked`` ``group_values[g] = masked_m[g]``; for ``ragged``
+``load_group_values``: for ``masked`` ``group_values[g] = masked_m[g]``; for ``ragged`` and ``psum``
 ``group_values[0] = 0`` and ``group_values[g + 1] = ends[g]``.
 """
 
@@ -24,20 +25,20 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Int32
 
-KINDS = ("dense", "contiguous", "masked", "ragged")
+KINDS = ("dense", "contiguous", "psum", "masked", "ragged")
 # Groups whose row counts one launch can hold in shared memory.
 MAX_GROUPS = 1024
 
 
 def kind_has_group_table(kind: str) -> bool:
     """Whether the kind keeps per-group row counts in shared memory."""
-    return kind in ("masked", "ragged")
+    return kind in ("masked", "ragged", "psum")
 
 
 class GroupedTileScheduler:
     """Compile-time description of the tile numbering; the device methods keep their state in Int32s."""
 
-    def __init__(self, kind: str, tile_m: int, cluster_m: int, num_n_clusters: int, panel: int):
+    def __init__(self, kind: str, tile_m: int, cluster_m: int, num_n_clusters: int, panel: int, alignment: int = 0):
         if kind not in KINDS:
             raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
         self.kind = kind
@@ -46,6 +47,10 @@ class GroupedTileScheduler:
         self.cluster_tile_m = tile_m * cluster_m
         self.num_n_clusters = num_n_clusters
         self.panel = panel
+        if kind == "psum" and (alignment <= 0 or alignment % tile_m != 0):
+            raise ValueError(f"alignment: psum groups need an alignment that is a multiple of tile_m={tile_m}, "
+                             f"got {alignment}")
+        self.alignment = alignment
 
     @cute.jit
     def load_group_values(self, group_values: cute.Tensor, group_src: cute.Tensor, num_groups: Int32,
@@ -54,7 +59,7 @@ class GroupedTileScheduler:
         if cutlass.const_expr(self.kind == "masked"):
             for i in cutlass.range(tidx, num_groups, num_threads):
                 group_values[i] = group_src[i]
-        if cutlass.const_expr(self.kind == "ragged"):
+        if cutlass.const_expr(self.kind in ("ragged", "psum")):
             if tidx == 0:
                 group_values[0] = Int32(0)
             for i in cutlass.range(tidx, num_groups, num_threads):
@@ -67,8 +72,8 @@ class GroupedTileScheduler:
         if cutlass.const_expr(self.kind == "masked"):
             # masked_m[g] > Mmax must not spill into the next group's rows.
             rows = cutlass.min(group_values[g], total_rows // cutlass.max(num_groups, 1))
-        if cutlass.const_expr(self.kind == "ragged"):
-            rows = group_values[g + 1] - cutlass.max(group_values[g], 0)
+        if cutlass.const_expr(self.kind in ("ragged", "psum")):
+            rows = group_values[g + 1] - self.group_row_start(group_values, g, 0)
         return cutlass.max(rows, 0)
 
     @cute.jit
@@ -79,6 +84,8 @@ class GroupedTileScheduler:
             start = g * max_m
         if cutlass.const_expr(self.kind == "ragged"):
             start = cutlass.max(group_values[g], 0)
+        if cutlass.const_expr(self.kind == "psum"):
+            start = (cutlass.max(group_values[g], 0) + (self.alignment - 1)) // self.alignment * self.alignment
         return start
 
     @cute.jit

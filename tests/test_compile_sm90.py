@@ -25,3 +25,20 @@ def test_variant_compiles(spec, config):
     assert callable(fn)
     assert fn.__class__.__name__.startswith("TVMFFI")
 
+
+
+FP8_VARIANTS = [
+    (GemmSpec(kind, 4096, 7168, ab_dtype="fp8_e4m3", alignment=128 if kind == "psum" else 0),
+     KernelConfig(tile_m=128, tile_n=128, cluster_m=2))
+    for kind in ("dense", "contiguous", "psum", "masked")
+] + [
+    (GemmSpec("masked", 7168, 2048, ab_dtype="fp8_e4m3"), KernelConfig(tile_m=64, tile_n=128, cluster_n=2)),
+    (GemmSpec("dense", 384, 320, ab_dtype="fp8_e4m3", d_dtype="fp32", has_c=True), KernelConfig(tile_n=64)),
+    (GemmSpec("psum", 4096, 7168, alignment=128), KernelConfig()),
+    (GemmSpec("ragged", 4096, 7168), KernelConfig(cluster_m=2, direct_store=0)),
+]
+
+
+@pytest.mark.parametrize("spec,config", FP8_VARIANTS, ids=[f"{s.key()}|{c.key()}" for s, c in FP8_VARIANTS])
+def test_fp8_and_psum_variants_compile(spec, config):
+    assert callable(compile_gemm(spec, config))

@@ -41,6 +41,7 @@ class Row:
     ratio: float
     diff: float
     baseline: str
+    note: str = ""
 
 
 def _graph_of(launch: Callable[[int], object], num_sets: int) -> tuple[torch.cuda.CUDAGraph, int]:
@@ -151,6 +152,80 @@ def bench_masked(g: int, max_m: int, expected_m: int, n: int, k: int) -> Row:
                "torch._grouped_mm (packed rows)")
 
 
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """1x128 FP8 cast with scales in the kernel's MN-major layout (DeepSeek activation recipe)."""
+    flat = x.reshape(-1, x.shape[-1])
+    q, sf = cute_moe.per_token_cast_to_fp8(flat)
+    return q.view(*x.shape), cute_moe.get_mn_major_tma_aligned_tensor(sf.view(*x.shape[:-1], sf.shape[-1]))
+
+
+def bench_fp8_contiguous(g: int, m: int, n: int, k: int) -> Row:
+    """FP8 contiguous (1x128 / 128x128 block scales) vs torch._scaled_grouped_mm (row-wise FP8), and
+    vs this project's BF16 contiguous kernel on the same data."""
+    total = g * m
+    a, w = randn(total, k), randn(g, n, k)
+    layout = torch.arange(g, device="cuda", dtype=torch.int32).repeat_interleave(m)
+    offs = torch.arange(1, g + 1, device="cuda", dtype=torch.int32) * m
+    a_q, sfa = quantize_rows(a)
+    w_q, sfb = cute_moe.per_block_cast_to_fp8(w)
+    d = torch.empty(total, n, device="cuda", dtype=torch.bfloat16)
+    d_bf16 = torch.empty_like(d)
+    # Row-wise baseline operands: one scale per row of A and per column of B.
+    a_amax = a.float().abs().amax(dim=1).clamp_min(1e-4)
+    w_amax = w.float().abs().amax(dim=2).clamp_min(1e-4)
+    a_row = (a.float() * (448.0 / a_amax[:, None])).to(torch.float8_e4m3fn)
+    w_row = (w.float() * (448.0 / w_amax[:, :, None])).to(torch.float8_e4m3fn)
+    scale_a, scale_b = (a_amax / 448.0).contiguous(), (w_amax / 448.0).contiguous()
+    outs = {}
+
+    def ours(_):
+        cute_moe.m_grouped_fp8_gemm_nt_contiguous((a_q, sfa), (w_q, sfb), d, layout)
+
+    def base(_):
+        outs["base"] = torch._scaled_grouped_mm(a_row, w_row.transpose(1, 2), scale_a, scale_b, offs=offs,
+                                                out_dtype=torch.bfloat16)
+
+    def ours_bf16(_):
+        cute_moe.m_grouped_bf16_gemm_nt_contiguous(a, w, d_bf16, layout)
+
+    ours(0)
+    ref = torch.cat([a[i * m:(i + 1) * m].float() @ w[i].float().T for i in range(g)])
+    diff = calc_diff(d, ref)
+    t_ours, t_base = time_pair(ours, base, 1)
+    _, t_bf16 = time_pair(ours, ours_bf16, 1)
+    flops = 2 * total * n * k
+    return Row("fp8 contiguous", f"{g}x{m} n={n} k={k}", t_ours, t_base, flops / t_ours / 1e6,
+               (total * k + g * n * k + total * n * 2) / t_ours / 1e3, t_base / t_ours, diff,
+               "torch._scaled_grouped_mm (row-wise)", f"{t_bf16 / t_ours:.2f}x our bf16")
+
+
+def bench_fp8_masked(g: int, max_m: int, expected_m: int, n: int, k: int) -> Row:
+    """FP8 masked; bandwidth counts each weight and scale byte once plus valid A and D rows."""
+    rng = random.Random(expected_m * 1000 + n)
+    counts = [min(max_m, max(1, int(expected_m * rng.uniform(0.7, 1.3)))) for _ in range(g)]
+    valid = sum(counts)
+    a, w = randn(g, max_m, k), randn(g, n, k)
+    a_q, sfa = quantize_rows(a)
+    w_q, sfb = cute_moe.per_block_cast_to_fp8(w)
+    d = torch.empty(g, max_m, n, device="cuda", dtype=torch.bfloat16)
+    d_bf16 = torch.empty_like(d)
+    masked_m = torch.tensor(counts, device="cuda", dtype=torch.int32)
+
+    def ours(_):
+        cute_moe.m_grouped_fp8_gemm_nt_masked((a_q, sfa), (w_q, sfb), d, masked_m, expected_m)
+
+    def ours_bf16(_):
+        cute_moe.m_grouped_bf16_gemm_nt_masked(a, w, d_bf16, masked_m, expected_m)
+
+    ours(0)
+    diff = max(calc_diff(d[i, :c], a[i, :c].float() @ w[i].float().T) for i, c in enumerate(counts[:4]))
+    t_ours, t_bf16 = time_pair(ours, ours_bf16, 1)
+    bytes_moved = g * n * k + sfb.numel() * 4 + valid * k + valid * (k // 128) * 4 + valid * n * 2
+    return Row("fp8 masked", f"{g}x{max_m} exp_m={expected_m} n={n} k={k}", t_ours, t_bf16,
+               2 * valid * n * k / t_ours / 1e6, bytes_moved / t_ours / 1e3, t_bf16 / t_ours, diff,
+               "our bf16 masked")
+
+
 def bench_dense(m: int, n: int, k: int) -> Row:
     bytes_per_set = (m * k + n * k + m * n) * 2
     sets = [(randn(m, k), randn(n, k), torch.empty(m, n, device="cuda", dtype=torch.bfloat16))
@@ -209,22 +284,30 @@ def run(only: set[str], nk_shapes: tuple) -> list[Row]:
             for m in DENSE_M:
                 rows.append(bench_dense(m, n, k))
                 print(format_row(rows[-1]), flush=True)
+        if "fp8" in only:
+            for g, m in CONTIGUOUS_GM:
+                rows.append(bench_fp8_contiguous(g, m, n, k))
+                print(format_row(rows[-1]), flush=True)
+        if "fp8_masked" in only:
+            for expected_m in MASKED_EXPECTED_M:
+                rows.append(bench_fp8_masked(32, 4096, expected_m, n, k))
+                print(format_row(rows[-1]), flush=True)
     return rows
 
 
-HEADER = ("| kind | shape | ours us | baseline us | TFLOPS | GB/s | ours/baseline speed | calc_diff | baseline |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| kind | shape | ours us | baseline us | TFLOPS | GB/s | ours/baseline speed | calc_diff | baseline | "
+          "note |\n|---|---|---|---|---|---|---|---|---|---|")
 
 
 def format_row(r: Row) -> str:
     return (f"| {r.kind} | {r.shape} | {r.ours_us:.1f} | {r.base_us:.1f} | {r.tflops:.0f} | {r.gbps:.0f} | "
-            f"{r.ratio:.3f}x | {r.diff:.1e} | {r.baseline} |")
+            f"{r.ratio:.3f}x | {r.diff:.1e} | {r.baseline} | {r.note} |")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="contiguous,ragged,masked,dense",
-                        help="comma-separated kinds among contiguous, ragged, masked, dense")
+    parser.add_argument("--only", default="contiguous,ragged,masked,dense,fp8,fp8_masked",
+                        help="comma-separated kinds among contiguous, ragged, masked, dense, fp8, fp8_masked")
     parser.add_argument("--config", default=None, help="force a KernelConfig, e.g. tile_m=128,tile_n=256,cluster_m=2")
     parser.add_argument("--nk", default=None, help="only these N x K shapes, e.g. 4096x7168,7168x2048")
     parser.add_argument("--alignment", type=int, default=None, help="contiguous-layout segment alignment")

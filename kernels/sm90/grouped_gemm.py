@@ -1,38 +1,41 @@
 """SM90 persistent, warp-specialized GEMM for MoE problems: D = [C +] A . B^T.
 
-One source serves four problem kinds (compile-time ``kind``, see ``kernels.tile_scheduler``):
-dense ``A[M,K] . B[N,K]^T``, M-grouped contiguous (``grouped_layout`` picks each tile's expert),
-M-grouped masked (``A[G,Mmax,K]``, rows ``< masked_m[g]``) and ragged (cumulative ``offs``).
+One source serves every problem kind (compile-time ``kind``, see ``kernels.tile_scheduler``): dense
+``A[M,K] . B[N,K]^T``, M-grouped contiguous (``grouped_layout`` picks each tile's expert) or its psum
+form, M-grouped masked (``A[G,Mmax,K]``, rows ``< masked_m[g]``) and ragged (cumulative ``offs``),
+and two operand types: BF16, or FP8 E4M3 with DeepSeek block scales (A: one FP32 scale per row per
+128 K, MN-major; B: one per 128x128 block), promoted per 128-K block into an FP32 accumulator.
 A and D are handled as 2-D row spaces; B is ``[G, N, K]`` and each tile reads its group's slice.
 
 Roles (one CTA, ``128 * (1 + tile_m // 64)`` threads):
 - warp 0 (producer warpgroup, registers lowered to 40): walks the tile schedule and issues TMA loads
-  of A and B k-blocks into a ``stages``-deep shared-memory ring guarded by mbarriers
-  (``PipelineTmaAsync``: full barrier = TMA transaction bytes, empty barrier = consumer release).
-  Inside a cluster of ``cluster_m x cluster_n`` CTAs, A is multicast along N and B along M.
-- ``tile_m // 64`` consumer warpgroups (registers raised to 232): each issues WGMMA on 64 rows of the
-  tile with FP32 accumulators, one k-block in flight, then runs the epilogue: accumulators (plus C)
-  are converted and staged through shared memory (``stmatrix``), then written to global memory by
-  16-byte stores predicated on the rows and columns that belong to the tile's group, so ragged and
-  masked tiles never touch a neighbour's rows.
+  of A and B k-blocks (and of A's scales, FP8) into a ``stages``-deep shared-memory ring guarded by
+  mbarriers (``PipelineTmaAsync``: full barrier = TMA transaction bytes, empty barrier = consumer
+  release). Inside a cluster of ``cluster_m x cluster_n`` CTAs, A is multicast along N, B along M.
+- ``tile_m // 64`` consumer warpgroups (registers raised to 232), 64 rows each: BF16 issues WGMMA
+  with one k-block group in flight; FP8 issues a k-block's WGMMAs into a temporary accumulator, waits,
+  and adds it times ``sfa[row] * sfb`` to the main accumulator. The epilogue converts (adding C in
+  FP32 when present) and writes D from registers or through a shared-memory stage, predicated on the
+  rows and columns that belong to the tile's group, so ragged and masked tiles never touch a
+  neighbour's rows.
 """
 
-import math
 from typing import Optional, Type
 
 import cutlass
 import cutlass.cute as cute
 import cutlass.pipeline as pipeline
-import cutlass.utils as utils
 import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import Int32
-from cutlass.tensor_utils import LayoutEnum
+from cutlass.memory import SmemAllocator
 from cutlass.pipeline import pipeline_init_arrive, pipeline_init_wait
+from cutlass.tensor_utils import LayoutEnum
 
 from ..tile_scheduler import MAX_GROUPS, GroupedTileScheduler, kind_has_group_table
 
 SMEM_CAPACITY = 232448  # bytes of dynamic shared memory per CTA on sm_90
-TILE_K = 64
+TILE_K_BYTES = 128  # one 128-byte swizzle row of K per stage: 64 BF16 or 128 FP8 values
+SCALE_BLOCK = 128  # FP8 scale granularity along K (and N for B)
 EPI_N = 32
 EPI_STAGES = 2
 PRODUCER_REGS = 40
@@ -42,18 +45,19 @@ CONSUMER_REGS = 232
 class Sm90GroupedGemm:
     """Compile-time configuration of one GEMM specialization (see module docstring)."""
 
-    def __init__(self, kind: str, tile_m: int, tile_n: int, cluster_m: int, cluster_n: int,
-                 stages: int, panel: int, n: int, k: int, has_c: bool, direct_store: bool = False):
+    def __init__(self, kind: str, fp8: bool, tile_m: int, tile_n: int, cluster_m: int, cluster_n: int,
+                 stages: int, panel: int, n: int, k: int, has_c: bool, direct_store: bool, alignment: int = 0):
         if tile_m not in (64, 128):
             raise ValueError(f"tile_m: expected 64 or 128, got {tile_m}")
-        if tile_n not in (64, 128, 256):
-            raise ValueError(f"tile_n: expected 64, 128 or 256, got {tile_n}")
+        if tile_n not in ((64, 128) if fp8 else (64, 128, 256)):
+            raise ValueError(f"tile_n: expected 64, 128{'' if fp8 else ' or 256'}, got {tile_n}")
         if cluster_m * cluster_n > 2 or min(cluster_m, cluster_n) < 1:
             raise ValueError(f"cluster: expected (1,1), (2,1) or (1,2), got ({cluster_m},{cluster_n})")
         if has_c and kind != "dense":
             raise ValueError("has_c: C is supported for the dense kind only")
         self.kind = kind
-        self.tile_shape_mnk = (tile_m, tile_n, TILE_K)
+        self.fp8 = fp8
+        self.tile_shape_mnk = (tile_m, tile_n, TILE_K_BYTES if fp8 else TILE_K_BYTES // 2)
         self.cluster_shape_mn = (cluster_m, cluster_n)
         self.n = n
         self.k = k
@@ -64,29 +68,29 @@ class Sm90GroupedGemm:
         self.num_consumer_threads = 128 * self.num_consumer_wgs
         self.threads_per_cta = 128 * (1 + self.num_consumer_wgs)
         self.num_n_clusters = -(-n // (tile_n * cluster_n))
-        self.k_tiles = -(-k // TILE_K)
+        self.k_tiles = -(-k // self.tile_shape_mnk[2])
         self.requested_stages = stages
-        self.scheduler = GroupedTileScheduler(kind, tile_m, cluster_m, self.num_n_clusters, panel)
+        self.scheduler = GroupedTileScheduler(kind, tile_m, cluster_m, self.num_n_clusters, panel, alignment)
         self.epi_tile = (tile_m, EPI_N)
         self.epilogue_barrier = pipeline.NamedBarrier(barrier_id=1, num_threads=self.num_consumer_threads)
 
     # ------------------------------------------------------------------ host-side (trace time) setup
-    def _setup(self, ab_dtype: Type[cutlass.Numeric], d_dtype: Type[cutlass.Numeric]):
+    def _setup(self, d_dtype: Type[cutlass.Numeric]):
         tile_m, tile_n, tile_k = self.tile_shape_mnk
-        self.ab_dtype = ab_dtype
+        self.ab_dtype = cutlass.Float8E4M3FN if self.fp8 else cutlass.BFloat16
         self.d_dtype = d_dtype
-        # C is added in FP32 before rounding, so its epilogue stages FP32 values.
+        # C is added in FP32 before rounding, so a staged epilogue with C stages FP32 values.
         self.stage_dtype = self.acc_dtype if self.has_c else d_dtype
-        k_major = cute.nvgpu.warpgroup.OperandMajorMode.K
+        k_major = cute.nvgpu.OperandMajorMode.K
         self.tiled_mma = sm90_utils.make_trivial_tiled_mma(
-            ab_dtype, ab_dtype, k_major, k_major, self.acc_dtype,
+            self.ab_dtype, self.ab_dtype, k_major, k_major, self.acc_dtype,
             (self.num_consumer_wgs, 1, 1), tiler_mn=(64, tile_n))
         self.num_mcast_a = self.cluster_shape_mn[1]
         self.num_mcast_b = self.cluster_shape_mn[0]
         self.cta_layout_mnk = cute.make_layout((*self.cluster_shape_mn, 1))
 
-        ab_bytes = (tile_m + tile_n) * tile_k * ab_dtype.width // 8
-        epi_bytes = tile_m * EPI_N * self.stage_dtype.width // 8 * EPI_STAGES
+        ab_bytes = (tile_m + tile_n) * tile_k * self.ab_dtype.width // 8 + (tile_m * 4 if self.fp8 else 0)
+        epi_bytes = 0 if self.direct_store else tile_m * EPI_N * self.stage_dtype.width // 8 * EPI_STAGES
         table_bytes = (MAX_GROUPS + 2) * 4 if kind_has_group_table(self.kind) else 0
         fit = (SMEM_CAPACITY - 2048 - epi_bytes - table_bytes) // ab_bytes
         self.stages = fit if self.requested_stages == 0 else min(self.requested_stages, fit)
@@ -94,50 +98,74 @@ class Sm90GroupedGemm:
             raise ValueError(f"stages: tile {self.tile_shape_mnk} leaves room for {fit} stages, need 2")
 
         row_major = LayoutEnum.ROW_MAJOR
-        a_atom = cute.nvgpu.warpgroup.make_smem_layout_atom(
-            sm90_utils.get_smem_layout_atom(row_major, ab_dtype, tile_k), ab_dtype)
-        self.a_smem_layout = cute.tile_to_shape(a_atom, (tile_m, tile_k, self.stages), order=(0, 1, 2))
-        self.b_smem_layout = cute.tile_to_shape(a_atom, (tile_n, tile_k, self.stages), order=(0, 1, 2))
+        ab_atom = cute.nvgpu.warpgroup.make_smem_layout_atom(
+            sm90_utils.get_smem_layout_atom(row_major, self.ab_dtype, tile_k), self.ab_dtype)
+        self.a_smem_layout = cute.tile_to_shape(ab_atom, (tile_m, tile_k, self.stages), order=(0, 1, 2))
+        self.b_smem_layout = cute.tile_to_shape(ab_atom, (tile_n, tile_k, self.stages), order=(0, 1, 2))
+        self.sfa_smem_layout = cute.make_layout((tile_m, 1, self.stages), stride=(1, tile_m, tile_m))
         epi_atom = cute.nvgpu.warpgroup.make_smem_layout_atom(
             sm90_utils.get_smem_layout_atom(row_major, self.stage_dtype, EPI_N), self.stage_dtype)
         self.epi_smem_layout = cute.tile_to_shape(epi_atom, (*self.epi_tile, EPI_STAGES), order=(0, 1, 2))
 
-    def _make_load_atom(self, tensor: cute.Tensor, smem_layout: cute.ComposedLayout, tile: tuple, mcast: int):
+    @staticmethod
+    def _make_load_atom(tensor: cute.Tensor, smem_layout, tile: tuple, mcast: int):
         op = (cute.nvgpu.cpasync.CopyBulkTensorTileG2SOp() if mcast == 1
               else cute.nvgpu.cpasync.CopyBulkTensorTileG2SMulticastOp())
         return cute.nvgpu.cpasync.make_tiled_tma_atom(
             op, tensor, cute.slice_(smem_layout, (None, None, 0)), tile, num_multicast=mcast)
 
+    @staticmethod
+    def _rows_2d(t: cute.Tensor) -> cute.Tensor:
+        """View a contiguous [G, Mmax, X] tensor as the 2-D row space [G * Mmax, X]."""
+        return cute.make_tensor(t.iterator, cute.make_layout((t.shape[0] * t.shape[1], t.shape[2]),
+                                                             stride=(t.stride[1], 1)))
+
     @cute.jit
     def __call__(self, mA: cute.Tensor, mB: cute.Tensor, mD: cute.Tensor, mC: Optional[cute.Tensor],
-                 mGroup: Optional[cute.Tensor], max_clusters: Int32, stream):
+                 mSFA: Optional[cute.Tensor], mSFB: Optional[cute.Tensor], mGroup: Optional[cute.Tensor],
+                 max_clusters: Int32, stream):
         """Launch: A/D are ``[rows, K]``/``[rows, N]`` (masked: ``[G, Mmax, K]``/``[G, Mmax, N]``);
-        B is ``[N, K]`` (dense) or ``[G, N, K]``; ``mGroup`` is grouped_layout, masked_m or offs."""
-        self._setup(mA.element_type, mD.element_type)
+        B is ``[N, K]`` (dense) or ``[G, N, K]``; FP8 operands arrive as uint8 with SFA ``[rows, K/128]``
+        (masked ``[G, Mmax, K/128]``) MN-major and SFB ``[(G,) N/128, K/128]``; ``mGroup`` is
+        grouped_layout, masked_m, or cumulative ends (ragged, psum)."""
+        self._setup(mD.element_type)
+        if cutlass.const_expr(self.fp8):
+            mA = cute.recast_tensor(mA, self.ab_dtype)
+            mB = cute.recast_tensor(mB, self.ab_dtype)
         max_m = Int32(0)
         num_groups = Int32(1)
         if cutlass.const_expr(self.kind == "masked"):
-            # Masked operands are contiguous per group: view them as 2-D row spaces of G * Mmax rows.
             max_m = mA.shape[1]
             num_groups = mA.shape[0]
-            mA = cute.make_tensor(mA.iterator, cute.make_layout(
-                (mA.shape[0] * mA.shape[1], mA.shape[2]), stride=(mA.stride[1], 1)))
-            mD = cute.make_tensor(mD.iterator, cute.make_layout(
-                (mD.shape[0] * mD.shape[1], mD.shape[2]), stride=(mD.stride[1], 1)))
-        if cutlass.const_expr(self.kind == "ragged"):
+            mA = self._rows_2d(mA)
+            mD = self._rows_2d(mD)
+        if cutlass.const_expr(self.kind in ("ragged", "psum")):
             num_groups = mGroup.shape[0]
         if cutlass.const_expr(self.kind == "dense"):
             mB = cute.make_tensor(mB.iterator, cute.append(mB.layout, cute.make_layout(1, stride=0)))
         else:
-            # torch [G, N, K] -> cute (N, K, G)
-            mB = cute.make_tensor(mB.iterator, cute.select(mB.layout, mode=[1, 2, 0]))
+            mB = cute.make_tensor(mB.iterator, cute.select(mB.layout, mode=[1, 2, 0]))  # (N, K, G)
         total_rows = mA.shape[0]
 
         tile_m, tile_n, tile_k = self.tile_shape_mnk
         tma_atom_a, tma_a = self._make_load_atom(mA, self.a_smem_layout, (tile_m, tile_k), self.num_mcast_a)
         tma_atom_b, tma_b = self._make_load_atom(mB, self.b_smem_layout, (tile_n, tile_k), self.num_mcast_b)
+        tma_atom_sfa, tma_sfa = tma_atom_a, tma_a
+        if cutlass.const_expr(self.fp8):
+            # SFA as (rows, K blocks, L): masked keeps its group mode (rows are padded per group).
+            if cutlass.const_expr(self.kind == "masked"):
+                mSFA = cute.make_tensor(mSFA.iterator, cute.select(mSFA.layout, mode=[1, 2, 0]))
+            else:
+                mSFA = cute.make_tensor(mSFA.iterator, cute.append(mSFA.layout, cute.make_layout(1, stride=0)))
+            tma_atom_sfa, tma_sfa = self._make_load_atom(mSFA, self.sfa_smem_layout, (tile_m, 1), 1)
+            if cutlass.const_expr(self.kind == "dense"):
+                mSFB = cute.make_tensor(mSFB.iterator, cute.append(mSFB.layout, cute.make_layout(1, stride=0)))
+            else:
+                mSFB = cute.make_tensor(mSFB.iterator, cute.select(mSFB.layout, mode=[1, 2, 0]))
 
         self.table_len = MAX_GROUPS + 2 if kind_has_group_table(self.kind) else 1
+        sfa_len = cute.cosize(self.sfa_smem_layout) if self.fp8 else 1
+        epi_len = 1 if self.direct_store else cute.cosize(self.epi_smem_layout)
 
         @cute.struct
         class SharedStorage:
@@ -145,7 +173,8 @@ class Sm90GroupedGemm:
             group_values: cute.struct.MemRange[Int32, self.table_len]
             sA: cute.struct.Align[cute.struct.MemRange[self.ab_dtype, cute.cosize(self.a_smem_layout)], 1024]
             sB: cute.struct.Align[cute.struct.MemRange[self.ab_dtype, cute.cosize(self.b_smem_layout)], 1024]
-            sD: cute.struct.Align[cute.struct.MemRange[self.stage_dtype, cute.cosize(self.epi_smem_layout)], 1024]
+            sSFA: cute.struct.Align[cute.struct.MemRange[cutlass.Float32, sfa_len], 128]
+            sD: cute.struct.Align[cute.struct.MemRange[self.stage_dtype, epi_len], 1024]
 
         self.shared_storage = SharedStorage
 
@@ -153,11 +182,10 @@ class Sm90GroupedGemm:
         num_clusters = max_clusters
         if cutlass.const_expr(self.kind in ("dense", "contiguous")):
             m_clusters = (total_rows + (tile_m * cluster_m - 1)) // (tile_m * cluster_m)
-            num_clusters = cutlass.min(max_clusters, m_clusters * self.num_n_clusters)
-            num_clusters = cutlass.max(num_clusters, Int32(1))
-        self.kernel(tma_atom_a, tma_a, tma_atom_b, tma_b, mD, mC, mGroup, total_rows, max_m, num_groups,
-                    self.tiled_mma, self.cta_layout_mnk, self.a_smem_layout, self.b_smem_layout,
-                    self.epi_smem_layout).launch(
+            num_clusters = cutlass.max(cutlass.min(max_clusters, m_clusters * self.num_n_clusters), Int32(1))
+        self.kernel(tma_atom_a, tma_a, tma_atom_b, tma_b, tma_atom_sfa, tma_sfa, mSFB, mD, mC, mGroup,
+                    total_rows, max_m, num_groups, self.tiled_mma, self.cta_layout_mnk, self.a_smem_layout,
+                    self.b_smem_layout, self.sfa_smem_layout, self.epi_smem_layout).launch(
             grid=(cluster_m, cluster_n, num_clusters),
             block=[self.threads_per_cta, 1, 1],
             cluster=(cluster_m, cluster_n, 1),
@@ -168,34 +196,29 @@ class Sm90GroupedGemm:
     # ------------------------------------------------------------------ device code
     @cute.kernel
     def kernel(self, tma_atom_a: cute.CopyAtom, mA: cute.Tensor, tma_atom_b: cute.CopyAtom, mB: cute.Tensor,
-               mD: cute.Tensor, mC: Optional[cute.Tensor], mGroup: Optional[cute.Tensor], total_rows: Int32,
-               max_m: Int32, num_groups: Int32, tiled_mma: cute.TiledMma, cta_layout_mnk: cute.Layout,
-               a_smem_layout: cute.ComposedLayout, b_smem_layout: cute.ComposedLayout,
+               tma_atom_sfa: cute.CopyAtom, mSFA: cute.Tensor, mSFB: Optional[cute.Tensor], mD: cute.Tensor,
+               mC: Optional[cute.Tensor], mGroup: Optional[cute.Tensor], total_rows: Int32, max_m: Int32,
+               num_groups: Int32, tiled_mma: cute.TiledMma, cta_layout_mnk: cute.Layout,
+               a_smem_layout: cute.ComposedLayout, b_smem_layout: cute.ComposedLayout, sfa_smem_layout: cute.Layout,
                epi_smem_layout: cute.ComposedLayout):
-        tile_m, tile_n, tile_k = self.tile_shape_mnk
         tidx, _, _ = cute.arch.thread_idx()
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         if warp_idx == 0:
             cute.nvgpu.cpasync.prefetch_descriptor(tma_atom_a)
             cute.nvgpu.cpasync.prefetch_descriptor(tma_atom_b)
+            if cutlass.const_expr(self.fp8):
+                cute.nvgpu.cpasync.prefetch_descriptor(tma_atom_sfa)
 
         cta_rank = cute.arch.make_warp_uniform(cute.arch.block_idx_in_cluster())
         cluster_coord = cta_layout_mnk.get_flat_coord(cta_rank)
-        cta_m = cluster_coord[0]
-        cta_n = cluster_coord[1]
         _, _, cluster_id = cute.arch.block_idx()
         _, _, num_clusters = cute.arch.grid_dim()
 
-        smem = utils.SmemAllocator()
-        storage = smem.allocate(self.shared_storage)
-
-        a_mcast_mask = cute.make_layout_image_mask(cta_layout_mnk, cluster_coord, mode=1)
-        b_mcast_mask = cute.make_layout_image_mask(cta_layout_mnk, cluster_coord, mode=0)
-        a_mcast_mask = a_mcast_mask if self.num_mcast_a > 1 else 0
-        b_mcast_mask = b_mcast_mask if self.num_mcast_b > 1 else 0
-
+        storage = SmemAllocator().allocate(self.shared_storage)
         tx_bytes = (cute.size_in_bytes(self.ab_dtype, cute.slice_(a_smem_layout, (None, None, 0)))
                     + cute.size_in_bytes(self.ab_dtype, cute.slice_(b_smem_layout, (None, None, 0))))
+        if cutlass.const_expr(self.fp8):
+            tx_bytes += self.tile_shape_mnk[0] * 4
         mcast_size = self.num_mcast_a + self.num_mcast_b - 1
         mainloop = pipeline.PipelineTmaAsync.create(
             barrier_storage=storage.mainloop_barriers.data_ptr(),
@@ -210,27 +233,31 @@ class Sm90GroupedGemm:
         group_values = storage.group_values.get_tensor(cute.make_layout(self.table_len))
         if cutlass.const_expr(kind_has_group_table(self.kind)):
             self.scheduler.load_group_values(group_values, mGroup, num_groups, tidx, self.threads_per_cta)
-        # Makes the barrier init and the group table visible to the whole cluster / CTA.
         pipeline_init_arrive(cluster_shape_mn=self.cluster_shape_mn, is_relaxed=True)
 
         sA = storage.sA.get_tensor(a_smem_layout.outer, swizzle=a_smem_layout.inner)
         sB = storage.sB.get_tensor(b_smem_layout.outer, swizzle=b_smem_layout.inner)
-        sD = storage.sD.get_tensor(epi_smem_layout.outer, swizzle=epi_smem_layout.inner)
+        sSFA = storage.sSFA.get_tensor(sfa_smem_layout if self.fp8 else cute.make_layout(1))
+        sD = storage.sD.get_tensor(cute.make_layout(1))
+        if cutlass.const_expr(not self.direct_store):
+            sD = storage.sD.get_tensor(epi_smem_layout.outer, swizzle=epi_smem_layout.inner)
 
+        schedule = (cluster_coord[0], cluster_coord[1], cluster_id, num_clusters, total_rows, max_m, num_groups)
         warp_group_idx = cute.arch.make_warp_uniform(tidx // 128)
         pipeline_init_wait(cluster_shape_mn=self.cluster_shape_mn)
         cute.arch.sync_threads()
-
         if warp_group_idx == 0:
             cute.arch.setmaxregister_decrease(PRODUCER_REGS)
             if warp_idx == 0:
-                self.producer(tma_atom_a, mA, tma_atom_b, mB, mGroup, sA, sB, mainloop, group_values,
-                              a_mcast_mask, b_mcast_mask, cta_m, cta_n, cluster_id, num_clusters,
-                              total_rows, max_m, num_groups)
+                a_mcast_mask = cute.make_layout_image_mask(cta_layout_mnk, cluster_coord, mode=1)
+                b_mcast_mask = cute.make_layout_image_mask(cta_layout_mnk, cluster_coord, mode=0)
+                self.producer(tma_atom_a, mA, tma_atom_b, mB, tma_atom_sfa, mSFA, mGroup, sA, sB, sSFA, mainloop,
+                              group_values, a_mcast_mask if self.num_mcast_a > 1 else 0,
+                              b_mcast_mask if self.num_mcast_b > 1 else 0, *schedule)
         else:
             cute.arch.setmaxregister_increase(CONSUMER_REGS)
-            self.consumer(tiled_mma, sA, sB, sD, mD, mC, mGroup, mainloop, group_values, tidx - 128,
-                          cta_m, cta_n, cluster_id, num_clusters, total_rows, max_m, num_groups)
+            self.consumer(tiled_mma, sA, sB, sSFA, sD, mSFB, mD, mC, mGroup, mainloop, group_values, tidx - 128,
+                          *schedule)
 
     @cute.jit
     def tile_expert(self, mGroup: Optional[cute.Tensor], row_start: Int32, cta_m: Int32, g: Int32) -> Int32:
@@ -242,16 +269,16 @@ class Sm90GroupedGemm:
         expert = Int32(0)
         if cutlass.const_expr(self.kind == "contiguous"):
             expert = mGroup[row_start - cta_m * self.tile_shape_mnk[0]]
-        if cutlass.const_expr(self.kind in ("masked", "ragged")):
+        if cutlass.const_expr(self.kind in ("masked", "ragged", "psum")):
             expert = g
         return expert
 
     @cute.jit
     def producer(self, tma_atom_a: cute.CopyAtom, mA: cute.Tensor, tma_atom_b: cute.CopyAtom, mB: cute.Tensor,
-                 mGroup: Optional[cute.Tensor], sA: cute.Tensor, sB: cute.Tensor,
-                 mainloop: pipeline.PipelineTmaAsync, group_values: cute.Tensor, a_mcast_mask, b_mcast_mask,
-                 cta_m: Int32, cta_n: Int32, cluster_id: Int32, num_clusters: Int32, total_rows: Int32,
-                 max_m: Int32, num_groups: Int32):
+                 tma_atom_sfa: cute.CopyAtom, mSFA: cute.Tensor, mGroup: Optional[cute.Tensor], sA: cute.Tensor,
+                 sB: cute.Tensor, sSFA: cute.Tensor, mainloop: pipeline.PipelineTmaAsync,
+                 group_values: cute.Tensor, a_mcast_mask, b_mcast_mask, cta_m: Int32, cta_n: Int32,
+                 cluster_id: Int32, num_clusters: Int32, total_rows: Int32, max_m: Int32, num_groups: Int32):
         """TMA producer: for each scheduled tile, stream its k-blocks of A and B into the smem ring."""
         tile_m, tile_n, tile_k = self.tile_shape_mnk
         cluster_m, cluster_n = self.cluster_shape_mn
@@ -271,6 +298,16 @@ class Sm90GroupedGemm:
                 tBsB, tBgB = cute.nvgpu.cpasync.tma_partition(
                     tma_atom_b, cta_m, cute.make_layout(cluster_m),
                     cute.group_modes(sB, 0, 2), cute.group_modes(gB, 0, 2))
+                tSsS, tSgS = tAsA, tAgA
+                if cutlass.const_expr(self.fp8):
+                    # Scale rows: masked tiles index (local row, group); the others the 2-D row space.
+                    sfa_origin = (row_start, 0, 0)
+                    if cutlass.const_expr(self.kind == "masked"):
+                        sfa_origin = (row_start - g * max_m, 0, g)
+                    gS = cute.local_tile(cute.domain_offset(sfa_origin, mSFA), (tile_m, 1), (0, None, 0))
+                    tSsS, tSgS = cute.nvgpu.cpasync.tma_partition(
+                        tma_atom_sfa, 0, cute.make_layout(1), cute.group_modes(sSFA, 0, 2),
+                        cute.group_modes(gS, 0, 2))
                 for k_tile in cutlass.range(self.k_tiles, unroll=1):
                     mainloop.producer_acquire(state)
                     barrier = mainloop.producer_get_barrier(state)
@@ -278,6 +315,8 @@ class Sm90GroupedGemm:
                               tma_bar_ptr=barrier, mcast_mask=a_mcast_mask)
                     cute.copy(tma_atom_b, tBgB[(None, k_tile)], tBsB[(None, state.index)],
                               tma_bar_ptr=barrier, mcast_mask=b_mcast_mask)
+                    if cutlass.const_expr(self.fp8):
+                        cute.copy(tma_atom_sfa, tSgS[(None, k_tile)], tSsS[(None, state.index)], tma_bar_ptr=barrier)
                     mainloop.producer_commit(state)
                     state.advance()
             linear = linear + num_clusters
@@ -285,49 +324,27 @@ class Sm90GroupedGemm:
         mainloop.producer_tail(state)
 
     @cute.jit
-    def consumer(self, tiled_mma: cute.TiledMma, sA: cute.Tensor, sB: cute.Tensor, sD: cute.Tensor,
-                 mD: cute.Tensor, mC: Optional[cute.Tensor], mGroup: Optional[cute.Tensor],
-                 mainloop: pipeline.PipelineTmaAsync, group_values: cute.Tensor, consumer_tidx: Int32,
-                 cta_m: Int32, cta_n: Int32, cluster_id: Int32, num_clusters: Int32, total_rows: Int32,
-                 max_m: Int32, num_groups: Int32):
+    def consumer(self, tiled_mma: cute.TiledMma, sA: cute.Tensor, sB: cute.Tensor, sSFA: cute.Tensor,
+                 sD: cute.Tensor, mSFB: Optional[cute.Tensor], mD: cute.Tensor, mC: Optional[cute.Tensor],
+                 mGroup: Optional[cute.Tensor], mainloop: pipeline.PipelineTmaAsync, group_values: cute.Tensor,
+                 consumer_tidx: Int32, cta_m: Int32, cta_n: Int32, cluster_id: Int32, num_clusters: Int32,
+                 total_rows: Int32, max_m: Int32, num_groups: Int32):
         """WGMMA consumer warpgroups: accumulate each tile in registers, then run the epilogue."""
         tile_m, tile_n, tile_k = self.tile_shape_mnk
         cluster_m, cluster_n = self.cluster_shape_mn
         wg_layout = cute.make_layout(self.num_consumer_wgs, stride=128)
         thr_mma = tiled_mma.get_slice(wg_layout(consumer_tidx // 128))
-        tCsA = thr_mma.partition_A(sA)
-        tCsB = thr_mma.partition_B(sB)
-        tCrA = tiled_mma.make_fragment_A(tCsA)
-        tCrB = tiled_mma.make_fragment_B(tCsB)
-        acc_shape = thr_mma.partition_shape_C((tile_m, tile_n))
-        accumulators = cute.make_rmem_tensor(acc_shape, self.acc_dtype)
+        thr_c = tiled_mma.get_slice(consumer_tidx)  # this thread's accumulator elements
+        tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
+        tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sB))
+        accumulators = cute.make_rmem_tensor(thr_mma.partition_shape_C((tile_m, tile_n)), self.acc_dtype)
+        block_acc = cute.make_rmem_tensor(accumulators.shape, self.acc_dtype) if self.fp8 else accumulators
         num_k_blocks = cute.size(tCrA, mode=[2])
+        # Rows of this thread's accumulator elements: element i sits on row r0 + 8 * ((i // 2) % 2)
+        # (WGMMA C fragment: pairs of columns, two row halves, then N/8 column chunks).
+        r0 = thr_c.partition_C(cute.make_identity_tensor((tile_m, tile_n)))[0][0]
 
-        # Epilogue: registers -> smem (stmatrix) ...
-        r2s_atom = sm90_utils.sm90_get_smem_store_op(LayoutEnum.ROW_MAJOR, self.stage_dtype, self.acc_dtype)
-        stmatrix_atom = cute.make_copy_atom(cute.nvgpu.warp.StMatrix8x8x16bOp(False, 4), self.stage_dtype)
-        tiled_r2s = cute.make_tiled_copy_S(r2s_atom, cute.make_tiled_copy_C_atom(stmatrix_atom, tiled_mma))
-        thr_r2s = tiled_r2s.get_slice(consumer_tidx)
-        tRS_sD = thr_r2s.partition_D(sD)
-        tRS_acc = tiled_r2s.retile(accumulators)
-        rD_shape = cute.shape(thr_r2s.partition_S(sD))[:3]
-        tRS_rAcc = cute.make_rmem_tensor(rD_shape, self.acc_dtype)
-        tRS_rD = cute.make_rmem_tensor(rD_shape, self.stage_dtype)
-        epi_values = cute.size(tRS_rAcc)
-
-        # ... smem -> gmem with 16-byte predicated stores.
-        vec = 128 // self.stage_dtype.width
-        threads_per_row = EPI_N // vec
-        s2g_atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.stage_dtype, num_bits_per_copy=128)
-        tiled_s2g = cute.make_tiled_copy_tv(
-            s2g_atom,
-            cute.make_layout((self.num_consumer_threads // threads_per_row, threads_per_row),
-                             stride=(threads_per_row, 1)),
-            cute.make_layout((1, vec)))
-        thr_s2g = tiled_s2g.get_slice(consumer_tidx)
-        out_vec = 128 // self.d_dtype.width if self.d_dtype.width < self.stage_dtype.width else vec
-        epi_tiles_n = tile_n // EPI_N
-
+        staged = None if self.direct_store else self.make_staged_epilogue(tiled_mma, sD, accumulators, consumer_tidx)
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
         release_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
         epi_buffer = Int32(0)
@@ -338,71 +355,94 @@ class Sm90GroupedGemm:
                 group_values, linear, g, g_first, num_groups, total_rows, max_m, cta_m, cta_n, cluster_n)
             expert = self.tile_expert(mGroup, row_start, cta_m, g)
             if expert >= 0:
-                # ---------------- mainloop
                 accumulators.fill(0.0)
-                tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
-                cute.nvgpu.warpgroup.fence()
-                mainloop.consumer_wait(state)
-                for kb in cutlass.range_constexpr(num_k_blocks):
-                    cute.gemm(tiled_mma, accumulators, tCrA[(None, None, kb, state.index)],
-                              tCrB[(None, None, kb, state.index)], accumulators)
-                cute.nvgpu.warpgroup.commit_group()
-                state.advance()
-                for k_tile in cutlass.range(1, self.k_tiles, unroll=1):
-                    mainloop.consumer_wait(state)
-                    for kb in cutlass.range_constexpr(num_k_blocks):
-                        cute.gemm(tiled_mma, accumulators, tCrA[(None, None, kb, state.index)],
-                                  tCrB[(None, None, kb, state.index)], accumulators)
-                    cute.nvgpu.warpgroup.commit_group()
-                    cute.nvgpu.warpgroup.wait_group(1)
-                    mainloop.consumer_release(release_state)
-                    release_state.advance()
-                    state.advance()
-                cute.nvgpu.warpgroup.wait_group(0)
-                mainloop.consumer_release(release_state)
-                release_state.advance()
-
-                # ---------------- epilogue
-                col_start = n_block * tile_n
-                if cutlass.const_expr(self.direct_store):
-                    if rows_valid > 0 and col_start < self.n:
-                        self.store_direct(thr_mma, accumulators, mD, mC, row_start, rows_valid, n_block)
-                elif rows_valid > 0 and col_start < self.n:
-                    gD = cute.local_tile(cute.domain_offset((row_start, 0), mD), (tile_m, tile_n), (0, n_block))
-                    cD = cute.local_tile(cute.make_identity_tensor((tile_m, self.n)), (tile_m, tile_n), (0, n_block))
-                    gD_epi = cute.flat_divide(gD, self.epi_tile)
-                    cD_epi = cute.flat_divide(cD, self.epi_tile)
-                    gC_epi = gD_epi
-                    if cutlass.const_expr(self.has_c):
-                        gC = cute.local_tile(cute.domain_offset((row_start, 0), mC), (tile_m, tile_n), (0, n_block))
-                        gC_epi = cute.flat_divide(gC, self.epi_tile)
-                    for epi_n in cutlass.range_constexpr(epi_tiles_n):
-                        for v in cutlass.range_constexpr(epi_values):
-                            tRS_rAcc[v] = tRS_acc[epi_n * epi_values + v]
-                        tRS_rD.store(tRS_rAcc.load().to(self.stage_dtype))
-                        cute.copy(tiled_r2s, tRS_rD, tRS_sD[(None, None, None, epi_buffer)])
-                        self.epilogue_barrier.arrive_and_wait()
-                        self.store_epi_tile(thr_s2g, sD[(None, None, epi_buffer)],
-                                            gD_epi[(None, None, 0, epi_n)], gC_epi[(None, None, 0, epi_n)],
-                                            cD_epi[(None, None, 0, epi_n)], rows_valid, out_vec)
-                        epi_buffer = (epi_buffer + 1) % EPI_STAGES
+                if cutlass.const_expr(self.fp8):
+                    state, release_state = self.mainloop_fp8(
+                        tiled_mma, tCrA, tCrB, accumulators, block_acc, num_k_blocks, mainloop, state,
+                        release_state, sSFA, mSFB, r0, n_block, expert)
+                else:
+                    state, release_state = self.mainloop_bf16(
+                        tiled_mma, tCrA, tCrB, accumulators, num_k_blocks, mainloop, state, release_state)
+                if rows_valid > 0 and n_block * tile_n < self.n:
+                    if cutlass.const_expr(self.direct_store):
+                        self.store_direct(thr_c, accumulators, mD, mC, row_start, rows_valid, n_block)
+                    else:
+                        epi_buffer = self.store_staged(staged, accumulators, sD, mD, mC, row_start, rows_valid,
+                                                       n_block, epi_buffer)
             linear = linear + num_clusters
             g, g_first = self.scheduler.advance(group_values, linear, g, g_first, num_groups, total_rows)
 
     @cute.jit
-    def store_direct(self, thr_mma, accumulators: cute.Tensor, mD: cute.Tensor, mC: Optional[cute.Tensor],
+    def mainloop_bf16(self, tiled_mma, tCrA, tCrB, accumulators, num_k_blocks: cutlass.Constexpr[int],
+                      mainloop, state, release_state):
+        """All k-blocks of one tile, one WGMMA group in flight behind the one being issued."""
+        tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
+        cute.nvgpu.warpgroup.fence()
+        mainloop.consumer_wait(state)
+        for kb in cutlass.range_constexpr(num_k_blocks):
+            cute.gemm(tiled_mma, accumulators, tCrA[(None, None, kb, state.index)],
+                      tCrB[(None, None, kb, state.index)], accumulators)
+        cute.nvgpu.warpgroup.commit_group()
+        state.advance()
+        for k_tile in cutlass.range(1, self.k_tiles, unroll=1):
+            mainloop.consumer_wait(state)
+            for kb in cutlass.range_constexpr(num_k_blocks):
+                cute.gemm(tiled_mma, accumulators, tCrA[(None, None, kb, state.index)],
+                          tCrB[(None, None, kb, state.index)], accumulators)
+            cute.nvgpu.warpgroup.commit_group()
+            cute.nvgpu.warpgroup.wait_group(1)
+            mainloop.consumer_release(release_state)
+            release_state.advance()
+            state.advance()
+        cute.nvgpu.warpgroup.wait_group(0)
+        mainloop.consumer_release(release_state)
+        release_state.advance()
+        return state, release_state
+
+    @cute.jit
+    def mainloop_fp8(self, tiled_mma, tCrA, tCrB, accumulators, block_acc, num_k_blocks: cutlass.Constexpr[int],
+                     mainloop, state, release_state, sSFA: cute.Tensor, mSFB: cute.Tensor, r0: Int32,
+                     n_block: Int32, expert: Int32):
+        """Per 128-K block: WGMMAs into ``block_acc``, then ``acc += block_acc * sfa[row] * sfb``."""
+        sfb_row = n_block * self.tile_shape_mnk[1] // SCALE_BLOCK
+        sfb_next = mSFB[(sfb_row, 0, expert)]
+        for k_tile in cutlass.range(self.k_tiles, unroll=1):
+            sfb = sfb_next
+            if k_tile + 1 < self.k_tiles:
+                sfb_next = mSFB[(sfb_row, k_tile + 1, expert)]
+            mainloop.consumer_wait(state)
+            tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, False)
+            cute.nvgpu.warpgroup.fence()
+            for kb in cutlass.range_constexpr(num_k_blocks):
+                cute.gemm(tiled_mma, block_acc, tCrA[(None, None, kb, state.index)],
+                          tCrB[(None, None, kb, state.index)], block_acc)
+                tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
+            cute.nvgpu.warpgroup.commit_group()
+            cute.nvgpu.warpgroup.wait_group(0)
+            scale_lo = sSFA[(r0, 0, state.index)] * sfb
+            scale_hi = sSFA[(r0 + 8, 0, state.index)] * sfb
+            mainloop.consumer_release(release_state)
+            release_state.advance()
+            state.advance()
+            for i in cutlass.range_constexpr(cute.size(accumulators)):
+                scale = scale_hi if (i // 2) % 2 == 1 else scale_lo
+                accumulators[i] = accumulators[i] + block_acc[i] * scale
+        return state, release_state
+
+    @cute.jit
+    def store_direct(self, thr_c, accumulators: cute.Tensor, mD: cute.Tensor, mC: Optional[cute.Tensor],
                      row_start: Int32, rows_valid: Int32, n_block: Int32):
         """Write the accumulators straight from registers (pairs of adjacent columns per thread),
         adding C in FP32 first; rows past ``rows_valid`` and columns past N are skipped."""
         tile_m, tile_n, _ = self.tile_shape_mnk
         gD = cute.local_tile(cute.domain_offset((row_start, 0), mD), (tile_m, tile_n), (0, n_block))
         cD = cute.local_tile(cute.make_identity_tensor((tile_m, self.n)), (tile_m, tile_n), (0, n_block))
-        tDgD = thr_mma.partition_C(gD)
-        tDcD = thr_mma.partition_C(cD)
+        tDgD = thr_c.partition_C(gD)
+        tDcD = thr_c.partition_C(cD)
         values = accumulators.load()
         full = rows_valid >= tile_m and (n_block + 1) * tile_n <= self.n
         if cutlass.const_expr(self.has_c):
-            tDgC = thr_mma.partition_C(
+            tDgC = thr_c.partition_C(
                 cute.local_tile(cute.domain_offset((row_start, 0), mC), (tile_m, tile_n), (0, n_block)))
             c_frag = cute.make_rmem_tensor(accumulators.shape, self.d_dtype)
             c_frag.fill(0.0)
@@ -424,24 +464,68 @@ class Sm90GroupedGemm:
                 if coord[0] < rows_valid and coord[1] < self.n:
                     tDgD[i] = out[i]
 
+    def make_staged_epilogue(self, tiled_mma, sD: cute.Tensor, accumulators: cute.Tensor, consumer_tidx: Int32):
+        """Copy plans of the staged epilogue: registers -> smem (stmatrix), smem -> gmem (16-byte)."""
+        r2s_atom = sm90_utils.sm90_get_smem_store_op(LayoutEnum.ROW_MAJOR, self.stage_dtype, self.acc_dtype)
+        stmatrix_atom = cute.make_copy_atom(cute.nvgpu.warp.StMatrix8x8x16bOp(False, 4), self.stage_dtype)
+        tiled_r2s = cute.make_tiled_copy_S(r2s_atom, cute.make_tiled_copy_C_atom(stmatrix_atom, tiled_mma))
+        thr_r2s = tiled_r2s.get_slice(consumer_tidx)
+        vec = 128 // self.stage_dtype.width
+        threads_per_row = EPI_N // vec
+        s2g_atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.stage_dtype, num_bits_per_copy=128)
+        tiled_s2g = cute.make_tiled_copy_tv(
+            s2g_atom,
+            cute.make_layout((self.num_consumer_threads // threads_per_row, threads_per_row),
+                             stride=(threads_per_row, 1)),
+            cute.make_layout((1, vec)))
+        return tiled_r2s, thr_r2s, tiled_s2g.get_slice(consumer_tidx)
+
     @cute.jit
-    def store_epi_tile(self, thr_s2g, s_tile: cute.Tensor, g_tile: cute.Tensor, c_tile: cute.Tensor,
-                       coord_tile: cute.Tensor, rows_valid: Int32, out_vec: cutlass.Constexpr[int]):
-        """Copy one staged epilogue tile to D, adding C in FP32 if present, skipping rows/cols outside."""
-        tS = thr_s2g.partition_S(s_tile)
-        tG = thr_s2g.partition_D(g_tile)
-        tCoord = thr_s2g.partition_D(coord_tile)
-        staged = cute.make_rmem_tensor_like(tS)
-        cute.autovec_copy(tS, staged)
-        for m in cutlass.range_constexpr(cute.size(tS, mode=[1])):
-            for n in cutlass.range_constexpr(cute.size(tS, mode=[2])):
-                coord = tCoord[(0, m, n)]
-                if coord[0] < rows_valid and coord[1] < self.n:
-                    values = staged[(None, m, n)].load().to(self.acc_dtype)
-                    if cutlass.const_expr(self.has_c):
-                        c_vals = cute.make_rmem_tensor_like(staged[(None, m, n)], self.d_dtype)
-                        cute.autovec_copy(thr_s2g.partition_D(c_tile)[(None, m, n)], c_vals)
-                        values = values + c_vals.load().to(self.acc_dtype)
-                    out = cute.make_rmem_tensor_like(staged[(None, m, n)], self.d_dtype)
-                    out.store(values.to(self.d_dtype))
-                    cute.autovec_copy(out, tG[(None, m, n)])
+    def store_staged(self, staged, accumulators: cute.Tensor, sD: cute.Tensor, mD: cute.Tensor,
+                     mC: Optional[cute.Tensor], row_start: Int32, rows_valid: Int32, n_block: Int32,
+                     epi_buffer: Int32) -> Int32:
+        """Epilogue through shared memory, 128 x 32 sub-tiles in a ring of EPI_STAGES buffers."""
+        tiled_r2s, thr_r2s, thr_s2g = staged
+        tile_m, tile_n, _ = self.tile_shape_mnk
+        tRS_sD = thr_r2s.partition_D(sD)
+        tRS_acc = tiled_r2s.retile(accumulators)
+        rD_shape = cute.shape(thr_r2s.partition_S(sD))[:3]
+        tRS_rAcc = cute.make_rmem_tensor(rD_shape, self.acc_dtype)
+        tRS_rD = cute.make_rmem_tensor(rD_shape, self.stage_dtype)
+        epi_values = cute.size(tRS_rAcc)
+        gD_epi = cute.flat_divide(
+            cute.local_tile(cute.domain_offset((row_start, 0), mD), (tile_m, tile_n), (0, n_block)), self.epi_tile)
+        cD_epi = cute.flat_divide(
+            cute.local_tile(cute.make_identity_tensor((tile_m, self.n)), (tile_m, tile_n), (0, n_block)),
+            self.epi_tile)
+        gC_epi = gD_epi
+        if cutlass.const_expr(self.has_c):
+            gC_epi = cute.flat_divide(
+                cute.local_tile(cute.domain_offset((row_start, 0), mC), (tile_m, tile_n), (0, n_block)),
+                self.epi_tile)
+        for epi_n in cutlass.range_constexpr(tile_n // EPI_N):
+            for v in cutlass.range_constexpr(epi_values):
+                tRS_rAcc[v] = tRS_acc[epi_n * epi_values + v]
+            tRS_rD.store(tRS_rAcc.load().to(self.stage_dtype))
+            cute.copy(tiled_r2s, tRS_rD, tRS_sD[(None, None, None, epi_buffer)])
+            self.epilogue_barrier.arrive_and_wait()
+            tS = thr_s2g.partition_S(sD[(None, None, epi_buffer)])
+            tG = thr_s2g.partition_D(gD_epi[(None, None, 0, epi_n)])
+            tC = thr_s2g.partition_D(gC_epi[(None, None, 0, epi_n)])
+            tCoord = thr_s2g.partition_D(cD_epi[(None, None, 0, epi_n)])
+            staged_vals = cute.make_rmem_tensor_like(tS)
+            cute.autovec_copy(tS, staged_vals)
+            for m in cutlass.range_constexpr(cute.size(tS, mode=[1])):
+                for n in cutlass.range_constexpr(cute.size(tS, mode=[2])):
+                    coord = tCoord[(0, m, n)]
+                    if coord[0] < rows_valid and coord[1] < self.n:
+                        values = staged_vals[(None, m, n)].load().to(self.acc_dtype)
+                        if cutlass.const_expr(self.has_c):
+                            c_vals = cute.make_rmem_tensor_like(staged_vals[(None, m, n)], self.d_dtype)
+                            cute.autovec_copy(tC[(None, m, n)], c_vals)
+                            values = values + c_vals.load().to(self.acc_dtype)
+                        out = cute.make_rmem_tensor_like(staged_vals[(None, m, n)], self.d_dtype)
+                        out.store(values.to(self.d_dtype))
+                        cute.autovec_copy(out, tG[(None, m, n)])
+            epi_buffer = (epi_buffer + 1) % EPI_STAGES
+        return epi_buffer

@@ -1,0 +1,185 @@
+"""Dispatcher rules, tuned tables, overrides and config printing (CPU only)."""
+
+import itertools
+import json
+
+import pytest
+
+from cute_moe import dispatch
+from cute_moe.dispatch import (M_BUCKETS, buckets_between, check_config_fits, choose_config, force_config,
+                               format_config, m_bucket, parse_config, reachable_configs, table_entry)
+from cute_moe.specs import KernelConfig
+
+
+@pytest.fixture(autouse=True)
+def fresh_dispatch(monkeypatch):
+    """No tuned table unless a test installs one; decisions and tables reloaded around each test."""
+    monkeypatch.setenv(dispatch.TUNED_TABLE_ENV, "off")
+    monkeypatch.delenv("CUTE_MOE_PRINT_CONFIGS", raising=False)
+    dispatch.reload_tuned_table()
+    yield
+    dispatch.reload_tuned_table()
+
+
+@pytest.mark.parametrize("m,bucket", [(-3, 0), (0, 0), (1, 16), (16, 16), (17, 32), (64, 64), (65, 128),
+                                      (2048, 2048), (2049, 4096), (10**6, 4096)])
+def test_m_bucket(m, bucket):
+    assert m_bucket(m) == bucket
+
+
+def test_buckets_between_covers_every_hint():
+    for lo, hi in [(1, 1), (1, 300), (0, 70), (100, 5000), (3000, 9000)]:
+        buckets = buckets_between(lo, hi)
+        assert {m_bucket(m) for m in range(lo, hi + 1)} == set(buckets)
+
+
+def test_masked_decode_uses_64_row_tiles_without_cluster():
+    config = choose_config("masked", 4096, 7168, 32, 16, 0)
+    assert (config.tile_m, config.tile_n, config.cluster_size) == (64, 256, 1)
+
+
+def test_unknown_rows_take_the_b_multicast_cluster():
+    assert choose_config("masked", 4096, 7168, 32, 0, 0) == KernelConfig(tile_m=128, tile_n=256, cluster_m=2)
+    assert choose_config("ragged", 7168, 2048, 32, 0, 0) == KernelConfig(tile_m=128, tile_n=256, cluster_m=2)
+
+
+def test_contiguous_cluster_follows_the_alignment():
+    # 128-row segments cannot hold an M-cluster of two 128-row tiles: A multicast along N instead.
+    assert choose_config("contiguous", 4096, 7168, 8, 0, 128) == KernelConfig(tile_n=256, cluster_n=2)
+    assert choose_config("contiguous", 4096, 7168, 8, 0, 256) == KernelConfig(tile_n=256, cluster_m=2)
+    # An odd number of N blocks cannot pair up: no cluster.
+    assert choose_config("contiguous", 5760, 2880, 8, 0, 128).cluster_size == 1
+    # 64-row segments need 64-row tiles.
+    assert choose_config("contiguous", 4096, 7168, 8, 0, 64).tile_m == 64
+
+
+def test_small_problems_use_narrower_tiles_to_fill_the_sms():
+    # 16 groups x 1 M tile x 8 N blocks of 256 = 128 tiles < 132 SMs -> 128-wide tiles.
+    assert choose_config("masked", 2048, 768, 16, 16, 0).tile_n == 128
+    assert choose_config("masked", 2048, 768, 16, 16, 0, num_sms=100).tile_n == 256
+
+
+def test_narrow_n_not_multiple_of_256_uses_128_wide_tiles():
+    assert choose_config("ragged", 720, 2880, 16, 0, 0).tile_n == 128
+    assert choose_config("ragged", 2880, 2880, 16, 0, 0).tile_n == 256
+
+
+def test_rules_always_fit_and_only_see_the_bucket():
+    for kind, n, groups, m, alignment in itertools.product(
+            ("dense", "contiguous", "masked", "ragged"), (256, 720, 1536, 4096, 7168), (1, 8, 256),
+            (0, 1, 5, 40, 64, 100, 128, 129, 700, 3000, 9000), (64, 128, 256, 512)):
+        alignment = alignment if kind == "contiguous" else 0
+        config = choose_config(kind, n, 2048, groups, m, alignment)
+        check_config_fits(kind, config, alignment)
+        assert config == choose_config(kind, n, 2048, groups, m_bucket(m), alignment)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(arch="sm_100a"), "arch"), (dict(ab_dtype="fp8_e4m3"), "ab_dtype"), (dict(d_dtype="fp16"), "d_dtype"),
+    (dict(num_sms=0), "num_sms"),
+])
+def test_choose_config_rejects(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        choose_config("masked", 4096, 7168, 32, 16, 0, **kwargs)
+
+
+def test_reachable_configs_cover_every_hint_and_honour_force():
+    hints = (0,) + buckets_between(1, 5000)
+    reachable = reachable_configs("masked", 4096, 7168, 32, hints, 0)
+    assert {choose_config("masked", 4096, 7168, 32, m, 0) for m in range(0, 5001, 7)} <= reachable
+    forced = KernelConfig(tile_m=64, tile_n=64)
+    with force_config(forced):
+        assert reachable_configs("masked", 4096, 7168, 32, hints, 0) == {forced}
+
+
+def _write_table(path, entries):
+    path.write_text(json.dumps({"format": dispatch.TUNED_TABLE_FORMAT, "entries": entries}))
+
+
+def test_tuned_table_wins_for_its_key_only(tmp_path, monkeypatch):
+    problem = dispatch.problem_of("masked", 4096, 7168, 32, 40, 0)
+    tuned = KernelConfig(tile_m=64, tile_n=128, cluster_n=2, direct_store=0)
+    _write_table(tmp_path / "t.json", [table_entry(problem, tuned, rules_us=1.0)])
+    monkeypatch.setenv(dispatch.TUNED_TABLE_ENV, str(tmp_path / "t.json"))
+    dispatch.reload_tuned_table()
+    assert choose_config("masked", 4096, 7168, 8, 33, 0) == tuned  # same bucket (64), any group count
+    assert choose_config("masked", 4096, 7168, 32, 65, 0) != tuned  # another bucket: the rules
+    assert choose_config("masked", 4096, 2048, 32, 40, 0) != tuned  # another K
+
+
+def test_tuned_config_that_does_not_fit_falls_back_to_rules(tmp_path, monkeypatch):
+    problem = dispatch.problem_of("contiguous", 4096, 7168, 8, 0, 128)
+    _write_table(tmp_path / "t.json", [table_entry(problem, KernelConfig(tile_m=128, cluster_m=2))])
+    monkeypatch.setenv(dispatch.TUNED_TABLE_ENV, str(tmp_path / "t.json"))
+    dispatch.reload_tuned_table()
+    assert choose_config("contiguous", 4096, 7168, 8, 0, 128) == dispatch.rule_config(problem)
+    assert choose_config("contiguous", 4096, 7168, 8, 0, 256) == KernelConfig(tile_m=128, cluster_m=2)
+
+
+@pytest.mark.parametrize("content,match", [
+    ("not json", "cannot read"),
+    (json.dumps({"entries": []}), "not a cute-moe tuned table"),
+    (json.dumps({"format": dispatch.TUNED_TABLE_FORMAT, "entries": [{"kind": "masked"}]}), "entry 0"),
+    (json.dumps({"format": dispatch.TUNED_TABLE_FORMAT, "entries": [
+        {"arch": "sm_90a", "kind": "masked", "ab_dtype": "bf16", "d_dtype": "bf16", "n": 64, "k": 64,
+         "expected_m": 40, "config": {}}]}), "expected_m"),
+    (json.dumps({"format": dispatch.TUNED_TABLE_FORMAT, "entries": [
+        {"arch": "sm_90a", "kind": "masked", "ab_dtype": "bf16", "d_dtype": "bf16", "n": 64, "k": 64,
+         "expected_m": 64, "config": {"tile_m": 96}}]}), "tile_m"),
+])
+def test_broken_tuned_table_is_an_error_naming_the_file(tmp_path, monkeypatch, content, match):
+    (tmp_path / "t.json").write_text(content)
+    monkeypatch.setenv(dispatch.TUNED_TABLE_ENV, str(tmp_path / "t.json"))
+    dispatch.reload_tuned_table()
+    with pytest.raises(ValueError, match=match) as info:
+        choose_config("masked", 64, 64, 1, 64, 0)
+    assert "t.json" in str(info.value)
+
+
+def test_missing_tuned_table_file_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv(dispatch.TUNED_TABLE_ENV, str(tmp_path / "absent.json"))
+    dispatch.reload_tuned_table()
+    with pytest.raises(ValueError, match="absent.json"):
+        choose_config("masked", 64, 64, 1, 64, 0)
+
+
+def test_package_table_is_the_default(monkeypatch, tmp_path):
+    monkeypatch.delenv(dispatch.TUNED_TABLE_ENV)
+    monkeypatch.setattr(dispatch, "default_table_path", lambda arch: tmp_path / f"{arch}.json")
+    assert dispatch.tuned_table_path("sm_90a") is None
+    _write_table(tmp_path / "sm_90a.json", [])
+    assert dispatch.tuned_table_path("sm_90a") == tmp_path / "sm_90a.json"
+
+
+def test_print_configs_prints_each_decision_once(monkeypatch, capsys):
+    monkeypatch.setenv("CUTE_MOE_PRINT_CONFIGS", "1")
+    for _ in range(3):
+        choose_config("masked", 4096, 7168, 32, 16, 0)
+        choose_config("masked", 4096, 7168, 32, 15, 0)  # same bucket: same decision
+    choose_config("ragged", 4096, 7168, 32, 0, 0)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2
+    assert "masked" in lines[0] and "64x256 c1x1" in lines[0] and "(rules)" in lines[0]
+
+
+def test_print_configs_off_by_default(capsys):
+    choose_config("masked", 4096, 7168, 32, 16, 0)
+    assert capsys.readouterr().err == ""
+
+
+def test_parse_and_format_config():
+    config = parse_config("tile_m=64, tile_n=128,cluster_n=2,stages=4")
+    assert config == KernelConfig(tile_m=64, tile_n=128, cluster_n=2, stages=4)
+    assert format_config(config) == "64x128 c1x2 stages=4"
+    with pytest.raises(ValueError, match="CUTE_MOE_CONFIG"):
+        parse_config("tile_q=3")
+
+
+def test_force_config_nests_and_restores():
+    outer, inner = KernelConfig(tile_m=64), KernelConfig(tile_n=128)
+    assert dispatch.forced_config() is None
+    with force_config(outer):
+        with force_config(inner):
+            assert dispatch.forced_config() == inner
+        assert dispatch.forced_config() == outer
+    assert dispatch.forced_config() is None

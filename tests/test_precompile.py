@@ -1,0 +1,191 @@
+"""Model presets, precompile planning and the CLI, end to end on a machine without a GPU."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from cute_moe import cache, dispatch, runtime
+from cute_moe.models import PRESETS, MoeModel, expected_rows, expert_gemms, get_preset, load_shapes
+from cute_moe.specs import GemmSpec
+from cute_moe.tools import cli, precompile
+
+TINY = {"name": "tiny", "hidden": 256, "moe_intermediate": 128, "experts": 8, "top_k": 2}
+
+
+@pytest.fixture(autouse=True)
+def rules_only(monkeypatch):
+    monkeypatch.setenv(dispatch.TUNED_TABLE_ENV, "off")
+    dispatch.reload_tuned_table()
+    yield
+    dispatch.reload_tuned_table()
+
+
+def test_presets_match_the_published_shapes():
+    shapes = {name: (m.hidden, m.moe_intermediate, m.experts, m.top_k) for name, m in PRESETS.items()}
+    assert shapes == {
+        "DeepSeek-V3": (7168, 2048, 256, 8), "DeepSeek-V4-Flash": (4096, 2048, 256, 6),
+        "DeepSeek-V4-Pro": (7168, 3072, 384, 6), "Qwen3-30B-A3B": (2048, 768, 128, 8),
+        "Qwen3-235B-A22B": (4096, 1536, 128, 8), "Mixtral-8x7B": (4096, 14336, 8, 2),
+        "gpt-oss-120b": (2880, 2880, 128, 4), "Kimi-K2": (7168, 2048, 384, 8)}
+    assert get_preset("deepseek-v3") is PRESETS["DeepSeek-V3"]
+
+
+def test_expert_gemms_under_ep_and_tp():
+    gate_up, down = expert_gemms(get_preset("DeepSeek-V3"), ep=8, tp=2)
+    assert (gate_up.n, gate_up.k, gate_up.num_groups) == (2048, 7168, 32)
+    assert (down.n, down.k, down.num_groups) == (7168, 1024, 32)
+    with pytest.raises(ValueError, match="--ep"):
+        expert_gemms(get_preset("Mixtral-8x7B"), ep=16)
+    with pytest.raises(ValueError, match="--tp"):
+        expert_gemms(get_preset("Qwen3-30B-A3B"), tp=64)  # 12 columns per rank: not a multiple of 8
+    with pytest.raises(ValueError, match="--tp"):
+        expert_gemms(get_preset("DeepSeek-V3"), tp=3)
+
+
+def test_expected_rows_spreads_routed_tokens_over_local_experts():
+    model = get_preset("DeepSeek-V3")  # 256 experts, top-8
+    assert expected_rows(model, 4096, ep=1) == 128  # 4096 * 8 / 256
+    assert expected_rows(model, 4096, ep=8) == 1024  # 32 local experts receive 8 ranks' tokens
+    assert expected_rows(model, 1, ep=1) == 1
+
+
+def test_shapes_file(tmp_path):
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps([TINY, {**TINY, "name": "tiny2", "experts": 16}]))
+    assert [m.experts for m in load_shapes(str(path))] == [8, 16]
+    path.write_text(json.dumps(TINY))
+    assert load_shapes(str(path)) == [MoeModel(**TINY)]
+    for bad, match in ((json.dumps({**TINY, "top_k": 0}), "top_k"), (json.dumps({"name": "x"}), "exactly the keys"),
+                       ("{", "cannot read"), (json.dumps({**TINY, "top_k": 9}), "top_k")):
+        path.write_text(bad)
+        with pytest.raises(ValueError, match=match) as info:
+            load_shapes(str(path))
+        assert info.value.args[0].startswith("--shapes")
+
+
+def test_plan_covers_every_dispatcher_choice_over_the_token_range():
+    model = get_preset("DeepSeek-V3")
+    tasks = precompile.plan([model], archs=("sm_90a",), dtypes=("bf16",), ep=8, max_tokens=4096)
+    planned = {(t.spec, t.config) for t in tasks}
+    assert len(planned) == len(tasks)
+    for gemm in expert_gemms(model, ep=8):
+        for tokens in (0, 1, 3, 17, 100, 1000, 4096):
+            rows = expected_rows(model, tokens, ep=8)
+            for kind, hint, alignment in (("masked", rows, 0), ("contiguous", 0, 128), ("ragged", 0, 0)):
+                config = dispatch.choose_config(kind, gemm.n, gemm.k, gemm.num_groups, hint, alignment)
+                assert (GemmSpec(kind, gemm.n, gemm.k), config) in planned
+    assert {t.spec.kind for t in tasks} == {"contiguous", "masked", "ragged"}
+    assert {(t.spec.n, t.spec.k) for t in tasks} == {(4096, 7168), (7168, 2048)}
+
+
+def test_plan_honours_kinds_and_a_forced_config():
+    model = get_preset("Qwen3-30B-A3B")
+    tasks = precompile.plan([model], archs=("sm_90a",), dtypes=("bf16",), kinds=("ragged",))
+    assert [t.spec.kind for t in tasks] == ["ragged", "ragged"]
+    forced = dispatch.parse_config("tile_m=64,tile_n=64")
+    with dispatch.force_config(forced):
+        tasks = precompile.plan([model], archs=("sm_90a",), dtypes=("bf16",))
+    assert {t.config for t in tasks} == {forced} and len(tasks) == 6
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "Llama-MoE"], "--model: unknown model 'Llama-MoE'; presets: DeepSeek-V3"),
+    (["--model", "Kimi-K2", "--arch", "sm_100a"], "--arch: sm_100a: no SM100 kernels in this build; supported archs: sm_90a"),
+    (["--model", "Kimi-K2", "--arch", "sm_86"], "--arch: unknown arch 'sm_86'"),
+    (["--model", "Kimi-K2", "--dtype", "bf16,fp8"], "--dtype: fp8 kernels not available in this build"),
+    (["--model", "Kimi-K2", "--dtype", "int4"], "--dtype: unknown dtype 'int4'"),
+    (["--model", "Kimi-K2", "--ep", "5"], "--ep: expected a divisor"),
+    (["--model", "Kimi-K2", "--kinds", "dense"], "--kinds: unknown kind 'dense'"),
+    (["--model", "Kimi-K2", "--max-tokens", "0"], "--max-tokens"),
+    (["--model", "Kimi-K2", "--alignment", "96"], "--alignment"),
+    (["--model", "Kimi-K2", "--jobs", "0"], "--jobs"),
+])
+def test_precompile_argument_errors_name_the_argument(capsys, tmp_path, argv, message):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["precompile", *argv, "--cache-dir", str(tmp_path)])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_dry_run_lists_the_plan_and_compiles_nothing(capsys, tmp_path):
+    assert cli.main(["precompile", "--model", "Qwen3-30B-A3B", "--ep", "8", "--dry-run",
+                     "--cache-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "10 specializations" in out and "masked bf16->bf16 n=1536 k=2048" in out
+    assert not any(tmp_path.iterdir())
+
+
+def _totals(text):
+    match = re.search(r"totals: (\d+) specializations, (\d+) compiled, (\d+) rebuilt, (\d+) cached, (\d+) failed", text)
+    assert match, text
+    return tuple(map(int, match.groups()))
+
+
+def test_small_preset_end_to_end_then_loaded_without_compiling(capsys, tmp_path, monkeypatch):
+    argv = ["precompile", "--model", "Qwen3-30B-A3B", "--ep", "8", "--kinds", "contiguous,ragged",
+            "--arch", "sm_90a", "--dtype", "bf16", "--jobs", "2", "--cache-dir", str(tmp_path)]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert _totals(captured.out) == (4, 4, 0, 0, 0)
+    assert "[4/4]" in captured.err
+    rows = [line for line in captured.out.splitlines() if line.startswith(("contiguous", "ragged"))]
+    assert len(rows) == 4 and all("KiB" in row and "compiled" in row for row in rows)
+
+    assert cli.main(argv) == 0
+    assert _totals(capsys.readouterr().out) == (4, 0, 0, 4, 0)
+
+    monkeypatch.setenv("CUTE_MOE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(runtime, "_kernels", {})
+    before = runtime.compiled_count(), runtime.loaded_count()
+    gate_up = expert_gemms(get_preset("Qwen3-30B-A3B"), ep=8)[0]
+    config = dispatch.choose_config("ragged", gate_up.n, gate_up.k, gate_up.num_groups, 0, 0)
+    assert callable(runtime.get_kernel(GemmSpec("ragged", gate_up.n, gate_up.k), config))
+    assert (runtime.compiled_count(), runtime.loaded_count()) == (before[0], before[1] + 1)
+
+    assert cli.main(["cache", "verify", "--cache-dir", str(tmp_path)]) == 0
+    assert "4 good entries, 0 problems" in capsys.readouterr().out
+    assert cli.main(["cache", "ls", "--cache-dir", str(tmp_path)]) == 0
+    listing = capsys.readouterr().out
+    assert "4 entries" in listing and "ragged bf16->bf16 n=1536 k=2048" in listing
+
+
+def test_two_processes_precompiling_the_same_keys_compile_each_once(tmp_path):
+    shapes = tmp_path / "tiny.json"
+    shapes.write_text(json.dumps(TINY))
+    root = tmp_path / "cache"
+    argv = [sys.executable, "-m", "cute_moe.tools.precompile", "--shapes", str(shapes), "--kinds", "ragged",
+            "--jobs", "1", "--cache-dir", str(root)]
+    env = {**os.environ, "CUTE_MOE_TUNED_TABLE": "off"}
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    totals = [_totals(out) for out, _ in outputs]
+    assert all(t[0] == 2 and t[4] == 0 for t in totals)
+    assert sum(t[1] for t in totals) == 2 and sum(t[3] for t in totals) == 2
+    assert cache.verify(root) == (2, [])
+
+
+def test_cache_clear(tmp_path, capsys):
+    (tmp_path / "0123456789abcdef").mkdir()
+    (tmp_path / "0123456789abcdef" / ("a" * 32 + ".o")).write_bytes(b"x")
+    (tmp_path / "unrelated").mkdir()
+    assert cli.main(["cache", "clear", "--stale", "--cache-dir", str(tmp_path)]) == 0
+    assert "removed 1 objects" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unrelated"]
+
+
+def test_tune_validates_arguments_on_a_cpu(capsys, tmp_path):
+    for argv, message in ((["--model", "nope"], "--model"), (["--model", "Kimi-K2", "--tokens", "0"], "--tokens"),
+                          (["--model", "Kimi-K2", "--dtype", "fp8"], "fp8 kernels not available"),
+                          (["--model", "Kimi-K2", "--out", str(tmp_path / "t.json")], "needs a Hopper")):
+        with pytest.raises(SystemExit) as info:
+            cli.main(["tune", *argv])
+        assert info.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        cli.main(["tune", "--help"])
+    assert info.value.code == 0 and "--tokens" in capsys.readouterr().out

@@ -1,0 +1,275 @@
+"""Fill the disk cache with every specialization the dispatcher can choose for a model's expert GEMMs.
+
+Runs on any machine (no GPU needed): compiles in parallel worker processes started with the
+``spawn`` method and ``CUTE_DSL_ARCH`` set before they import cutlass, exports each object into the
+cache (see cute_moe.cache), prints progress and a table.
+
+    cute-moe precompile --model DeepSeek-V3 --ep 8 --arch sm_90a --dtype bf16 --jobs 8
+"""
+
+import argparse
+import contextlib
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Union
+
+from cute_moe import cache
+from cute_moe.dispatch import (ALIGNED_KINDS, KINDS_WITH_ROW_HINT, buckets_between, format_config,
+                               reachable_configs)
+from cute_moe.layouts.alignment import get_mk_alignment_for_contiguous_layout
+from cute_moe.models import MoeModel, expected_rows, expert_gemms, get_preset, load_shapes
+from cute_moe.specs import AB_DTYPES, ARCHS, GemmSpec, KernelConfig
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Operand and output types of one --dtype and the MoE kinds of its expert GEMMs."""
+
+    ab_dtype: str
+    d_dtype: str
+    kinds: tuple[str, ...]
+
+
+# --dtype names; one is available when specs.AB_DTYPES lists its operand type (a kernel exists).
+DTYPES = {
+    "bf16": Precision("bf16", "bf16", ("contiguous", "psum", "masked", "ragged")),
+    "fp8": Precision("fp8_e4m3", "bf16", ("contiguous", "psum", "masked")),
+}
+PRECISIONS = {name: p for name, p in DTYPES.items() if p.ab_dtype in AB_DTYPES}
+PLANNED_ARCHS = {"sm_100a": "no SM100 kernels in this build"}
+DEFAULT_MAX_TOKENS = 8192
+
+
+@dataclass(frozen=True)
+class Task:
+    """One specialization to build, and the model GEMMs that need it."""
+
+    spec: GemmSpec
+    config: KernelConfig
+    uses: tuple[str, ...]
+
+
+Outcome = Union[cache.BuildResult, str]  # a result, or the error message of a failed compile
+
+
+def _csv(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def parse_archs(text: str) -> tuple[str, ...]:
+    """--arch: comma-separated archs that have kernels in this build."""
+    archs = _csv(text)
+    if not archs:
+        raise ValueError("--arch: expected at least one arch, e.g. sm_90a")
+    for arch in archs:
+        if arch in PLANNED_ARCHS:
+            raise ValueError(f"--arch: {arch}: {PLANNED_ARCHS[arch]}; supported archs: {', '.join(ARCHS)}")
+        if arch not in ARCHS:
+            raise ValueError(f"--arch: unknown arch {arch!r}; supported archs: {', '.join(ARCHS)}")
+    return tuple(dict.fromkeys(archs))
+
+
+def parse_dtypes(text: str) -> tuple[str, ...]:
+    """--dtype: comma-separated operand precisions that have kernels in this build."""
+    dtypes = _csv(text)
+    if not dtypes:
+        raise ValueError(f"--dtype: expected at least one of {', '.join(PRECISIONS)}")
+    for dtype in dtypes:
+        if dtype in DTYPES and dtype not in PRECISIONS:
+            raise ValueError(f"--dtype: {dtype} kernels not available in this build (available: "
+                             f"{', '.join(PRECISIONS)})")
+        if dtype not in PRECISIONS:
+            raise ValueError(f"--dtype: unknown dtype {dtype!r} (available: {', '.join(PRECISIONS)})")
+    return tuple(dict.fromkeys(dtypes))
+
+
+def parse_kinds(text: Optional[str], dtypes: tuple[str, ...]) -> Optional[tuple[str, ...]]:
+    """--kinds: a subset of the MoE kinds of the chosen dtypes (None: all of them)."""
+    if text is None:
+        return None
+    offered = {kind for dtype in dtypes for kind in PRECISIONS[dtype].kinds}
+    kinds = _csv(text)
+    for kind in kinds:
+        if kind not in offered:
+            raise ValueError(f"--kinds: unknown kind {kind!r} (expected among {', '.join(sorted(offered))})")
+    if not kinds:
+        raise ValueError(f"--kinds: expected at least one of {', '.join(sorted(offered))}")
+    return tuple(kinds)
+
+
+def spec_for(kind: str, n: int, k: int, ab_dtype: str, d_dtype: str, arch: str, alignment: int) -> GemmSpec:
+    """The static description of a GEMM launched as ``kind`` (psum specs carry the alignment)."""
+    return GemmSpec(kind, n, k, ab_dtype, d_dtype, arch=arch, alignment=alignment if kind == "psum" else 0)
+
+
+def plan(models: list[MoeModel], *, archs: tuple[str, ...], dtypes: tuple[str, ...], ep: int = 1, tp: int = 1,
+         kinds: Optional[tuple[str, ...]] = None, max_tokens: int = DEFAULT_MAX_TOKENS,
+         alignment: Optional[int] = None, num_sms: Optional[int] = None) -> list[Task]:
+    """Every (spec, config) the dispatcher can choose for the models' expert GEMMs on one rank.
+
+    N and K are static; the rows-per-group hint of hinted kinds (masked) ranges over the buckets of
+    expected_rows(model, tokens, ep) for tokens in [1, max_tokens], plus "no hint"; contiguous and
+    ragged launches carry no hint. ``alignment``: contiguous-layout segment alignment (default: current).
+    """
+    if max_tokens < 1:
+        raise ValueError(f"--max-tokens: expected >= 1, got {max_tokens}")
+    alignment = get_mk_alignment_for_contiguous_layout() if alignment is None else alignment
+    if alignment < 64 or alignment % 64 != 0:
+        raise ValueError(f"--alignment: expected a positive multiple of 64, got {alignment}")
+    if num_sms is not None and num_sms < 1:
+        raise ValueError(f"--num-sms: expected >= 1, got {num_sms}")
+    uses: dict[tuple[GemmSpec, KernelConfig], list[str]] = {}
+    for model in models:
+        hinted = (0,) + buckets_between(expected_rows(model, 1, ep), expected_rows(model, max_tokens, ep))
+        for gemm in expert_gemms(model, ep, tp):
+            for arch in archs:
+                for dtype in dtypes:
+                    precision = PRECISIONS[dtype]
+                    for kind in precision.kinds:
+                        if kinds is not None and kind not in kinds:
+                            continue
+                        spec = spec_for(kind, gemm.n, gemm.k, precision.ab_dtype, precision.d_dtype, arch, alignment)
+                        configs = reachable_configs(
+                            kind, gemm.n, gemm.k, gemm.num_groups, hinted if kind in KINDS_WITH_ROW_HINT else (0,),
+                            alignment if kind in ALIGNED_KINDS else 0, arch=arch, ab_dtype=precision.ab_dtype,
+                            d_dtype=precision.d_dtype, num_sms=num_sms)
+                        for config in configs:
+                            uses.setdefault((spec, config), []).append(f"{model.name}/{gemm.name}")
+    tasks = [Task(spec, config, tuple(dict.fromkeys(names))) for (spec, config), names in uses.items()]
+    return sorted(tasks, key=lambda t: (t.spec.arch, t.spec.kind, t.spec.n, t.spec.k, t.config.key()))
+
+
+def _build_one(root: str, spec: GemmSpec, config: KernelConfig) -> Outcome:
+    """Worker: ensure one entry (an error comes back as its message)."""
+    try:
+        return cache.ensure(spec, config, Path(root))
+    except Exception as e:  # noqa: BLE001 - reported per task, the other tasks go on
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+
+
+@contextlib.contextmanager
+def _arch_environment(arch: str) -> Iterator[None]:
+    """CUTE_DSL_ARCH for the workers spawned inside the block (they import cutlass on start)."""
+    previous = os.environ.get("CUTE_DSL_ARCH")
+    os.environ["CUTE_DSL_ARCH"] = arch
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["CUTE_DSL_ARCH"]
+        else:
+            os.environ["CUTE_DSL_ARCH"] = previous
+
+
+def build(tasks: list[Task], root: Path, jobs: int,
+          progress: Optional[Callable[[int, int, Task, Outcome], None]] = None) -> list[tuple[Task, Outcome]]:
+    """Build the tasks' entries under ``root`` with ``jobs`` spawned worker processes per arch."""
+    if jobs < 1:
+        raise ValueError(f"--jobs: expected >= 1, got {jobs}")
+    results: list[tuple[Task, Outcome]] = []
+    context = multiprocessing.get_context("spawn")
+    for arch in dict.fromkeys(t.spec.arch for t in tasks):
+        batch = [t for t in tasks if t.spec.arch == arch]
+        with _arch_environment(arch), ProcessPoolExecutor(min(jobs, len(batch)), mp_context=context) as pool:
+            futures = {pool.submit(_build_one, str(root), t.spec, t.config): t for t in batch}
+            for future in as_completed(futures):
+                results.append((futures[future], future.result()))
+                if progress is not None:
+                    progress(len(results), len(tasks), *results[-1])
+    order = {id(t): i for i, t in enumerate(tasks)}
+    return sorted(results, key=lambda r: order[id(r[0])])
+
+
+def describe_spec(spec: GemmSpec) -> str:
+    return f"{spec.kind} {spec.ab_dtype}->{spec.d_dtype} n={spec.n} k={spec.k}"
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def format_table(results: list[tuple[Task, Outcome]], wall_seconds: float) -> str:
+    """The per-specialization table and the totals line."""
+    header = ("kernel", "config", "arch", "status", "compile s", "size", "for")
+    rows = []
+    for task, outcome in results:
+        ok = isinstance(outcome, cache.BuildResult)
+        rows.append((describe_spec(task.spec), format_config(task.config), task.spec.arch,
+                     outcome.status if ok else "FAILED", f"{outcome.seconds:.2f}" if ok else "-",
+                     _size(outcome.size) if ok else "-", ", ".join(task.uses)))
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    done = [o for _, o in results if isinstance(o, cache.BuildResult)]
+    count = {s: sum(o.status == s for o in done) for s in ("compiled", "rebuilt", "cached")}
+    lines.append(f"totals: {len(results)} specializations, {count['compiled']} compiled, {count['rebuilt']} rebuilt, "
+                 f"{count['cached']} cached, {len(results) - len(done)} failed; compile "
+                 f"{sum(o.seconds for o in done if o.status != 'cached'):.1f} s, objects "
+                 f"{_size(sum(o.size for o in done))}, wall {wall_seconds:.1f} s")
+    lines += [f"FAILED {describe_spec(t.spec)} {format_config(t.config)}: {o}"
+              for t, o in results if not isinstance(o, cache.BuildResult)]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="model preset name (case-insensitive)")
+    source.add_argument("--shapes", metavar="FILE",
+                        help="JSON file: {name, hidden, moe_intermediate, experts, top_k} or a list of them")
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (experts per rank = experts / ep)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks splitting moe_intermediate")
+    parser.add_argument("--arch", default="sm_90a", help="comma-separated target archs (default sm_90a)")
+    parser.add_argument("--dtype", default="bf16", help="comma-separated operand precisions (default bf16)")
+    parser.add_argument("--kinds", help="comma-separated subset of contiguous,psum,masked,ragged (default: all)")
+    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                        help=f"largest token count per rank per MoE layer (default {DEFAULT_MAX_TOKENS})")
+    parser.add_argument("--alignment", type=int, help="contiguous segment alignment (default: the library's, 128)")
+    parser.add_argument("--num-sms", type=int, help="SM count the dispatcher assumes (default: 132 for sm_90a)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
+    parser.add_argument("--cache-dir", help="cache root (default: CUTE_MOE_CACHE_DIR or the user cache dir)")
+    parser.add_argument("--dry-run", action="store_true", help="print the specializations, compile nothing")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Plan, build, print; returns the exit status (1 when a compile failed). Bad input: ValueError."""
+    models = [get_preset(args.model)] if args.model else load_shapes(args.shapes)
+    dtypes = parse_dtypes(args.dtype)
+    tasks = plan(models, archs=parse_archs(args.arch), dtypes=dtypes, ep=args.ep, tp=args.tp,
+                 kinds=parse_kinds(args.kinds, dtypes), max_tokens=args.max_tokens, alignment=args.alignment,
+                 num_sms=args.num_sms)
+    if args.dry_run:
+        for task in tasks:
+            print(f"{describe_spec(task.spec)}  {format_config(task.config)}  {task.spec.arch}  "
+                  f"for {', '.join(task.uses)}")
+        print(f"{len(tasks)} specializations")
+        return 0
+    if not cache.cache_enabled():
+        raise ValueError("CUTE_MOE_CACHE: the disk cache is turned off; precompiling would fill nothing")
+    root = Path(args.cache_dir).expanduser() if args.cache_dir else cache.cache_root()
+    print(f"precompiling {len(tasks)} specializations into {root / cache.fingerprint()} "
+          f"with {min(args.jobs, len(tasks))} processes", file=sys.stderr)
+
+    def progress(done: int, total: int, task: Task, outcome: Outcome) -> None:
+        status = (f"{outcome.status} {outcome.seconds:.2f} s {_size(outcome.size)}"
+                  if isinstance(outcome, cache.BuildResult) else f"FAILED {outcome}")
+        print(f"[{done}/{total}] {describe_spec(task.spec)} {format_config(task.config)} {task.spec.arch}: {status}",
+              file=sys.stderr, flush=True)
+
+    start = time.perf_counter()
+    results = build(tasks, root, args.jobs, progress)
+    print(format_table(results, time.perf_counter() - start))
+    return 0 if all(isinstance(o, cache.BuildResult) for _, o in results) else 1
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from .cli import main as cli_main
+
+    return cli_main(["precompile", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""Measure the candidate kernel configs of a model's expert GEMMs on the GPU; write a tuned table.
+
+For each problem (kind, N, K, rows-per-group bucket) the candidates are compiled first, in parallel
+CPU processes, into the disk cache; then each candidate runs through the public op under
+``force_config``, timed with CUDA-graph replays after warm-up (median), interleaved with the rules'
+choice; a candidate whose output differs from the rules' (calc_diff > 1e-5) is rejected. The winner
+of a table key is the config with the lowest mean time relative to the rules over the key's token
+counts. Entries are merged into --out (default: the package's tuned/<arch>.json, which the
+dispatcher reads when CUTE_MOE_TUNED_TABLE is unset).
+
+    cute-moe tune --model Qwen3-30B-A3B --ep 8 --tokens 16,128,1024,8192
+"""
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from cute_moe import cache
+from cute_moe.dispatch import (ALIGNED_KINDS, KINDS_WITH_ROW_HINT, TABLE_KEY_FIELDS, TUNED_TABLE_FORMAT, Problem, check_config_fits,
+                               default_table_path, format_config, max_tile_n, problem_of, read_tuned_table, reload_tuned_table,
+                               rule_config, table_entry, table_key)
+from cute_moe.layouts.alignment import align, get_mk_alignment_for_contiguous_layout
+from cute_moe.models import expected_rows, expert_gemms, get_preset, load_shapes
+from cute_moe.specs import KernelConfig
+
+from .precompile import PRECISIONS, Task, build, parse_dtypes, parse_kinds, spec_for
+
+DEFAULT_TOKENS = "16,128,1024,8192"
+ARCH = "sm_90a"
+MAX_DIFF = 1e-5
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One measured launch: ``rows`` rows in each of ``groups`` groups (uniform routing)."""
+
+    kind: str
+    n: int
+    k: int
+    groups: int
+    rows: int
+    ab_dtype: str
+    d_dtype: str
+
+
+def candidate_configs(p: Problem) -> list[KernelConfig]:
+    """The search space: tiles, clusters and epilogue store; stages (auto) and panel stay at defaults."""
+    configs = []
+    tile_ns = tuple(t for t in (64, 128, 256) if t <= max_tile_n(p.ab_dtype))
+    for tile_m, tile_n, cluster, direct in itertools.product((64, 128), tile_ns, ((1, 1), (2, 1), (1, 2)), (0, 1)):
+        config = KernelConfig(tile_m=tile_m, tile_n=tile_n, cluster_m=cluster[0], cluster_n=cluster[1],
+                              direct_store=direct)
+        try:
+            check_config_fits(p.kind, config, p.alignment)
+        except ValueError:
+            continue
+        configs.append(config)
+    return configs
+
+
+def parse_tokens(text: str) -> tuple[int, ...]:
+    try:
+        tokens = tuple(sorted({int(t) for t in text.split(",") if t.strip()}))
+    except ValueError:
+        raise ValueError(f"--tokens: expected comma-separated positive integers, got {text!r}") from None
+    if not tokens or tokens[0] < 1:
+        raise ValueError(f"--tokens: expected comma-separated positive integers, got {text!r}")
+    return tokens
+
+
+def plan_workloads(args: argparse.Namespace, alignment: int) -> dict[tuple, list[tuple[Problem, Workload]]]:
+    """Tuned-table key -> the (problem, workload) pairs measured for it (model GEMMs x kinds x tokens)."""
+    models = [get_preset(args.model)] if args.model else load_shapes(args.shapes)
+    dtypes = parse_dtypes(args.dtype)
+    kinds = parse_kinds(args.kinds, dtypes)
+    tokens = parse_tokens(args.tokens)
+    keyed: dict[tuple, list[tuple[Problem, Workload]]] = {}
+    for model, dtype in itertools.product(models, dtypes):
+        precision = PRECISIONS[dtype]
+        for gemm, kind, count in itertools.product(expert_gemms(model, args.ep, args.tp), precision.kinds, tokens):
+            if kinds is not None and kind not in kinds:
+                continue
+            rows = max(1, expected_rows(model, count, args.ep))
+            problem = problem_of(kind, gemm.n, gemm.k, gemm.num_groups, rows if kind in KINDS_WITH_ROW_HINT else 0,
+                                 alignment if kind in ALIGNED_KINDS else 0, arch=ARCH,
+                                 ab_dtype=precision.ab_dtype, d_dtype=precision.d_dtype)
+            item = (problem, Workload(kind, gemm.n, gemm.k, gemm.num_groups, rows, precision.ab_dtype,
+                                      precision.d_dtype))
+            items = keyed.setdefault(table_key(problem), [])
+            if item not in items:
+                items.append(item)
+    return keyed
+
+
+class Bench:
+    """Rotating input sets of one workload and a launcher per config through the public op."""
+
+    def __init__(self, w: Workload, alignment: int):
+        import torch
+
+        from .bench import randn, sets_for
+
+        self.w = w
+        self.out_dtype = torch.bfloat16 if w.d_dtype == "bf16" else torch.float32
+        self.seg = align(w.rows, alignment) if w.kind in ALIGNED_KINDS else w.rows
+        total = w.groups * self.seg
+        self.sets = []
+        for _ in range(sets_for((total * w.k + w.groups * w.n * w.k + total * w.n) * 2)):
+            if w.kind == "masked":
+                a = randn(w.groups, w.rows, w.k)
+                d = torch.empty(w.groups, w.rows, w.n, device="cuda", dtype=self.out_dtype)
+                aux = torch.full((w.groups,), w.rows, device="cuda", dtype=torch.int32)
+            else:
+                a, d = randn(total, w.k), torch.empty(total, w.n, device="cuda", dtype=self.out_dtype)
+                ids = torch.arange(w.groups, device="cuda", dtype=torch.int32).repeat_interleave(self.seg)
+                valid = torch.arange(total, device="cuda") % self.seg < w.rows
+                starts = torch.arange(w.groups, device="cuda", dtype=torch.int32) * self.seg
+                aux = {"contiguous": torch.where(valid, ids, -1), "psum": starts + w.rows,
+                       "ragged": starts + w.rows}[w.kind]
+            self.sets.append((self._operand(a, False), self._operand(randn(w.groups, w.n, w.k), True), d, aux))
+        self.out = None
+
+    def _operand(self, x, weights: bool):
+        """bf16 as is; fp8: (E4M3, scales) with per-token (activations) or 128x128 (weights) scales."""
+        if self.w.ab_dtype == "bf16":
+            return x
+        import cute_moe
+
+        if weights:
+            return cute_moe.per_block_cast_to_fp8(x)
+        q, sf = cute_moe.per_token_cast_to_fp8(x.reshape(-1, x.shape[-1]))
+        return q.view(x.shape), cute_moe.get_mn_major_tma_aligned_tensor(sf.view(*x.shape[:-1], sf.shape[-1]))
+
+    def launcher(self, config: KernelConfig) -> Callable[[int], None]:
+        import cute_moe
+        from cute_moe.dispatch import force_config
+
+        w, fp8 = self.w, self.w.ab_dtype != "bf16"
+        masked = cute_moe.m_grouped_fp8_gemm_nt_masked if fp8 else cute_moe.m_grouped_bf16_gemm_nt_masked
+        contiguous = (cute_moe.m_grouped_fp8_gemm_nt_contiguous if fp8
+                      else cute_moe.m_grouped_bf16_gemm_nt_contiguous)
+
+        def launch(i: int) -> None:
+            a, weights, d, aux = self.sets[i % len(self.sets)]
+            with force_config(config):
+                if w.kind == "masked":
+                    masked(a, weights, d, aux, w.rows)
+                elif w.kind in ALIGNED_KINDS:
+                    contiguous(a, weights, d, aux, use_psum_layout=w.kind == "psum")
+                else:
+                    d = cute_moe.grouped_mm(a, weights.transpose(1, 2), aux, self.out_dtype)
+            self.out = d
+        return launch
+
+    def valid_rows(self):
+        """The rows of the last output that the op defines (aligned kinds: not the padding)."""
+        if self.w.kind in ALIGNED_KINDS:
+            return self.out.reshape(self.w.groups, self.seg, self.w.n)[:, :self.w.rows]
+        return self.out
+
+
+def measure(items: list[tuple[Problem, Workload]], candidates: list[KernelConfig], alignment: int,
+            repeats: int) -> tuple[dict[KernelConfig, float], float]:
+    """Mean time relative to the rules' choice per valid candidate, and the rules' mean microseconds."""
+    from cute_moe.testing import calc_diff
+
+    from .bench import time_pair
+
+    scores: dict[KernelConfig, list[float]] = {c: [] for c in candidates}
+    rules_us = []
+    for problem, workload in items:
+        bench, rules = Bench(workload, alignment), rule_config(problem)
+        bench.launcher(rules)(0)
+        reference = bench.valid_rows().clone()
+        for config in list(scores):
+            try:
+                bench.launcher(config)(0)
+                diff = calc_diff(bench.valid_rows(), reference)
+                if diff > MAX_DIFF:
+                    raise ValueError(f"calc_diff {diff:.1e} against the rules' config")
+                t_config, t_rules = time_pair(bench.launcher(config), bench.launcher(rules), len(bench.sets),
+                                              repeats)
+            except Exception as e:  # noqa: BLE001 - a failing candidate is dropped, the search goes on
+                print(f"  {format_config(config)}: rejected ({type(e).__name__}: {e})", file=sys.stderr)
+                del scores[config]
+                continue
+            scores[config].append(t_config / t_rules)
+            rules_us.append(t_rules)
+    means = {c: statistics.fmean(s) for c, s in scores.items() if s}
+    return means, statistics.fmean(rules_us) if rules_us else 0.0
+
+
+def write_table(path: Path, entries: list[dict]) -> None:
+    """Merge ``entries`` into the table at ``path`` (same key: replaced), written atomically."""
+    old = json.loads(path.read_text())["entries"] if path.exists() else []
+
+    def key(entry: dict) -> tuple:
+        return tuple(entry[f] for f in TABLE_KEY_FIELDS)
+
+    new_keys = {key(e) for e in entries}
+    merged = sorted([e for e in old if key(e) not in new_keys] + entries, key=lambda e: tuple(map(str, key(e))))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"format": TUNED_TABLE_FORMAT, "entries": merged}, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="model preset name (case-insensitive)")
+    source.add_argument("--shapes", metavar="FILE", help="JSON file of models (see precompile --help)")
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel ranks")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
+    parser.add_argument("--dtype", default="bf16", help="comma-separated operand precisions (default bf16)")
+    parser.add_argument("--kinds", help="comma-separated subset of contiguous,psum,masked,ragged (default: all)")
+    parser.add_argument("--tokens", default=DEFAULT_TOKENS,
+                        help=f"token counts per rank to measure (default {DEFAULT_TOKENS})")
+    parser.add_argument("--repeats", type=int, default=10, help="graph replays per timing (median)")
+    parser.add_argument("--jobs", type=int, default=8, help="parallel compile processes for the candidates")
+    parser.add_argument("--out", help=f"tuned table to merge into (default: {default_table_path(ARCH)})")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate, compile the candidates, measure, write; returns the exit status."""
+    alignment = get_mk_alignment_for_contiguous_layout()
+    keyed = plan_workloads(args, alignment)
+    if args.repeats < 1:
+        raise ValueError(f"--repeats: expected >= 1, got {args.repeats}")
+    if args.jobs < 1:
+        raise ValueError(f"--jobs: expected >= 1, got {args.jobs}")
+    out = Path(args.out) if args.out else default_table_path(ARCH)
+    if out.exists():
+        read_tuned_table(out)  # refuse to merge into a broken table before measuring anything
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        raise ValueError(f"cute-moe tune measures {ARCH} kernels: it needs a Hopper (sm_90) GPU, none is visible")
+    if cache.cache_enabled():
+        tasks = {(spec_for(p.kind, p.n, p.k, p.ab_dtype, p.d_dtype, p.arch, p.alignment), c)
+                 for items in keyed.values() for p, _ in items for c in candidate_configs(p)}
+        print(f"compiling {len(tasks)} candidate specializations with {args.jobs} processes", file=sys.stderr)
+        build([Task(spec, config, ()) for spec, config in tasks], cache.cache_root(), args.jobs)
+    torch.manual_seed(0)
+    entries = []
+    for items in keyed.values():
+        problem = items[0][0]
+        print(f"{problem}: {len(items)} workload(s)", file=sys.stderr, flush=True)
+        means, rules_us = measure(items, candidate_configs(problem), alignment, args.repeats)
+        if not means:
+            print("  no valid candidate; keeping the rules", file=sys.stderr)
+            continue
+        best = min(means, key=means.get)
+        entries.append(table_entry(problem, best, rules_us=round(rules_us, 2), relative_time=round(means[best], 4)))
+        print(f"  best {format_config(best)}: {means[best]:.3f}x the rules' time "
+              f"(rules {format_config(rule_config(problem))}, {rules_us:.1f} us)", flush=True)
+    write_table(out, entries)
+    reload_tuned_table()
+    print(f"wrote {len(entries)} entries to {out}")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from .cli import main as cli_main
+
+    return cli_main(["tune", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
