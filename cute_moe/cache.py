@@ -163,7 +163,8 @@ def _locked(path: Path, exclusive: bool, timeout: float = LOCK_TIMEOUT_S) -> Ite
                 if e.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
                 if time.monotonic() >= deadline:
-                    raise TimeoutError(errno.ETIMEDOUT, f"cute-moe cache: lock {path} held for over {timeout:.0f} s")
+                    raise TimeoutError(errno.ETIMEDOUT,
+                                       f"cute-moe cache: lock {path} held for over {timeout:.0f} s") from None
                 time.sleep(0.05)
         yield
     finally:
@@ -292,13 +293,14 @@ def get_or_compile(spec: GemmSpec, config: KernelConfig) -> tuple[Callable, str]
             if fn is not None:
                 return fn, "disk"
             if reason != ABSENT:
-                warnings.warn(f"cute-moe cache: removing {entry.meta_path}: {reason}; rebuilding", CacheWarning)
+                warnings.warn(f"cute-moe cache: removing {entry.meta_path}: {reason}; rebuilding", CacheWarning,
+                              stacklevel=2)
                 _remove(entry.directory, entry.digest)
             fn, seconds = _compile(spec, config)
             _store(entry, fn, seconds)
     except OSError as e:
         warnings.warn(f"cute-moe cache: {entry.directory} unusable ({e}); compiling without the disk cache",
-                      CacheWarning)
+                      CacheWarning, stacklevel=2)
         if fn is None:
             fn = _compile(spec, config)[0]
     return fn, "compiled"
@@ -311,7 +313,7 @@ def ensure(spec: GemmSpec, config: KernelConfig, root: Optional[Path] = None) ->
     with _locked(entry.lock_path, exclusive=True):
         meta, reason = _inspect(entry.directory, entry.digest, entry.key)
         if meta is not None:
-            return BuildResult("cached", meta["compile_seconds"], meta["size"])
+            return BuildResult("cached", meta.get("compile_seconds", 0.0), meta["size"])
         if reason != ABSENT:
             _remove(entry.directory, entry.digest)
         fn, seconds = _compile(spec, config)

@@ -99,8 +99,11 @@ def rule_config(p: Problem) -> KernelConfig:
        group (unknown or > tile_m rows; contiguous: the alignment covers 2 * tile_m rows); else A
        multicast over an N-cluster of 2 when the N blocks pair up; else none.
     4. stages: as many as fit in shared memory; panel: 8 M blocks.
+    5. dense with at most 256 rows: see small_m_dense_config.
     """
     m = p.expected_m
+    if p.kind == "dense" and 0 < m <= 256:
+        return small_m_dense_config(p)
     tile_m = 64 if 0 < m <= 64 or (p.kind in ALIGNED_KINDS and p.alignment % 128 != 0) else 128
     widest = max_tile_n(p.ab_dtype)
     tile_n = widest if p.n % widest == 0 or p.n > 1024 else 128
@@ -114,6 +117,20 @@ def rule_config(p: Problem) -> KernelConfig:
     if math.ceil(p.n / tile_n) % 2 == 0:
         return KernelConfig(tile_m=tile_m, tile_n=tile_n, cluster_n=2)
     return KernelConfig(tile_m=tile_m, tile_n=tile_n)
+
+
+def small_m_dense_config(p: Problem) -> KernelConfig:
+    """Dense GEMM with few rows (<= 256) is bound by streaming B once: 64-row tiles, pairs of M blocks
+    sharing each B block through an M-cluster, and the widest N tile that still gives at least 3/4 of
+    the SMs a tile (measured on the H200: M=128, N=4096 -> 64x64 c2x1; N=7168 -> 64x128 c2x1)."""
+    m_blocks = math.ceil(p.expected_m / 64)
+    cluster_m = 2 if m_blocks > 1 else 1
+    tile_n = 64
+    for candidate in (256, 128):
+        if candidate <= max_tile_n(p.ab_dtype) and m_blocks * math.ceil(p.n / candidate) * 4 >= 3 * p.num_sms:
+            tile_n = candidate
+            break
+    return KernelConfig(tile_m=64, tile_n=tile_n, cluster_m=cluster_m)
 
 
 def check_config_fits(kind: str, config: KernelConfig, alignment: int) -> None:

@@ -49,3 +49,8 @@ def run_launch(launch: _Launch, validate: Callable[[], None], *args) -> None:
         raise
 
 
+
+
+def clear_launches() -> None:
+    """Forget every shape's launch (the next call of each shape dispatches and loads again)."""
+    _launches.clear()

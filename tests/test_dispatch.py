@@ -6,7 +6,7 @@ import json
 import pytest
 
 from cute_moe import dispatch
-from cute_moe.dispatch import (M_BUCKETS, buckets_between, check_config_fits, choose_config, force_config,
+from cute_moe.dispatch import (buckets_between, check_config_fits, choose_config, force_config,
                                format_config, m_bucket, parse_config, reachable_configs, table_entry)
 from cute_moe.specs import KernelConfig
 
@@ -53,6 +53,20 @@ def test_contiguous_cluster_follows_the_alignment():
     assert choose_config("contiguous", 4096, 7168, 8, 0, 64).tile_m == 64
 
 
+def test_psum_tiles_divide_the_alignment():
+    assert choose_config("psum", 4096, 7168, 8, 0, 64).tile_m == 64
+    assert choose_config("psum", 4096, 7168, 8, 0, 128) == KernelConfig(tile_m=128, tile_n=256, cluster_m=2)
+    with pytest.raises(ValueError, match="psum"):
+        check_config_fits("psum", KernelConfig(tile_m=128), 64)
+    check_config_fits("psum", KernelConfig(tile_m=64, cluster_m=2), 64)  # groups are tiled one by one
+
+
+def test_fp8_uses_tiles_at_most_128_wide():
+    for kind, m in (("masked", 16), ("masked", 0), ("contiguous", 0), ("psum", 0)):
+        alignment = 128 if kind in dispatch.ALIGNED_KINDS else 0
+        assert choose_config(kind, 4096, 7168, 32, m, alignment, ab_dtype="fp8_e4m3").tile_n == 128
+
+
 def test_small_problems_use_narrower_tiles_to_fill_the_sms():
     # 16 groups x 1 M tile x 8 N blocks of 256 = 128 tiles < 132 SMs -> 128-wide tiles.
     assert choose_config("masked", 2048, 768, 16, 16, 0).tile_n == 128
@@ -66,16 +80,16 @@ def test_narrow_n_not_multiple_of_256_uses_128_wide_tiles():
 
 def test_rules_always_fit_and_only_see_the_bucket():
     for kind, n, groups, m, alignment in itertools.product(
-            ("dense", "contiguous", "masked", "ragged"), (256, 720, 1536, 4096, 7168), (1, 8, 256),
+            ("dense", "contiguous", "psum", "masked", "ragged"), (256, 720, 1536, 4096, 7168), (1, 8, 256),
             (0, 1, 5, 40, 64, 100, 128, 129, 700, 3000, 9000), (64, 128, 256, 512)):
-        alignment = alignment if kind == "contiguous" else 0
+        alignment = alignment if kind in dispatch.ALIGNED_KINDS else 0
         config = choose_config(kind, n, 2048, groups, m, alignment)
         check_config_fits(kind, config, alignment)
         assert config == choose_config(kind, n, 2048, groups, m_bucket(m), alignment)
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(arch="sm_100a"), "arch"), (dict(ab_dtype="fp8_e4m3"), "ab_dtype"), (dict(d_dtype="fp16"), "d_dtype"),
+    (dict(arch="sm_100a"), "arch"), (dict(ab_dtype="int8"), "ab_dtype"), (dict(d_dtype="fp16"), "d_dtype"),
     (dict(num_sms=0), "num_sms"),
 ])
 def test_choose_config_rejects(kwargs, match):
@@ -183,3 +197,11 @@ def test_force_config_nests_and_restores():
             assert dispatch.forced_config() == inner
         assert dispatch.forced_config() == outer
     assert dispatch.forced_config() is None
+
+
+def test_small_m_dense_streams_b_with_paired_m_blocks():
+    # Measured on the H200 (M=128): 64x64 c2x1 at N=4096, 64x128 c2x1 at N=7168.
+    assert choose_config("dense", 4096, 7168, 1, 128, 0) == KernelConfig(tile_m=64, tile_n=64, cluster_m=2)
+    assert choose_config("dense", 7168, 2048, 1, 128, 0) == KernelConfig(tile_m=64, tile_n=128, cluster_m=2)
+    single = choose_config("dense", 4096, 7168, 1, 16, 0)
+    assert (single.tile_m, single.cluster_m) == (64, 1)

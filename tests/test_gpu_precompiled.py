@@ -1,7 +1,7 @@
 """Objects precompiled on a machine without a GPU load and run correctly on the GPU, compiling nothing.
 
 The cache comes from CUTE_MOE_CACHE_DIR when it is set (filled on a CPU-only machine with
-``cute-moe precompile --model Qwen3-30B-A3B --ep 8 --cache-dir .precompiled``); otherwise a fixture
+``cute-moe precompile --model Qwen3-30B-A3B --ep 8 --dtype bf16 --cache-dir .precompiled``); otherwise a fixture
 precompiles the same preset into a temporary directory in CPU worker processes. Every launch below
 goes through the public ops with the dispatcher's choices over the token range; compiling is made an
 error, and the in-memory caches are emptied first so each specialization must come from disk.
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import cute_moe
-from cute_moe import cache, dispatch, ops, runtime
+from cute_moe import cache, dispatch, launch, runtime
 from cute_moe.layouts.alignment import align
 from cute_moe.models import expected_rows, expert_gemms, get_preset
 from cute_moe.testing import calc_diff
@@ -50,7 +50,7 @@ def from_disk_only(cache_root, monkeypatch):
     monkeypatch.setenv(dispatch.TUNED_TABLE_ENV, "off")  # the plan above was made with the rules
     dispatch.reload_tuned_table()
     runtime.clear_memory()
-    ops._launches.clear()  # ops' per-shape launch table (private) also holds the functions
+    launch.clear_launches()  # the per-shape launch table also holds the functions
 
     def no_compile(spec, config):
         raise AssertionError(f"compiled {spec} {config}: not covered by the precompiled cache")
@@ -58,7 +58,7 @@ def from_disk_only(cache_root, monkeypatch):
     monkeypatch.setattr(cache, "_compile", no_compile)
     yield
     runtime.clear_memory()
-    ops._launches.clear()
+    launch.clear_launches()
     dispatch.reload_tuned_table()
 
 
@@ -104,17 +104,19 @@ def test_precompiled_objects_run_correctly_without_compiling(from_disk_only):
             ref = torch.einsum("gmk,gnk->gmn", a.float(), w.float())
             assert calc_diff(d[valid], ref[valid]) < 1e-5, ("masked", n, k, tokens)
 
-            # contiguous (prefill): aligned segments, -1 on padding rows
+            # contiguous (prefill): aligned segments, -1 on padding rows; then the same rows in psum form
             seg = [align(int(c), alignment) for c in counts]
             layout = torch.cat([torch.cat([torch.full((int(c),), i, dtype=torch.int32),
                                            torch.full((s - int(c),), -1, dtype=torch.int32)])
-                                for i, (c, s) in enumerate(zip(counts, seg))]).cuda()
-            if layout.numel():
-                a2 = _randn(layout.numel(), k)
+                                for i, (c, s) in enumerate(zip(counts, seg, strict=True))]).cuda()
+            ends = (torch.tensor([0, *seg[:-1]]).cumsum(0) + counts).int().cuda()
+            a2 = _randn(layout.numel(), k)
+            real = layout >= 0
+            ref = _reference(a2, w, layout)[real]
+            for psum in (False, True):
                 d2 = torch.empty(layout.numel(), n, device="cuda", dtype=torch.bfloat16)
-                cute_moe.m_grouped_bf16_gemm_nt_contiguous(a2, w, d2, layout)
-                real = layout >= 0
-                assert calc_diff(d2[real], _reference(a2, w, layout)[real]) < 1e-5, ("contiguous", n, k, tokens)
+                cute_moe.m_grouped_bf16_gemm_nt_contiguous(a2, w, d2, ends if psum else layout, use_psum_layout=psum)
+                assert calc_diff(d2[real], ref) < 1e-5, ("psum" if psum else "contiguous", n, k, tokens)
 
             # ragged (torch._grouped_mm): unaligned cumulative offsets
             offs = counts.cumsum(0).int().cuda()

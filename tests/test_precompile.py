@@ -75,10 +75,12 @@ def test_plan_covers_every_dispatcher_choice_over_the_token_range():
     for gemm in expert_gemms(model, ep=8):
         for tokens in (0, 1, 3, 17, 100, 1000, 4096):
             rows = expected_rows(model, tokens, ep=8)
-            for kind, hint, alignment in (("masked", rows, 0), ("contiguous", 0, 128), ("ragged", 0, 0)):
+            for kind, hint, alignment in (("masked", rows, 0), ("contiguous", 0, 128), ("psum", 0, 128),
+                                          ("ragged", 0, 0)):
                 config = dispatch.choose_config(kind, gemm.n, gemm.k, gemm.num_groups, hint, alignment)
-                assert (GemmSpec(kind, gemm.n, gemm.k), config) in planned
-    assert {t.spec.kind for t in tasks} == {"contiguous", "masked", "ragged"}
+                spec = GemmSpec(kind, gemm.n, gemm.k, alignment=alignment if kind == "psum" else 0)
+                assert (spec, config) in planned
+    assert {t.spec.kind for t in tasks} == {"contiguous", "psum", "masked", "ragged"}
     assert {(t.spec.n, t.spec.k) for t in tasks} == {(4096, 7168), (7168, 2048)}
 
 
@@ -89,14 +91,26 @@ def test_plan_honours_kinds_and_a_forced_config():
     forced = dispatch.parse_config("tile_m=64,tile_n=64")
     with dispatch.force_config(forced):
         tasks = precompile.plan([model], archs=("sm_90a",), dtypes=("bf16",))
-    assert {t.config for t in tasks} == {forced} and len(tasks) == 6
+    assert {t.config for t in tasks} == {forced} and len(tasks) == 8  # 2 GEMMs x 4 kinds
+
+
+def test_fp8_plan_uses_the_fp8_kinds_and_tiles():
+    tasks = precompile.plan([get_preset("DeepSeek-V3")], archs=("sm_90a",), dtypes=("fp8",), ep=8)
+    assert {t.spec.kind for t in tasks} == {"contiguous", "psum", "masked"}
+    assert {t.spec.ab_dtype for t in tasks} == {"fp8_e4m3"} and max(t.config.tile_n for t in tasks) == 128
+
+
+def test_dtype_without_kernels_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(precompile, "PRECISIONS", {"bf16": precompile.DTYPES["bf16"]})
+    with pytest.raises(ValueError, match=r"^--dtype: fp8 kernels not available in this build \(available: bf16\)"):
+        precompile.parse_dtypes("bf16,fp8")
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--model", "Llama-MoE"], "--model: unknown model 'Llama-MoE'; presets: DeepSeek-V3"),
-    (["--model", "Kimi-K2", "--arch", "sm_100a"], "--arch: sm_100a: no SM100 kernels in this build; supported archs: sm_90a"),
+    (["--model", "Kimi-K2", "--arch", "sm_100a"],
+     "--arch: sm_100a: no SM100 kernels in this build; supported archs: sm_90a"),
     (["--model", "Kimi-K2", "--arch", "sm_86"], "--arch: unknown arch 'sm_86'"),
-    (["--model", "Kimi-K2", "--dtype", "bf16,fp8"], "--dtype: fp8 kernels not available in this build"),
     (["--model", "Kimi-K2", "--dtype", "int4"], "--dtype: unknown dtype 'int4'"),
     (["--model", "Kimi-K2", "--ep", "5"], "--ep: expected a divisor"),
     (["--model", "Kimi-K2", "--kinds", "dense"], "--kinds: unknown kind 'dense'"),
@@ -115,7 +129,7 @@ def test_dry_run_lists_the_plan_and_compiles_nothing(capsys, tmp_path):
     assert cli.main(["precompile", "--model", "Qwen3-30B-A3B", "--ep", "8", "--dry-run",
                      "--cache-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "10 specializations" in out and "masked bf16->bf16 n=1536 k=2048" in out
+    assert "12 specializations" in out and "masked bf16->bf16 n=1536 k=2048" in out
     assert not any(tmp_path.iterdir())
 
 
@@ -181,7 +195,7 @@ def test_cache_clear(tmp_path, capsys):
 
 def test_tune_validates_arguments_on_a_cpu(capsys, tmp_path):
     for argv, message in ((["--model", "nope"], "--model"), (["--model", "Kimi-K2", "--tokens", "0"], "--tokens"),
-                          (["--model", "Kimi-K2", "--dtype", "fp8"], "fp8 kernels not available"),
+                          (["--model", "Kimi-K2", "--kinds", "dense"], "--kinds"),
                           (["--model", "Kimi-K2", "--out", str(tmp_path / "t.json")], "needs a Hopper")):
         with pytest.raises(SystemExit) as info:
             cli.main(["tune", *argv])

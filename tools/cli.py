@@ -30,10 +30,11 @@ def cache_ls(args: argparse.Namespace) -> int:
             spec, config = GemmSpec(**key["spec"]), KernelConfig(**key["config"])
             total += meta["size"]
             print(f"  {meta['digest'][:12]}  {precompile.describe_spec(spec)}  {format_config(config)}  {spec.arch}  "
-                  f"{meta['size'] / 1024:.1f} KiB  compiled in {meta['compile_seconds']:.2f} s  {meta['created']}")
+                  f"{precompile.format_size(meta['size'])}  compiled in {meta['compile_seconds']:.2f} s  "
+                  f"{meta['created']}")
         except (KeyError, TypeError, ValueError):
             print(f"  {meta['digest'][:12]}  (unreadable manifest entry: run `cute-moe cache verify`)")
-    print(f"{len(entries)} entries, {total / 2**20:.2f} MiB")
+    print(f"{len(entries)} entries, {precompile.format_size(total)}")
     for name, count in stale.items():
         print(f"stale build {name}: {count} objects (`cute-moe cache clear --stale` removes them)")
     return 0

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import multiprocessing
 import os
+import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -113,8 +114,8 @@ def plan(models: list[MoeModel], *, archs: tuple[str, ...], dtypes: tuple[str, .
     """Every (spec, config) the dispatcher can choose for the models' expert GEMMs on one rank.
 
     N and K are static; the rows-per-group hint of hinted kinds (masked) ranges over the buckets of
-    expected_rows(model, tokens, ep) for tokens in [1, max_tokens], plus "no hint"; contiguous and
-    ragged launches carry no hint. ``alignment``: contiguous-layout segment alignment (default: current).
+    expected_rows(model, tokens, ep) for tokens in [1, max_tokens], plus "no hint"; launches of the
+    other kinds carry no hint. ``alignment``: contiguous-layout segment alignment (default: current).
     """
     if max_tokens < 1:
         raise ValueError(f"--max-tokens: expected >= 1, got {max_tokens}")
@@ -141,7 +142,7 @@ def plan(models: list[MoeModel], *, archs: tuple[str, ...], dtypes: tuple[str, .
                         for config in configs:
                             uses.setdefault((spec, config), []).append(f"{model.name}/{gemm.name}")
     tasks = [Task(spec, config, tuple(dict.fromkeys(names))) for (spec, config), names in uses.items()]
-    return sorted(tasks, key=lambda t: (t.spec.arch, t.spec.kind, t.spec.n, t.spec.k, t.config.key()))
+    return sorted(tasks, key=lambda t: (t.spec.arch, t.spec.ab_dtype, t.spec.kind, t.spec.n, t.spec.k, t.config.key()))
 
 
 def _build_one(root: str, spec: GemmSpec, config: KernelConfig) -> Outcome:
@@ -149,7 +150,8 @@ def _build_one(root: str, spec: GemmSpec, config: KernelConfig) -> Outcome:
     try:
         return cache.ensure(spec, config, Path(root))
     except Exception as e:  # noqa: BLE001 - reported per task, the other tasks go on
-        return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        message = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split())
+        return f"{type(e).__name__}: {message[:400]}"
 
 
 @contextlib.contextmanager
@@ -178,7 +180,11 @@ def build(tasks: list[Task], root: Path, jobs: int,
         with _arch_environment(arch), ProcessPoolExecutor(min(jobs, len(batch)), mp_context=context) as pool:
             futures = {pool.submit(_build_one, str(root), t.spec, t.config): t for t in batch}
             for future in as_completed(futures):
-                results.append((futures[future], future.result()))
+                try:
+                    outcome = future.result()
+                except Exception as e:  # noqa: BLE001 - a worker died (e.g. killed): report, go on
+                    outcome = f"{type(e).__name__}: worker process failed: {e}"
+                results.append((futures[future], outcome))
                 if progress is not None:
                     progress(len(results), len(tasks), *results[-1])
     order = {id(t): i for i, t in enumerate(tasks)}
@@ -189,7 +195,8 @@ def describe_spec(spec: GemmSpec) -> str:
     return f"{spec.kind} {spec.ab_dtype}->{spec.d_dtype} n={spec.n} k={spec.k}"
 
 
-def _size(n: int) -> str:
+def format_size(n: int) -> str:
+    """Bytes as KiB or MiB."""
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
@@ -201,7 +208,7 @@ def format_table(results: list[tuple[Task, Outcome]], wall_seconds: float) -> st
         ok = isinstance(outcome, cache.BuildResult)
         rows.append((describe_spec(task.spec), format_config(task.config), task.spec.arch,
                      outcome.status if ok else "FAILED", f"{outcome.seconds:.2f}" if ok else "-",
-                     _size(outcome.size) if ok else "-", ", ".join(task.uses)))
+                     format_size(outcome.size) if ok else "-", ", ".join(task.uses)))
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in [header, *rows]]
     done = [o for _, o in results if isinstance(o, cache.BuildResult)]
@@ -209,7 +216,7 @@ def format_table(results: list[tuple[Task, Outcome]], wall_seconds: float) -> st
     lines.append(f"totals: {len(results)} specializations, {count['compiled']} compiled, {count['rebuilt']} rebuilt, "
                  f"{count['cached']} cached, {len(results) - len(done)} failed; compile "
                  f"{sum(o.seconds for o in done if o.status != 'cached'):.1f} s, objects "
-                 f"{_size(sum(o.size for o in done))}, wall {wall_seconds:.1f} s")
+                 f"{format_size(sum(o.size for o in done))}, wall {wall_seconds:.1f} s")
     lines += [f"FAILED {describe_spec(t.spec)} {format_config(t.config)}: {o}"
               for t, o in results if not isinstance(o, cache.BuildResult)]
     return "\n".join(lines)
@@ -254,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
           f"with {min(args.jobs, len(tasks))} processes", file=sys.stderr)
 
     def progress(done: int, total: int, task: Task, outcome: Outcome) -> None:
-        status = (f"{outcome.status} {outcome.seconds:.2f} s {_size(outcome.size)}"
+        status = (f"{outcome.status} {outcome.seconds:.2f} s {format_size(outcome.size)}"
                   if isinstance(outcome, cache.BuildResult) else f"FAILED {outcome}")
         print(f"[{done}/{total}] {describe_spec(task.spec)} {format_config(task.config)} {task.spec.arch}: {status}",
               file=sys.stderr, flush=True)

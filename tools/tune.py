@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from cute_moe import cache
-from cute_moe.dispatch import (ALIGNED_KINDS, KINDS_WITH_ROW_HINT, TABLE_KEY_FIELDS, TUNED_TABLE_FORMAT, Problem, check_config_fits,
-                               default_table_path, format_config, max_tile_n, problem_of, read_tuned_table, reload_tuned_table,
-                               rule_config, table_entry, table_key)
+from cute_moe.dispatch import (ALIGNED_KINDS, KINDS_WITH_ROW_HINT, TABLE_KEY_FIELDS, TUNED_TABLE_FORMAT, Problem,
+                               check_config_fits, default_table_path, format_config, max_tile_n, problem_of,
+                               read_tuned_table, reload_tuned_table, rule_config, table_entry, table_key)
 from cute_moe.layouts.alignment import align, get_mk_alignment_for_contiguous_layout
 from cute_moe.models import expected_rows, expert_gemms, get_preset, load_shapes
 from cute_moe.specs import KernelConfig
