@@ -13,9 +13,8 @@ Roles (one CTA, ``128 * (1 + tile_m // 64)`` threads):
   mbarriers (``PipelineTmaAsync``: full barrier = TMA transaction bytes, empty barrier = consumer
   release). Inside a cluster of ``cluster_m x cluster_n`` CTAs, A is multicast along N, B along M.
 - ``tile_m // 64`` consumer warpgroups (registers raised to 232), 64 rows each: BF16 issues WGMMA
-  with one k-block group in flight; FP8 issues each 128-K block's WGMMAs into one of two block
-  accumulators and, while the next block runs, adds the previous one times ``sfa[row] * sfb`` to the
-  main accumulator. The epilogue converts (adding C in
+  with one k-block group in flight; FP8 issues a 128-K block's WGMMAs into a block accumulator,
+  waits, and adds it times ``sfa[row] * sfb`` to the main accumulator. The epilogue converts (adding C in
   FP32 when present) and writes D from registers or through a shared-memory stage, predicated on the
   rows and columns that belong to the tile's group, so ragged and masked tiles never touch a
   neighbour's rows.
@@ -339,7 +338,7 @@ class Sm90GroupedGemm:
         tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
         tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sB))
         accumulators = cute.make_rmem_tensor(thr_mma.partition_shape_C((tile_m, tile_n)), self.acc_dtype)
-        block_accs = [cute.make_rmem_tensor(accumulators.shape, self.acc_dtype) for _ in range(2 if self.fp8 else 0)]
+        block_acc = cute.make_rmem_tensor(accumulators.shape, self.acc_dtype) if self.fp8 else accumulators
         num_k_blocks = cute.size(tCrA, mode=[2])
         # Rows of this thread's accumulator elements: element i sits on row r0 + 8 * ((i // 2) % 2)
         # (WGMMA C fragment: pairs of columns, two row halves, then N/8 column chunks).
@@ -359,7 +358,7 @@ class Sm90GroupedGemm:
                 accumulators.fill(0.0)
                 if cutlass.const_expr(self.fp8):
                     state, release_state = self.mainloop_fp8(
-                        tiled_mma, tCrA, tCrB, accumulators, block_accs, num_k_blocks, mainloop, state,
+                        tiled_mma, tCrA, tCrB, accumulators, block_acc, num_k_blocks, mainloop, state,
                         release_state, sSFA, mSFB, r0, n_block, expert)
                 else:
                     state, release_state = self.mainloop_bf16(
@@ -401,63 +400,34 @@ class Sm90GroupedGemm:
         return state, release_state
 
     @cute.jit
-    def mainloop_fp8(self, tiled_mma, tCrA, tCrB, accumulators, block_accs, num_k_blocks: cutlass.Constexpr[int],
+    def mainloop_fp8(self, tiled_mma, tCrA, tCrB, accumulators, block_acc, num_k_blocks: cutlass.Constexpr[int],
                      mainloop, state, release_state, sSFA: cute.Tensor, mSFB: cute.Tensor, r0: Int32,
                      n_block: Int32, expert: Int32):
-        """Per 128-K block: WGMMAs into one of two block accumulators; while block t+1 runs on the
-        tensor cores, block t is promoted: ``acc += block_acc * sfa[row] * sfb`` (FP32)."""
-        tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
+        """Per 128-K block: WGMMAs into ``block_acc``, then ``acc += block_acc * sfa[row] * sfb``."""
         sfb_row = n_block * self.tile_shape_mnk[1] // SCALE_BLOCK
-        sfb0 = mSFB[(sfb_row, 0, expert)]
-        sfb1 = sfb0
-        self.issue_block(tiled_mma, tCrA, tCrB, block_accs[0], num_k_blocks, mainloop, state)
-        state.advance()
-        pairs = (self.k_tiles - 1) // 2
-        for p in cutlass.range(pairs, unroll=1):
-            sfb1 = mSFB[(sfb_row, 2 * p + 1, expert)]
-            self.issue_block(tiled_mma, tCrA, tCrB, block_accs[1], num_k_blocks, mainloop, state)
+        sfb_next = mSFB[(sfb_row, 0, expert)]
+        for k_tile in cutlass.range(self.k_tiles, unroll=1):
+            sfb = sfb_next
+            if k_tile + 1 < self.k_tiles:
+                sfb_next = mSFB[(sfb_row, k_tile + 1, expert)]
+            mainloop.consumer_wait(state)
+            tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, False)
+            cute.nvgpu.warpgroup.fence()
+            for kb in cutlass.range_constexpr(num_k_blocks):
+                cute.gemm(tiled_mma, block_acc, tCrA[(None, None, kb, state.index)],
+                          tCrB[(None, None, kb, state.index)], block_acc)
+                tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
+            cute.nvgpu.warpgroup.commit_group()
+            cute.nvgpu.warpgroup.wait_group(0)
+            scale_lo = sSFA[(r0, 0, state.index)] * sfb
+            scale_hi = sSFA[(r0 + 8, 0, state.index)] * sfb
+            mainloop.consumer_release(release_state)
+            release_state.advance()
             state.advance()
-            release_state = self.promote(accumulators, block_accs[0], sSFA, release_state, mainloop, r0, sfb0, 1)
-            sfb0 = mSFB[(sfb_row, 2 * p + 2, expert)]
-            self.issue_block(tiled_mma, tCrA, tCrB, block_accs[0], num_k_blocks, mainloop, state)
-            state.advance()
-            release_state = self.promote(accumulators, block_accs[1], sSFA, release_state, mainloop, r0, sfb1, 1)
-        if cutlass.const_expr((self.k_tiles - 1) % 2 == 1):
-            sfb1 = mSFB[(sfb_row, self.k_tiles - 1, expert)]
-            self.issue_block(tiled_mma, tCrA, tCrB, block_accs[1], num_k_blocks, mainloop, state)
-            state.advance()
-            release_state = self.promote(accumulators, block_accs[0], sSFA, release_state, mainloop, r0, sfb0, 1)
-            release_state = self.promote(accumulators, block_accs[1], sSFA, release_state, mainloop, r0, sfb1, 0)
-        else:
-            release_state = self.promote(accumulators, block_accs[0], sSFA, release_state, mainloop, r0, sfb0, 0)
+            for i in cutlass.range_constexpr(cute.size(accumulators)):
+                scale = scale_hi if (i // 2) % 2 == 1 else scale_lo
+                accumulators[i] = accumulators[i] + block_acc[i] * scale
         return state, release_state
-
-    @cute.jit
-    def issue_block(self, tiled_mma, tCrA, tCrB, block_acc, num_k_blocks: cutlass.Constexpr[int], mainloop, state):
-        """Wait for a k-block's stage and issue its WGMMAs into ``block_acc`` (starting from zero)."""
-        block_acc.fill(0.0)
-        mainloop.consumer_wait(state)
-        cute.nvgpu.warpgroup.fence()
-        for kb in cutlass.range_constexpr(num_k_blocks):
-            cute.gemm(tiled_mma, block_acc, tCrA[(None, None, kb, state.index)],
-                      tCrB[(None, None, kb, state.index)], block_acc)
-        cute.nvgpu.warpgroup.commit_group()
-
-    @cute.jit
-    def promote(self, accumulators, block_acc, sSFA: cute.Tensor, release_state, mainloop, r0: Int32, sfb,
-                pending: cutlass.Constexpr[int]):
-        """Wait until at most ``pending`` WGMMA groups are in flight, read the oldest block's row
-        scales, free its stage and add ``block_acc * sfa * sfb`` into the accumulator; returns the
-        advanced release state."""
-        cute.nvgpu.warpgroup.wait_group(pending)
-        scale_lo = sSFA[(r0, 0, release_state.index)] * sfb
-        scale_hi = sSFA[(r0 + 8, 0, release_state.index)] * sfb
-        mainloop.consumer_release(release_state)
-        release_state.advance()
-        for i in cutlass.range_constexpr(cute.size(accumulators)):
-            scale = scale_hi if (i // 2) % 2 == 1 else scale_lo
-            accumulators[i] = accumulators[i] + block_acc[i] * scale
-        return release_state
 
     @cute.jit
     def store_direct(self, thr_c, accumulators: cute.Tensor, mD: cute.Tensor, mC: Optional[cute.Tensor],
