@@ -80,5 +80,5 @@ def compile_gemm(spec: GemmSpec, config: KernelConfig):
 
     kernel = Sm90GroupedGemm(spec.kind, spec.fp8, config.tile_m, config.tile_n, config.cluster_m,
                              config.cluster_n, config.stages, config.panel, spec.n, spec.k, spec.has_c,
-                             bool(config.direct_store), spec.alignment)
+                             spec.alignment)
     return cute.compile(kernel, *fake_arguments(spec), options="--enable-tvm-ffi")

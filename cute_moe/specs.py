@@ -69,7 +69,6 @@ class KernelConfig:
     cluster_n: int = 1
     stages: int = 0
     panel: int = 8
-    direct_store: int = 0
 
     def __post_init__(self) -> None:
         if self.tile_m not in (64, 128):

@@ -112,7 +112,7 @@ def _write_table(path, entries):
 
 def test_tuned_table_wins_for_its_key_only(tmp_path, monkeypatch):
     problem = dispatch.problem_of("masked", 4096, 7168, 32, 40, 0)
-    tuned = KernelConfig(tile_m=64, tile_n=128, cluster_n=2, direct_store=0)
+    tuned = KernelConfig(tile_m=64, tile_n=128, cluster_n=2)
     _write_table(tmp_path / "t.json", [table_entry(problem, tuned, rules_us=1.0)])
     monkeypatch.setenv(dispatch.TUNED_TABLE_ENV, str(tmp_path / "t.json"))
     dispatch.reload_tuned_table()

@@ -49,12 +49,11 @@ class Workload:
 
 
 def candidate_configs(p: Problem) -> list[KernelConfig]:
-    """The search space: tiles, clusters and epilogue store; stages (auto) and panel stay at defaults."""
+    """The search space: tiles and clusters; stages (auto) and panel stay at their defaults."""
     configs = []
     tile_ns = tuple(t for t in (64, 128, 256) if t <= max_tile_n(p.ab_dtype))
-    for tile_m, tile_n, cluster, direct in itertools.product((64, 128), tile_ns, ((1, 1), (2, 1), (1, 2)), (0, 1)):
-        config = KernelConfig(tile_m=tile_m, tile_n=tile_n, cluster_m=cluster[0], cluster_n=cluster[1],
-                              direct_store=direct)
+    for tile_m, tile_n, cluster in itertools.product((64, 128), tile_ns, ((1, 1), (2, 1), (1, 2))):
+        config = KernelConfig(tile_m=tile_m, tile_n=tile_n, cluster_m=cluster[0], cluster_n=cluster[1])
         try:
             check_config_fits(p.kind, config, p.alignment)
         except ValueError:

@@ -46,7 +46,7 @@ class Sm90GroupedGemm:
     """Compile-time configuration of one GEMM specialization (see module docstring)."""
 
     def __init__(self, kind: str, fp8: bool, tile_m: int, tile_n: int, cluster_m: int, cluster_n: int,
-                 stages: int, panel: int, n: int, k: int, has_c: bool, direct_store: bool, alignment: int = 0):
+                 stages: int, panel: int, n: int, k: int, has_c: bool, alignment: int = 0):
         if tile_m not in (64, 128):
             raise ValueError(f"tile_m: expected 64 or 128, got {tile_m}")
         if tile_n not in ((64, 128) if fp8 else (64, 128, 256)):
@@ -62,7 +62,6 @@ class Sm90GroupedGemm:
         self.n = n
         self.k = k
         self.has_c = has_c
-        self.direct_store = direct_store
         self.acc_dtype = cutlass.Float32
         self.num_consumer_wgs = tile_m // 64
         self.num_consumer_threads = 128 * self.num_consumer_wgs
@@ -90,7 +89,7 @@ class Sm90GroupedGemm:
         self.cta_layout_mnk = cute.make_layout((*self.cluster_shape_mn, 1))
 
         ab_bytes = (tile_m + tile_n) * tile_k * self.ab_dtype.width // 8 + (tile_m * 4 if self.fp8 else 0)
-        epi_bytes = 0 if self.direct_store else tile_m * EPI_N * self.stage_dtype.width // 8 * EPI_STAGES
+        epi_bytes = tile_m * EPI_N * self.stage_dtype.width // 8 * EPI_STAGES
         table_bytes = (MAX_GROUPS + 2) * 4 if kind_has_group_table(self.kind) else 0
         fit = (SMEM_CAPACITY - 2048 - epi_bytes - table_bytes) // ab_bytes
         self.stages = fit if self.requested_stages == 0 else min(self.requested_stages, fit)
@@ -165,7 +164,6 @@ class Sm90GroupedGemm:
 
         self.table_len = MAX_GROUPS + 2 if kind_has_group_table(self.kind) else 1
         sfa_len = cute.cosize(self.sfa_smem_layout) if self.fp8 else 1
-        epi_len = 1 if self.direct_store else cute.cosize(self.epi_smem_layout)
 
         @cute.struct
         class SharedStorage:
@@ -174,7 +172,7 @@ class Sm90GroupedGemm:
             sA: cute.struct.Align[cute.struct.MemRange[self.ab_dtype, cute.cosize(self.a_smem_layout)], 1024]
             sB: cute.struct.Align[cute.struct.MemRange[self.ab_dtype, cute.cosize(self.b_smem_layout)], 1024]
             sSFA: cute.struct.Align[cute.struct.MemRange[cutlass.Float32, sfa_len], 128]
-            sD: cute.struct.Align[cute.struct.MemRange[self.stage_dtype, epi_len], 1024]
+            sD: cute.struct.Align[cute.struct.MemRange[self.stage_dtype, cute.cosize(self.epi_smem_layout)], 1024]
 
         self.shared_storage = SharedStorage
 
@@ -238,9 +236,7 @@ class Sm90GroupedGemm:
         sA = storage.sA.get_tensor(a_smem_layout.outer, swizzle=a_smem_layout.inner)
         sB = storage.sB.get_tensor(b_smem_layout.outer, swizzle=b_smem_layout.inner)
         sSFA = storage.sSFA.get_tensor(sfa_smem_layout if self.fp8 else cute.make_layout(1))
-        sD = storage.sD.get_tensor(cute.make_layout(1))
-        if cutlass.const_expr(not self.direct_store):
-            sD = storage.sD.get_tensor(epi_smem_layout.outer, swizzle=epi_smem_layout.inner)
+        sD = storage.sD.get_tensor(epi_smem_layout.outer, swizzle=epi_smem_layout.inner)
 
         schedule = (cluster_coord[0], cluster_coord[1], cluster_id, num_clusters, total_rows, max_m, num_groups)
         warp_group_idx = cute.arch.make_warp_uniform(tidx // 128)
@@ -344,7 +340,7 @@ class Sm90GroupedGemm:
         # (WGMMA C fragment: pairs of columns, two row halves, then N/8 column chunks).
         r0 = thr_c.partition_C(cute.make_identity_tensor((tile_m, tile_n)))[0][0]
 
-        staged = None if self.direct_store else self.make_staged_epilogue(tiled_mma, sD, accumulators, consumer_tidx)
+        staged = self.make_staged_epilogue(tiled_mma, sD, accumulators, consumer_tidx)
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
         release_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
         epi_buffer = Int32(0)
@@ -364,11 +360,8 @@ class Sm90GroupedGemm:
                     state, release_state = self.mainloop_bf16(
                         tiled_mma, tCrA, tCrB, accumulators, num_k_blocks, mainloop, state, release_state)
                 if rows_valid > 0 and n_block * tile_n < self.n:
-                    if cutlass.const_expr(self.direct_store):
-                        self.store_direct(thr_c, accumulators, mD, mC, row_start, rows_valid, n_block)
-                    else:
-                        epi_buffer = self.store_staged(staged, accumulators, sD, mD, mC, row_start, rows_valid,
-                                                       n_block, epi_buffer)
+                    epi_buffer = self.store_staged(staged, accumulators, sD, mD, mC, row_start, rows_valid,
+                                                   n_block, epi_buffer)
             linear = linear + num_clusters
             g, g_first = self.scheduler.advance(group_values, linear, g, g_first, num_groups, total_rows)
 
@@ -428,41 +421,6 @@ class Sm90GroupedGemm:
                 scale = scale_hi if (i // 2) % 2 == 1 else scale_lo
                 accumulators[i] = accumulators[i] + block_acc[i] * scale
         return state, release_state
-
-    @cute.jit
-    def store_direct(self, thr_c, accumulators: cute.Tensor, mD: cute.Tensor, mC: Optional[cute.Tensor],
-                     row_start: Int32, rows_valid: Int32, n_block: Int32):
-        """Write the accumulators straight from registers (pairs of adjacent columns per thread),
-        adding C in FP32 first; rows past ``rows_valid`` and columns past N are skipped."""
-        tile_m, tile_n, _ = self.tile_shape_mnk
-        gD = cute.local_tile(cute.domain_offset((row_start, 0), mD), (tile_m, tile_n), (0, n_block))
-        cD = cute.local_tile(cute.make_identity_tensor((tile_m, self.n)), (tile_m, tile_n), (0, n_block))
-        tDgD = thr_c.partition_C(gD)
-        tDcD = thr_c.partition_C(cD)
-        values = accumulators.load()
-        full = rows_valid >= tile_m and (n_block + 1) * tile_n <= self.n
-        if cutlass.const_expr(self.has_c):
-            tDgC = thr_c.partition_C(
-                cute.local_tile(cute.domain_offset((row_start, 0), mC), (tile_m, tile_n), (0, n_block)))
-            c_frag = cute.make_rmem_tensor(accumulators.shape, self.d_dtype)
-            c_frag.fill(0.0)
-            if full:
-                cute.autovec_copy(tDgC, c_frag)
-            else:
-                for i in cutlass.range_constexpr(cute.size(c_frag)):
-                    coord = tDcD[i]
-                    if coord[0] < rows_valid and coord[1] < self.n:
-                        c_frag[i] = tDgC[i]
-            values = values + c_frag.load().to(self.acc_dtype)
-        out = cute.make_rmem_tensor(accumulators.shape, self.d_dtype)
-        out.store(values.to(self.d_dtype))
-        if full:
-            cute.autovec_copy(out, tDgD)
-        else:
-            for i in cutlass.range_constexpr(cute.size(out)):
-                coord = tDcD[i]
-                if coord[0] < rows_valid and coord[1] < self.n:
-                    tDgD[i] = out[i]
 
     def make_staged_epilogue(self, tiled_mma, sD: cute.Tensor, accumulators: cute.Tensor, consumer_tidx: Int32):
         """Copy plans of the staged epilogue: registers -> smem (stmatrix), smem -> gmem (16-byte)."""
