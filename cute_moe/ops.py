@@ -16,7 +16,7 @@ from .kernels.tile_scheduler import MAX_GROUPS
 from .launch import _launches, build_launch, run_launch
 from .layouts.alignment import get_mk_alignment_for_contiguous_layout
 from .validation import (check_contiguous, check_int_arg, check_multiple, check_placement, check_shape,
-                         check_tensor, dtype_name)
+                         check_tensor)
 
 _BF16 = (torch.bfloat16,)
 _OUT = (torch.bfloat16, torch.float32)
