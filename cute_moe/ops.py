@@ -7,7 +7,7 @@ launches, and when it refuses an argument the Python validation runs to raise an
 the public argument with expected vs actual.
 """
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -21,6 +21,21 @@ from .validation import (check_contiguous, check_int_arg, check_multiple, check_
 _BF16 = (torch.bfloat16,)
 _OUT = (torch.bfloat16, torch.float32)
 _INT32 = (torch.int32,)
+
+
+def on_device(device: int, *tensors) -> bool:
+    """Whether every given tensor (None skipped) lives on CUDA device ``device`` (the warm path's
+    placement check; TVM-FFI checks only the device type)."""
+    return all(t is None or t.get_device() == device for t in tensors)
+
+
+def static_key(validate: Callable[[], None], make_key: Callable[[], tuple]) -> tuple:
+    """The launch key; a non-tensor argument (no .shape) gets the full validation's TypeError."""
+    try:
+        return make_key()
+    except AttributeError:
+        validate()
+        raise
 
 
 def _check_nk(n: int, k: int) -> None:
@@ -56,18 +71,20 @@ def _validate_dense(a, b, d, c, operand_dtypes: tuple = _BF16) -> None:
 def bf16_gemm_nt(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: Optional[torch.Tensor] = None) -> None:
     """d = c + a @ b.T (c optional, may be d itself): a [M, K] bf16, b [N, K] bf16, d and c [M, N]
     bf16 or fp32 (same dtype)."""
-    m = a.shape[0]
-    key = ("dense", b.shape, m.bit_length(), d.dtype, c is None, a.get_device(), forced_config())
-    launch = _launches.get(key)
-    if launch is None:
+    def validate() -> None:
         _validate_dense(a, b, d, c)
+
+    key = static_key(validate, lambda: ("dense", b.shape, a.shape[0].bit_length(), d.dtype, c is None,
+                                        a.get_device(), forced_config()))
+    launch = _launches.get(key)
+    m = a.shape[0]
+    if launch is None or m == 0 or not on_device(key[5], b, d, c):
+        validate()
         if m == 0:
             return
-        launch = build_launch(key, "dense", b.shape[0], b.shape[1], d.dtype, c is not None, 1, m, a.device)
-    elif m == 0 or b.get_device() != key[5] or d.get_device() != key[5]:
-        _validate_dense(a, b, d, c)
-        return
-    run_launch(launch, lambda: _validate_dense(a, b, d, c), a, b, d, c, None, None, None)
+        launch = launch or build_launch(key, "dense", b.shape[0], b.shape[1], d.dtype, c is not None, 1, m,
+                                        a.device)
+    run_launch(launch, validate, a, b, d, c, None, None, None)
 
 
 def _validate_contiguous(a, b, d, grouped_layout, use_psum_layout: bool, operand_dtypes: tuple = _BF16) -> None:
@@ -99,19 +116,21 @@ def m_grouped_bf16_gemm_nt_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch
     [align(ends[g-1]), ends[g])). Padding rows of d are left unspecified. Expert ids >= G are not
     detected on the device: their rows come out as zeros.
     """
+    def validate() -> None:
+        _validate_contiguous(a, b, d, grouped_layout, use_psum_layout)
+
     alignment = get_mk_alignment_for_contiguous_layout()
     kind = "psum" if use_psum_layout else "contiguous"
-    key = (kind, b.shape, d.dtype, alignment, a.get_device(), forced_config())
+    key = static_key(validate, lambda: (kind, b.shape, d.dtype, alignment, a.get_device(), forced_config()))
     launch = _launches.get(key)
     m = a.shape[0]
-    if launch is None or m % alignment != 0 or m == 0 or d.get_device() != key[4]:
-        _validate_contiguous(a, b, d, grouped_layout, use_psum_layout)
+    if launch is None or m % alignment != 0 or m == 0 or not on_device(key[4], b, d, grouped_layout):
+        validate()
         if m == 0:
             return
         launch = launch or build_launch(key, kind, b.shape[1], b.shape[2], d.dtype, False, b.shape[0], 0,
                                         a.device)
-    run_launch(launch, lambda: _validate_contiguous(a, b, d, grouped_layout, use_psum_layout),
-               a, b, d, None, None, None, grouped_layout)
+    run_launch(launch, validate, a, b, d, None, None, None, grouped_layout)
 
 
 def _validate_masked(a, b, d, masked_m, expected_m, operand_dtypes: tuple = _BF16) -> None:
@@ -140,15 +159,19 @@ def m_grouped_bf16_gemm_nt_masked(a: torch.Tensor, b: torch.Tensor, d: torch.Ten
     (never read by the host, so CUDA graphs stay valid when it changes); expected_m: a tuning hint
     (typical rows per expert). masked_m[g] > Mmax is treated as Mmax.
     """
-    key = ("masked", b.shape, d.dtype, expected_m, a.get_device(), forced_config())
-    launch = _launches.get(key)
-    if launch is None or type(expected_m) is not int or a.numel() == 0 or d.get_device() != key[4]:
+    def validate() -> None:
         _validate_masked(a, b, d, masked_m, expected_m)
+
+    key = static_key(validate, lambda: ("masked", b.shape, d.dtype, expected_m, a.get_device(), forced_config()))
+    launch = _launches.get(key)
+    if (launch is None or type(expected_m) is not int or a.numel() == 0
+            or not on_device(key[4], b, d, masked_m)):
+        validate()
         if a.numel() == 0:
             return
         launch = launch or build_launch(key, "masked", b.shape[1], b.shape[2], d.dtype, False, b.shape[0],
                                         expected_m, a.device)
-    run_launch(launch, lambda: _validate_masked(a, b, d, masked_m, expected_m), a, b, d, None, None, None, masked_m)
+    run_launch(launch, validate, a, b, d, None, None, None, masked_m)
 
 
 def _validate_grouped_mm(a, b, offs, out_dtype) -> None:
@@ -181,15 +204,18 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor,
     fp32). Rows past offs[-1] are left unwritten, as in torch.
     """
     out_dtype = torch.bfloat16 if out_dtype is None else out_dtype
-    key = ("ragged", b.shape, out_dtype, a.get_device(), forced_config())
-    launch = _launches.get(key)
-    if launch is None or a.shape[0] == 0 or b.get_device() != key[3]:
+
+    def validate() -> None:
         _validate_grouped_mm(a, b, offs, out_dtype)
+
+    key = static_key(validate, lambda: ("ragged", b.shape, out_dtype, a.get_device(), forced_config()))
+    launch = _launches.get(key)
+    if launch is None or a.shape[0] == 0 or not on_device(key[3], b, offs):
+        validate()
         if a.shape[0] == 0:
             return torch.empty((0, b.shape[2]), dtype=out_dtype, device=a.device)
         launch = launch or build_launch(key, "ragged", b.shape[2], b.shape[1], out_dtype, False, b.shape[0], 0,
                                         a.device)
     out = torch.empty((a.shape[0], b.shape[2]), dtype=out_dtype, device=a.device)
-    run_launch(launch, lambda: _validate_grouped_mm(a, b, offs, out_dtype), a, b.transpose(1, 2), out, None,
-               None, None, offs)
+    run_launch(launch, validate, a, b.transpose(1, 2), out, None, None, None, offs)
     return out

@@ -15,7 +15,7 @@ from .dispatch import forced_config
 from .launch import _launches, build_launch, run_launch
 from .layouts.alignment import get_mk_alignment_for_contiguous_layout
 from .layouts.scale_factors import get_mn_major_tma_aligned_tensor
-from .ops import _validate_contiguous, _validate_dense, _validate_masked
+from .ops import _validate_contiguous, _validate_dense, _validate_masked, on_device, static_key
 from .validation import check_multiple, check_placement, check_shape, check_tensor
 
 _FP8 = (torch.float8_e4m3fn,)
@@ -27,9 +27,13 @@ def _k_blocks(k: int) -> int:
     return (k + 127) // 128
 
 
-def _pair(name: str, operand) -> tuple[torch.Tensor, torch.Tensor]:
+def _pair(name: str, sf_name: str, operand) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split an FP8 operand into (tensor, scales), both torch tensors."""
     if not isinstance(operand, (tuple, list)) or len(operand) != 2:
         raise TypeError(f"{name}: expected a (tensor, scale_factors) pair, got {type(operand).__name__}")
+    for label, t in ((name, operand[0]), (sf_name, operand[1])):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{label}: expected a torch.Tensor, got {type(t).__name__}")
     return operand[0], operand[1]
 
 
@@ -54,19 +58,19 @@ def _check_scales(sfa: torch.Tensor, sfa_shape: tuple, sfb: torch.Tensor, sfb_sh
 def fp8_gemm_nt(a: tuple, b: tuple, d: torch.Tensor, c: Optional[torch.Tensor] = None) -> None:
     """d = c + (a * sfa) @ (b * sfb).T: a (E4M3 [M, K], sfa [M, K/128]), b (E4M3 [N, K], sfb
     [N/128, K/128]); d and c [M, N] bf16 or fp32 (same dtype); c optional, may be d itself."""
-    a, sfa = _pair("a", a)
-    b, sfb = _pair("b", b)
-    m = a.shape[0]
-    key = ("fp8_dense", b.shape, m.bit_length(), d.dtype, c is None, a.get_device(), forced_config())
-    launch = _launches.get(key)
-
+    a, sfa = _pair("a", "sfa", a)
+    b, sfb = _pair("b", "sfb", b)
     def validate() -> None:
         _validate_dense(a, b, d, c, _FP8)
-        n, k = b.shape
+        m, (n, k) = a.shape[0], b.shape
         _check_scales(sfa, (m, _k_blocks(k)), sfb, (_k_blocks(n), _k_blocks(k)), k)
         check_placement(sfa=sfa, sfb=sfb)
 
-    if launch is None or m == 0 or d.get_device() != key[5]:
+    key = static_key(validate, lambda: ("fp8_dense", b.shape, a.shape[0].bit_length(), d.dtype, c is None,
+                                        a.get_device(), forced_config()))
+    launch = _launches.get(key)
+    m = a.shape[0]
+    if launch is None or m == 0 or not on_device(key[5], b, d, c, sfa, sfb):
         validate()
         if m == 0:
             return
@@ -80,21 +84,23 @@ def m_grouped_fp8_gemm_nt_contiguous(a: tuple, b: tuple, d: torch.Tensor, groupe
     """M-grouped contiguous FP8 GEMM: like ``m_grouped_bf16_gemm_nt_contiguous`` with (tensor, scales)
     operands: a (E4M3 [M, K], sfa [M, K/128]), b (E4M3 [G, N, K], sfb [G, N/128, K/128]); d [M, N] bf16
     or fp32."""
-    a, sfa = _pair("a", a)
-    b, sfb = _pair("b", b)
+    a, sfa = _pair("a", "sfa", a)
+    b, sfb = _pair("b", "sfb", b)
     alignment = get_mk_alignment_for_contiguous_layout()
     kind = "psum" if use_psum_layout else "contiguous"
-    m = a.shape[0]
-    key = ("fp8_" + kind, b.shape, d.dtype, alignment, a.get_device(), forced_config())
-    launch = _launches.get(key)
 
     def validate() -> None:
         _validate_contiguous(a, b, d, grouped_layout, use_psum_layout, _FP8)
         g, n, k = b.shape
-        _check_scales(sfa, (m, _k_blocks(k)), sfb, (g, _k_blocks(n), _k_blocks(k)), k)
+        _check_scales(sfa, (a.shape[0], _k_blocks(k)), sfb, (g, _k_blocks(n), _k_blocks(k)), k)
         check_placement(sfa=sfa, sfb=sfb)
 
-    if launch is None or m % alignment != 0 or m == 0 or d.get_device() != key[4]:
+    key = static_key(validate, lambda: ("fp8_" + kind, b.shape, d.dtype, alignment, a.get_device(),
+                                        forced_config()))
+    launch = _launches.get(key)
+    m = a.shape[0]
+    if (launch is None or m % alignment != 0 or m == 0
+            or not on_device(key[4], b, d, grouped_layout, sfa, sfb)):
         validate()
         if m == 0:
             return
@@ -109,18 +115,19 @@ def m_grouped_fp8_gemm_nt_masked(a: tuple, b: tuple, d: torch.Tensor, masked_m: 
     """M-grouped masked FP8 GEMM: like ``m_grouped_bf16_gemm_nt_masked`` with (tensor, scales)
     operands: a (E4M3 [G, Mmax, K], sfa [G, Mmax, K/128]), b (E4M3 [G, N, K], sfb [G, N/128, K/128]);
     d [G, Mmax, N] bf16 or fp32. The host never reads masked_m."""
-    a, sfa = _pair("a", a)
-    b, sfb = _pair("b", b)
-    key = ("fp8_masked", b.shape, d.dtype, expected_m, a.get_device(), forced_config())
-    launch = _launches.get(key)
-
+    a, sfa = _pair("a", "sfa", a)
+    b, sfb = _pair("b", "sfb", b)
     def validate() -> None:
         _validate_masked(a, b, d, masked_m, expected_m, _FP8)
         g, max_m, k = a.shape
         _check_scales(sfa, (g, max_m, _k_blocks(k)), sfb, (g, _k_blocks(b.shape[1]), _k_blocks(k)), k)
         check_placement(sfa=sfa, sfb=sfb)
 
-    if launch is None or type(expected_m) is not int or a.numel() == 0 or d.get_device() != key[4]:
+    key = static_key(validate, lambda: ("fp8_masked", b.shape, d.dtype, expected_m, a.get_device(),
+                                        forced_config()))
+    launch = _launches.get(key)
+    if (launch is None or type(expected_m) is not int or a.numel() == 0
+            or not on_device(key[4], b, d, masked_m, sfa, sfb)):
         validate()
         if a.numel() == 0:
             return

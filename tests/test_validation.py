@@ -115,3 +115,21 @@ def test_grouped_mm_rejects_n_major_weights_and_bad_offs():
         cute_moe.grouped_mm(a, w, torch.zeros(5, dtype=torch.int32))
     with pytest.raises(TypeError, match=r"^out_dtype"):
         cute_moe.grouped_mm(a, w, torch.zeros(4, dtype=torch.int32), out_dtype=torch.float16)
+
+
+def test_non_tensor_arguments_raise_type_error_naming_them():
+    b = torch.zeros(4, 32, 64, dtype=bf16)
+    d = torch.zeros(4, 64, 32, dtype=bf16)
+    with pytest.raises(TypeError, match=r"^a: expected a torch.Tensor, got NoneType"):
+        cute_moe.m_grouped_bf16_gemm_nt_masked(None, b, d, torch.zeros(4, dtype=torch.int32), 16)
+    with pytest.raises(TypeError, match=r"^b: expected a torch.Tensor, got list"):
+        cute_moe.grouped_mm(torch.zeros(8, 64, dtype=bf16), [1, 2], torch.zeros(4, dtype=torch.int32))
+    with pytest.raises(TypeError, match=r"^a: expected a \(tensor, scale_factors\) pair, got Tensor"):
+        cute_moe.fp8_gemm_nt(torch.zeros(8, 64), (torch.zeros(8, 64), torch.zeros(1)), torch.zeros(8, 8))
+
+
+def test_fp8_scale_factors_must_be_tensors():
+    a = (torch.zeros(8, 64, dtype=torch.float8_e4m3fn), None)
+    b = (torch.zeros(32, 64, dtype=torch.float8_e4m3fn), torch.zeros(1, 1))
+    with pytest.raises(TypeError, match=r"^sfa: expected a torch.Tensor, got NoneType"):
+        cute_moe.fp8_gemm_nt(a, b, torch.zeros(8, 32, dtype=bf16))
