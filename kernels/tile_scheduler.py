@@ -25,7 +25,8 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Int32
 
-KINDS = ("dense", "contiguous", "psum", "masked", "ragged")
+from ..specs import KINDS
+
 # Groups whose row counts one launch can hold in shared memory.
 MAX_GROUPS = 1024
 
