@@ -1,20 +1,18 @@
 """In-process cache of compiled specializations (backed by the disk cache) and per-device launch facts."""
 
 import threading
-from typing import Callable
-
-import torch
+from typing import Any, Callable
 
 from . import cache
-from .specs import GemmSpec, KernelConfig
+from .arch import get_backend
+from .specs import GemmSpec
 
-_kernels: dict[tuple[GemmSpec, KernelConfig], Callable] = {}
+_kernels: dict[tuple[GemmSpec, Any], Callable] = {}
 _counts = {"compiled": 0, "disk": 0}
 _miss_lock = threading.Lock()  # cute.compile is not thread-safe
-_sm_counts: dict[int, int] = {}
 
 
-def get_kernel(spec: GemmSpec, config: KernelConfig) -> Callable:
+def get_kernel(spec: GemmSpec, config: Any) -> Callable:
     """Compiled function for (spec, config): from memory, else loaded from the disk cache, else compiled
     now (and exported to the disk cache)."""
     fn = _kernels.get((spec, config))
@@ -28,13 +26,9 @@ def get_kernel(spec: GemmSpec, config: KernelConfig) -> Callable:
     return fn
 
 
-def max_clusters(device: torch.device, cluster_size: int) -> int:
-    """Clusters of ``cluster_size`` CTAs that fit at once (one CTA per SM)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    sms = _sm_counts.get(index)
-    if sms is None:
-        sms = _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return sms // cluster_size
+def max_clusters(arch: str, device_index: int, config: Any) -> int:
+    """Clusters of ``config`` resident at once on the device (the persistent grid), per its backend."""
+    return get_backend(arch).max_active_clusters(device_index, config)
 
 
 def compiled_count() -> int:
@@ -50,6 +44,6 @@ def loaded_count() -> int:
 def clear_memory() -> None:
     """Forget the in-memory specializations (the next get_kernel goes to disk); counters are kept.
 
-    ops.py keeps its own per-shape launcher table, which holds the functions too.
+    The launcher's warm table holds the functions too: ``launcher.clear_launches()`` forgets those.
     """
     _kernels.clear()

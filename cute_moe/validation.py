@@ -2,13 +2,6 @@
 
 import torch
 
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
-
-
 def check_tensor(name: str, t, dtypes: tuple, ndim: int) -> None:
     """Type, dtype and rank."""
     if not isinstance(t, torch.Tensor):

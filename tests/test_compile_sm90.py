@@ -3,7 +3,11 @@
 import pytest
 
 from cute_moe.compile import compile_gemm
-from cute_moe.specs import GemmSpec, KernelConfig
+from cute_moe.kernels.sm90.config import Sm90Config as KernelConfig
+from cute_moe.operands import FP8_PER_BLOCK, FP8_PER_TOKEN
+from cute_moe.specs import GemmSpec
+
+FP8 = dict(a=FP8_PER_TOKEN, b=FP8_PER_BLOCK)
 
 VARIANTS = [
     (GemmSpec(kind, 4096, 7168, d_dtype=d_dtype), KernelConfig())
@@ -26,14 +30,13 @@ def test_variant_compiles(spec, config):
     assert fn.__class__.__name__.startswith("TVMFFI")
 
 
-
 FP8_VARIANTS = [
-    (GemmSpec(kind, 4096, 7168, ab_dtype="fp8_e4m3", alignment=128 if kind == "psum" else 0),
+    (GemmSpec(kind, 4096, 7168, **FP8, alignment=128 if kind == "psum" else 0),
      KernelConfig(tile_m=128, tile_n=128, cluster_m=2))
     for kind in ("dense", "contiguous", "psum", "masked")
 ] + [
-    (GemmSpec("masked", 7168, 2048, ab_dtype="fp8_e4m3"), KernelConfig(tile_m=64, tile_n=128, cluster_n=2)),
-    (GemmSpec("dense", 384, 320, ab_dtype="fp8_e4m3", d_dtype="fp32", has_c=True), KernelConfig(tile_n=64)),
+    (GemmSpec("masked", 7168, 2048, **FP8), KernelConfig(tile_m=64, tile_n=128, cluster_n=2)),
+    (GemmSpec("dense", 384, 320, **FP8, d_dtype="fp32", has_c=True), KernelConfig(tile_n=64)),
     (GemmSpec("psum", 4096, 7168, alignment=128), KernelConfig()),
     (GemmSpec("ragged", 4096, 7168), KernelConfig(cluster_m=2, panel=4)),
 ]

@@ -6,9 +6,15 @@ import json
 import pytest
 
 from cute_moe import dispatch
-from cute_moe.dispatch import (buckets_between, check_config_fits, choose_config, force_config,
-                               format_config, m_bucket, parse_config, reachable_configs, table_entry)
-from cute_moe.specs import KernelConfig
+from cute_moe.dispatch import (buckets_between, choose_config, force_config, format_config, m_bucket, parse_config,
+                               problem_of, reachable_configs, table_entry)
+from cute_moe.kernels.sm90.config import Sm90Config as KernelConfig
+from cute_moe.kernels.sm90.rules import can_implement, rule_config
+from cute_moe.operands import FP8_PER_BLOCK, FP8_PER_TOKEN, Operand
+
+
+def check_config_fits(kind, config, alignment):
+    can_implement(problem_of(kind, 4096, 7168, 8, 0, alignment), config)
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +70,7 @@ def test_psum_tiles_divide_the_alignment():
 def test_fp8_uses_tiles_at_most_128_wide():
     for kind, m in (("masked", 16), ("masked", 0), ("contiguous", 0), ("psum", 0)):
         alignment = 128 if kind in dispatch.ALIGNED_KINDS else 0
-        assert choose_config(kind, 4096, 7168, 32, m, alignment, ab_dtype="fp8_e4m3").tile_n == 128
+        assert choose_config(kind, 4096, 7168, 32, m, alignment, a=FP8_PER_TOKEN, b=FP8_PER_BLOCK).tile_n == 128
 
 
 def test_small_problems_use_narrower_tiles_to_fill_the_sms():
@@ -89,7 +95,8 @@ def test_rules_always_fit_and_only_see_the_bucket():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(arch="sm_100a"), "arch"), (dict(ab_dtype="int8"), "ab_dtype"), (dict(d_dtype="fp16"), "d_dtype"),
+    (dict(arch="sm_100a"), "arch"), (dict(a=Operand("fp8_e4m3", scale="ue8m0_1x32")), "operands"),
+    (dict(d_dtype="fp16"), "d_dtype"),
     (dict(num_sms=0), "num_sms"),
 ])
 def test_choose_config_rejects(kwargs, match):
@@ -126,7 +133,7 @@ def test_tuned_config_that_does_not_fit_falls_back_to_rules(tmp_path, monkeypatc
     _write_table(tmp_path / "t.json", [table_entry(problem, KernelConfig(tile_m=128, cluster_m=2))])
     monkeypatch.setenv(dispatch.TUNED_TABLE_ENV, str(tmp_path / "t.json"))
     dispatch.reload_tuned_table()
-    assert choose_config("contiguous", 4096, 7168, 8, 0, 128) == dispatch.rule_config(problem)
+    assert choose_config("contiguous", 4096, 7168, 8, 0, 128) == rule_config(problem)
     assert choose_config("contiguous", 4096, 7168, 8, 0, 256) == KernelConfig(tile_m=128, cluster_m=2)
 
 
@@ -135,10 +142,10 @@ def test_tuned_config_that_does_not_fit_falls_back_to_rules(tmp_path, monkeypatc
     (json.dumps({"entries": []}), "not a cute-moe tuned table"),
     (json.dumps({"format": dispatch.TUNED_TABLE_FORMAT, "entries": [{"kind": "masked"}]}), "entry 0"),
     (json.dumps({"format": dispatch.TUNED_TABLE_FORMAT, "entries": [
-        {"arch": "sm_90a", "kind": "masked", "ab_dtype": "bf16", "d_dtype": "bf16", "n": 64, "k": 64,
+        {"arch": "sm_90a", "kind": "masked", "operands": "bf16", "d_dtype": "bf16", "n": 64, "k": 64,
          "expected_m": 40, "config": {}}]}), "expected_m"),
     (json.dumps({"format": dispatch.TUNED_TABLE_FORMAT, "entries": [
-        {"arch": "sm_90a", "kind": "masked", "ab_dtype": "bf16", "d_dtype": "bf16", "n": 64, "k": 64,
+        {"arch": "sm_90a", "kind": "masked", "operands": "bf16", "d_dtype": "bf16", "n": 64, "k": 64,
          "expected_m": 64, "config": {"tile_m": 96}}]}), "tile_m"),
 ])
 def test_broken_tuned_table_is_an_error_naming_the_file(tmp_path, monkeypatch, content, match):
@@ -160,9 +167,10 @@ def test_missing_tuned_table_file_is_an_error(tmp_path, monkeypatch):
 def test_package_table_is_the_default(monkeypatch, tmp_path):
     monkeypatch.delenv(dispatch.TUNED_TABLE_ENV)
     monkeypatch.setattr(dispatch, "default_table_path", lambda arch: tmp_path / f"{arch}.json")
-    assert dispatch.tuned_table_path("sm_90a") is None
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    assert dispatch.tuned_table_paths("sm_90a") == []
     _write_table(tmp_path / "sm_90a.json", [])
-    assert dispatch.tuned_table_path("sm_90a") == tmp_path / "sm_90a.json"
+    assert dispatch.tuned_table_paths("sm_90a") == [tmp_path / "sm_90a.json"]
 
 
 def test_print_configs_prints_each_decision_once(monkeypatch, capsys):

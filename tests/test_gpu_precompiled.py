@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import cute_moe
-from cute_moe import cache, dispatch, launch, runtime
+from cute_moe import cache, dispatch, launcher, runtime
 from cute_moe.layouts.alignment import align
 from cute_moe.models import expected_rows, expert_gemms, get_preset
 from cute_moe.testing import calc_diff
@@ -50,7 +50,7 @@ def from_disk_only(cache_root, monkeypatch):
     monkeypatch.setenv(dispatch.TUNED_TABLE_ENV, "off")  # the plan above was made with the rules
     dispatch.reload_tuned_table()
     runtime.clear_memory()
-    launch.clear_launches()  # the per-shape launch table also holds the functions
+    launcher.clear_launches()  # the per-shape launch table also holds the functions
 
     def no_compile(spec, config):
         raise AssertionError(f"compiled {spec} {config}: not covered by the precompiled cache")
@@ -58,7 +58,7 @@ def from_disk_only(cache_root, monkeypatch):
     monkeypatch.setattr(cache, "_compile", no_compile)
     yield
     runtime.clear_memory()
-    launch.clear_launches()
+    launcher.clear_launches()
     dispatch.reload_tuned_table()
 
 

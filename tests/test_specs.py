@@ -2,7 +2,8 @@
 
 import pytest
 
-from cute_moe.specs import GemmSpec, KernelConfig
+from cute_moe.kernels.sm90.config import Sm90Config as KernelConfig
+from cute_moe.specs import GemmSpec
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -16,11 +16,11 @@ def test_dense_rejects_wrong_dtype():
         cute_moe.bf16_gemm_nt(a, b, d)
 
 
-def test_dense_rejects_shape_mismatch():
+def test_dense_k_mismatch_names_a_and_both_shapes():
     a = torch.zeros(8, 64, dtype=bf16)
     b = torch.zeros(32, 48, dtype=bf16)
     d = torch.zeros(8, 32, dtype=bf16)
-    with pytest.raises(ValueError, match=r"^b: expected shape \(32, 64\), got \(32, 48\)"):
+    with pytest.raises(ValueError, match=r"^a: expected K=48 \(from b of shape \(32, 48\)\), got a of shape \(8, 64\)"):
         cute_moe.bf16_gemm_nt(a, b, d)
 
 

@@ -60,12 +60,12 @@ def child(args: argparse.Namespace) -> dict:
     """One fresh process: first call, then (phase disk) memory and warm timings."""
     import torch
 
-    from cute_moe import launch, runtime
+    from cute_moe import launcher, runtime
 
     call = _call(args)
     result = {"first_ms": _timed_ms(call), "compiled": runtime.compiled_count(), "loaded": runtime.loaded_count()}
     if args.phase == "disk":
-        launch.clear_launches()  # the next call finds the kernel in runtime's memory
+        launcher.clear_launches()  # the next call finds the kernel in runtime's memory
         result["memory_ms"] = _timed_ms(call)
         samples = []
         for _ in range(5):

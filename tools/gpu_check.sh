@@ -6,7 +6,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench_results}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 CUTE_DSL_ARCH=sm_90a
+export PYTHONUNBUFFERED=1
 bash .gpu/install-dsl.sh || exit 1
 python3 -m pip install -q --no-index --no-deps .gpu/wheels/*.whl || exit 1
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1

@@ -5,8 +5,8 @@ CPU processes, into the disk cache; then each candidate runs through the public 
 ``force_config``, timed with CUDA-graph replays after warm-up (median), interleaved with the rules'
 choice; a candidate whose output differs from the rules' (calc_diff > 1e-5) is rejected. The winner
 of a table key is the config with the lowest mean time relative to the rules over the key's token
-counts. Entries are merged into --out (default: the package's tuned/<arch>.json, which the
-dispatcher reads when CUTE_MOE_TUNED_TABLE is unset).
+counts. Entries are merged into --out (default: the user's table,
+``$XDG_CONFIG_HOME/cute-moe/tuned/<arch>.json``, which the dispatcher reads over the shipped one).
 
     cute-moe tune --model Qwen3-30B-A3B --ep 8 --tokens 16,128,1024,8192
 """
@@ -18,21 +18,22 @@ import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from cute_moe import cache
-from cute_moe.dispatch import (ALIGNED_KINDS, KINDS_WITH_ROW_HINT, TABLE_KEY_FIELDS, TUNED_TABLE_FORMAT, Problem,
-                               check_config_fits, default_table_path, format_config, max_tile_n, problem_of,
-                               read_tuned_table, reload_tuned_table, rule_config, table_entry, table_key)
+from cute_moe.arch import default_arch, get_backend
+from cute_moe.dispatch import (KINDS_WITH_ROW_HINT, TABLE_KEY_FIELDS, TUNED_TABLE_FORMAT, Problem, format_config,
+                               problem_of, read_tuned_table, reload_tuned_table, spec_of, table_entry, table_key,
+                               user_table_path)
 from cute_moe.layouts.alignment import align, get_mk_alignment_for_contiguous_layout
 from cute_moe.models import expected_rows, expert_gemms, get_preset, load_shapes
-from cute_moe.specs import KernelConfig
+from cute_moe.specs import ALIGNED_KINDS
 
-from .precompile import PRECISIONS, Task, build, parse_dtypes, parse_kinds, spec_for
+from .precompile import PRECISIONS, Task, build, parse_dtypes, parse_kinds
 
 DEFAULT_TOKENS = "16,128,1024,8192"
-ARCH = "sm_90a"
 MAX_DIFF = 1e-5
+KernelConfig = Any  # the arch backend's config type
 
 
 @dataclass(frozen=True)
@@ -44,22 +45,13 @@ class Workload:
     k: int
     groups: int
     rows: int
-    ab_dtype: str
+    dtype: str  # a --dtype name
     d_dtype: str
 
 
 def candidate_configs(p: Problem) -> list[KernelConfig]:
-    """The search space: tiles and clusters; stages (auto) and panel stay at their defaults."""
-    configs = []
-    tile_ns = tuple(t for t in (64, 128, 256) if t <= max_tile_n(p.ab_dtype))
-    for tile_m, tile_n, cluster in itertools.product((64, 128), tile_ns, ((1, 1), (2, 1), (1, 2))):
-        config = KernelConfig(tile_m=tile_m, tile_n=tile_n, cluster_m=cluster[0], cluster_n=cluster[1])
-        try:
-            check_config_fits(p.kind, config, p.alignment)
-        except ValueError:
-            continue
-        configs.append(config)
-    return configs
+    """The search space: the arch backend's candidates for the problem."""
+    return get_backend(p.arch).candidate_configs(p)
 
 
 def parse_tokens(text: str) -> tuple[int, ...]:
@@ -86,10 +78,9 @@ def plan_workloads(args: argparse.Namespace, alignment: int) -> dict[tuple, list
                 continue
             rows = max(1, expected_rows(model, count, args.ep))
             problem = problem_of(kind, gemm.n, gemm.k, gemm.num_groups, rows if kind in KINDS_WITH_ROW_HINT else 0,
-                                 alignment if kind in ALIGNED_KINDS else 0, arch=ARCH,
-                                 ab_dtype=precision.ab_dtype, d_dtype=precision.d_dtype)
-            item = (problem, Workload(kind, gemm.n, gemm.k, gemm.num_groups, rows, precision.ab_dtype,
-                                      precision.d_dtype))
+                                 alignment if kind in ALIGNED_KINDS else 0, arch=args.arch,
+                                 a=precision.a, b=precision.b, d_dtype=precision.d_dtype)
+            item = (problem, Workload(kind, gemm.n, gemm.k, gemm.num_groups, rows, dtype, precision.d_dtype))
             items = keyed.setdefault(table_key(problem), [])
             if item not in items:
                 items.append(item)
@@ -126,7 +117,7 @@ class Bench:
 
     def _operand(self, x, weights: bool):
         """bf16 as is; fp8: (E4M3, scales) with per-token (activations) or 128x128 (weights) scales."""
-        if self.w.ab_dtype == "bf16":
+        if self.w.dtype == "bf16":
             return x
         import cute_moe
 
@@ -139,7 +130,7 @@ class Bench:
         import cute_moe
         from cute_moe.dispatch import force_config
 
-        w, fp8 = self.w, self.w.ab_dtype != "bf16"
+        w, fp8 = self.w, self.w.dtype == "fp8"
         masked = cute_moe.m_grouped_fp8_gemm_nt_masked if fp8 else cute_moe.m_grouped_bf16_gemm_nt_masked
         contiguous = (cute_moe.m_grouped_fp8_gemm_nt_contiguous if fp8
                       else cute_moe.m_grouped_bf16_gemm_nt_contiguous)
@@ -173,7 +164,7 @@ def measure(items: list[tuple[Problem, Workload]], candidates: list[KernelConfig
     scores: dict[KernelConfig, list[float]] = {c: [] for c in candidates}
     rules_us = []
     for problem, workload in items:
-        bench, rules = Bench(workload, alignment), rule_config(problem)
+        bench, rules = Bench(workload, alignment), get_backend(problem.arch).rule_config(problem)
         bench.launcher(rules)(0)
         reference = bench.valid_rows().clone()
         for config in list(scores):
@@ -221,26 +212,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"token counts per rank to measure (default {DEFAULT_TOKENS})")
     parser.add_argument("--repeats", type=int, default=10, help="graph replays per timing (median)")
     parser.add_argument("--jobs", type=int, default=8, help="parallel compile processes for the candidates")
-    parser.add_argument("--out", help=f"tuned table to merge into (default: {default_table_path(ARCH)})")
+    parser.add_argument("--out", help="tuned table to merge into (default: the user's table, "
+                        "$XDG_CONFIG_HOME/cute-moe/tuned/<arch>.json, read by the dispatcher over the shipped one)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Validate, compile the candidates, measure, write; returns the exit status."""
     alignment = get_mk_alignment_for_contiguous_layout()
+    args.arch = default_arch()
     keyed = plan_workloads(args, alignment)
     if args.repeats < 1:
         raise ValueError(f"--repeats: expected >= 1, got {args.repeats}")
     if args.jobs < 1:
         raise ValueError(f"--jobs: expected >= 1, got {args.jobs}")
-    out = Path(args.out) if args.out else default_table_path(ARCH)
+    out = Path(args.out) if args.out else user_table_path(args.arch)
     if out.exists():
         read_tuned_table(out)  # refuse to merge into a broken table before measuring anything
     import torch
 
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-        raise ValueError(f"cute-moe tune measures {ARCH} kernels: it needs a Hopper (sm_90) GPU, none is visible")
+    if not torch.cuda.is_available():
+        raise ValueError(f"cute-moe tune measures {args.arch} kernels: it needs a GPU, none is visible")
     if cache.cache_enabled():
-        tasks = {(spec_for(p.kind, p.n, p.k, p.ab_dtype, p.d_dtype, p.arch, p.alignment), c)
+        tasks = {(spec_of(p), c)
                  for items in keyed.values() for p, _ in items for c in candidate_configs(p)}
         print(f"compiling {len(tasks)} candidate specializations with {args.jobs} processes", file=sys.stderr)
         build([Task(spec, config, ()) for spec, config in tasks], cache.cache_root(), args.jobs)
@@ -256,7 +249,8 @@ def run(args: argparse.Namespace) -> int:
         best = min(means, key=means.get)
         entries.append(table_entry(problem, best, rules_us=round(rules_us, 2), relative_time=round(means[best], 4)))
         print(f"  best {format_config(best)}: {means[best]:.3f}x the rules' time "
-              f"(rules {format_config(rule_config(problem))}, {rules_us:.1f} us)", flush=True)
+              f"(rules {format_config(get_backend(problem.arch).rule_config(problem))}, {rules_us:.1f} us)",
+              flush=True)
     write_table(out, entries)
     reload_tuned_table()
     print(f"wrote {len(entries)} entries to {out}")

@@ -7,7 +7,7 @@ and two operand types: BF16, or FP8 E4M3 with DeepSeek block scales (A: one FP32
 128 K, MN-major; B: one per 128x128 block), promoted per 128-K block into an FP32 accumulator.
 A and D are handled as 2-D row spaces; B is ``[G, N, K]`` and each tile reads its group's slice.
 
-Roles (one CTA, ``128 * (1 + tile_m // 64)`` threads):
+Roles (one CTA, one warpgroup per role instance, ``128 * (1 + tile_m // 64)`` threads):
 - warp 0 (producer warpgroup, registers lowered to 40): walks the tile schedule and issues TMA loads
   of A and B k-blocks (and of A's scales, FP8) into a ``stages``-deep shared-memory ring guarded by
   mbarriers (``PipelineTmaAsync``: full barrier = TMA transaction bytes, empty barrier = consumer
@@ -18,6 +18,8 @@ Roles (one CTA, ``128 * (1 + tile_m // 64)`` threads):
   FP32 when present) and writes D from registers or through a shared-memory stage, predicated on the
   rows and columns that belong to the tile's group, so ragged and masked tiles never touch a
   neighbour's rows.
+Producer and consumers walk the same tile sequence through the scheduler seam
+(``kernels/scheduler.py``; the static schedulers are ``kernels/grouped_schedulers.py``).
 """
 
 from typing import Optional, Type
@@ -31,15 +33,26 @@ from cutlass.memory import SmemAllocator
 from cutlass.pipeline import pipeline_init_arrive, pipeline_init_wait
 from cutlass.tensor_utils import LayoutEnum
 
-from ..tile_scheduler import MAX_GROUPS, GroupedTileScheduler, kind_has_group_table
+from ..grouped_schedulers import GroupedSchedule, GroupedTileScheduler
+from ..scheduler import WorkTile
+from .config import FP8_SCALE_BLOCK, MAX_GROUPS
 
 SMEM_CAPACITY = 232448  # bytes of dynamic shared memory per CTA on sm_90
+SMEM_RESERVED_BYTES = 2048  # mbarriers, the struct's alignment padding and the scheduler's scalars
 TILE_K_BYTES = 128  # one 128-byte swizzle row of K per stage: 64 BF16 or 128 FP8 values
-SCALE_BLOCK = 128  # FP8 scale granularity along K (and N for B)
-EPI_N = 32
-EPI_STAGES = 2
+SFA_BYTES = 4  # one FP32 A scale per row per stage (FP8)
+THREADS_PER_WARPGROUP = 128
+WARPS_PER_WARPGROUP = 4
+ROWS_PER_CONSUMER_WARPGROUP = 64  # one WGMMA M extent
+EPI_N = 32  # columns of one epilogue sub-tile
+STORE_BITS = 128  # the epilogue writes D with 16-byte vector stores
+TMA_ALIGN_BYTES = 128  # shared-memory alignment of a TMA destination without swizzle
+EPI_STAGES = 2  # epilogue sub-tile buffers in shared memory
+EPILOGUE_BARRIER_ID = 1  # named barrier 0 is the CTA-wide __syncthreads
 PRODUCER_REGS = 40
 CONSUMER_REGS = 232
+# Rows of a WGMMA accumulator fragment: element i of a thread sits on row r0 + ROW_HALF * ((i // 2) % 2).
+ROW_HALF = 8
 
 
 class Sm90GroupedGemm:
@@ -47,14 +60,7 @@ class Sm90GroupedGemm:
 
     def __init__(self, kind: str, fp8: bool, tile_m: int, tile_n: int, cluster_m: int, cluster_n: int,
                  stages: int, panel: int, n: int, k: int, has_c: bool, alignment: int = 0):
-        if tile_m not in (64, 128):
-            raise ValueError(f"tile_m: expected 64 or 128, got {tile_m}")
-        if tile_n not in ((64, 128) if fp8 else (64, 128, 256)):
-            raise ValueError(f"tile_n: expected 64, 128{'' if fp8 else ' or 256'}, got {tile_n}")
-        if cluster_m * cluster_n > 2 or min(cluster_m, cluster_n) < 1:
-            raise ValueError(f"cluster: expected (1,1), (2,1) or (1,2), got ({cluster_m},{cluster_n})")
-        if has_c and kind != "dense":
-            raise ValueError("has_c: C is supported for the dense kind only")
+        """Constraints on these values are checked by the backend (kernels/sm90/rules.can_implement)."""
         self.kind = kind
         self.fp8 = fp8
         self.tile_shape_mnk = (tile_m, tile_n, TILE_K_BYTES if fp8 else TILE_K_BYTES // 2)
@@ -63,35 +69,37 @@ class Sm90GroupedGemm:
         self.k = k
         self.has_c = has_c
         self.acc_dtype = cutlass.Float32
-        self.num_consumer_wgs = tile_m // 64
-        self.num_consumer_threads = 128 * self.num_consumer_wgs
-        self.threads_per_cta = 128 * (1 + self.num_consumer_wgs)
+        self.num_consumer_wgs = tile_m // ROWS_PER_CONSUMER_WARPGROUP
+        self.num_consumer_threads = THREADS_PER_WARPGROUP * self.num_consumer_wgs
+        self.threads_per_cta = THREADS_PER_WARPGROUP * (1 + self.num_consumer_wgs)  # + the producer warpgroup
         self.num_n_clusters = -(-n // (tile_n * cluster_n))
         self.k_tiles = -(-k // self.tile_shape_mnk[2])
         self.requested_stages = stages
-        self.scheduler = GroupedTileScheduler(kind, tile_m, cluster_m, self.num_n_clusters, panel, alignment)
+        self.schedule = GroupedSchedule(kind, tile_m, cluster_m, self.num_n_clusters, panel, alignment)
+        self.table_len = MAX_GROUPS if self.schedule.has_group_table else 1
         self.epi_tile = (tile_m, EPI_N)
-        self.epilogue_barrier = pipeline.NamedBarrier(barrier_id=1, num_threads=self.num_consumer_threads)
+        self.epilogue_barrier = pipeline.NamedBarrier(barrier_id=EPILOGUE_BARRIER_ID,
+                                                      num_threads=self.num_consumer_threads)
 
     # ------------------------------------------------------------------ host-side (trace time) setup
     def _setup(self, d_dtype: Type[cutlass.Numeric]):
         tile_m, tile_n, tile_k = self.tile_shape_mnk
         self.ab_dtype = cutlass.Float8E4M3FN if self.fp8 else cutlass.BFloat16
         self.d_dtype = d_dtype
-        # C is added in FP32 before rounding, so a staged epilogue with C stages FP32 values.
+        # C is added in FP32 before rounding, so an epilogue with C stages FP32 values in shared memory.
         self.stage_dtype = self.acc_dtype if self.has_c else d_dtype
         k_major = cute.nvgpu.OperandMajorMode.K
         self.tiled_mma = sm90_utils.make_trivial_tiled_mma(
             self.ab_dtype, self.ab_dtype, k_major, k_major, self.acc_dtype,
-            (self.num_consumer_wgs, 1, 1), tiler_mn=(64, tile_n))
+            (self.num_consumer_wgs, 1, 1), tiler_mn=(ROWS_PER_CONSUMER_WARPGROUP, tile_n))
         self.num_mcast_a = self.cluster_shape_mn[1]
         self.num_mcast_b = self.cluster_shape_mn[0]
         self.cta_layout_mnk = cute.make_layout((*self.cluster_shape_mn, 1))
 
-        ab_bytes = (tile_m + tile_n) * tile_k * self.ab_dtype.width // 8 + (tile_m * 4 if self.fp8 else 0)
+        ab_bytes = (tile_m + tile_n) * tile_k * self.ab_dtype.width // 8 + (tile_m * SFA_BYTES if self.fp8 else 0)
         epi_bytes = tile_m * EPI_N * self.stage_dtype.width // 8 * EPI_STAGES
-        table_bytes = (MAX_GROUPS + 2) * 4 if kind_has_group_table(self.kind) else 0
-        fit = (SMEM_CAPACITY - 2048 - epi_bytes - table_bytes) // ab_bytes
+        table_bytes = self.table_len * 4
+        fit = (SMEM_CAPACITY - SMEM_RESERVED_BYTES - epi_bytes - table_bytes) // ab_bytes
         self.stages = fit if self.requested_stages == 0 else min(self.requested_stages, fit)
         if self.stages < 2:
             raise ValueError(f"stages: tile {self.tile_shape_mnk} leaves room for {fit} stages, need 2")
@@ -133,6 +141,7 @@ class Sm90GroupedGemm:
             mB = cute.recast_tensor(mB, self.ab_dtype)
         max_m = Int32(0)
         num_groups = Int32(1)
+        num_experts = Int32(1)  # B's batch count (dense: 1)
         if cutlass.const_expr(self.kind == "masked"):
             max_m = mA.shape[1]
             num_groups = mA.shape[0]
@@ -143,6 +152,7 @@ class Sm90GroupedGemm:
         if cutlass.const_expr(self.kind == "dense"):
             mB = cute.make_tensor(mB.iterator, cute.append(mB.layout, cute.make_layout(1, stride=0)))
         else:
+            num_experts = mB.shape[0]
             mB = cute.make_tensor(mB.iterator, cute.select(mB.layout, mode=[1, 2, 0]))  # (N, K, G)
         total_rows = mA.shape[0]
 
@@ -162,7 +172,6 @@ class Sm90GroupedGemm:
             else:
                 mSFB = cute.make_tensor(mSFB.iterator, cute.select(mSFB.layout, mode=[1, 2, 0]))
 
-        self.table_len = MAX_GROUPS + 2 if kind_has_group_table(self.kind) else 1
         sfa_len = cute.cosize(self.sfa_smem_layout) if self.fp8 else 1
 
         @cute.struct
@@ -171,7 +180,7 @@ class Sm90GroupedGemm:
             group_values: cute.struct.MemRange[Int32, self.table_len]
             sA: cute.struct.Align[cute.struct.MemRange[self.ab_dtype, cute.cosize(self.a_smem_layout)], 1024]
             sB: cute.struct.Align[cute.struct.MemRange[self.ab_dtype, cute.cosize(self.b_smem_layout)], 1024]
-            sSFA: cute.struct.Align[cute.struct.MemRange[cutlass.Float32, sfa_len], 128]
+            sSFA: cute.struct.Align[cute.struct.MemRange[cutlass.Float32, sfa_len], TMA_ALIGN_BYTES]
             sD: cute.struct.Align[cute.struct.MemRange[self.stage_dtype, cute.cosize(self.epi_smem_layout)], 1024]
 
         self.shared_storage = SharedStorage
@@ -182,7 +191,7 @@ class Sm90GroupedGemm:
             m_clusters = (total_rows + (tile_m * cluster_m - 1)) // (tile_m * cluster_m)
             num_clusters = cutlass.max(cutlass.min(max_clusters, m_clusters * self.num_n_clusters), Int32(1))
         self.kernel(tma_atom_a, tma_a, tma_atom_b, tma_b, tma_atom_sfa, tma_sfa, mSFB, mD, mC, mGroup,
-                    total_rows, max_m, num_groups, self.tiled_mma, self.cta_layout_mnk, self.a_smem_layout,
+                    total_rows, max_m, num_groups, num_experts, self.tiled_mma, self.cta_layout_mnk, self.a_smem_layout,
                     self.b_smem_layout, self.sfa_smem_layout, self.epi_smem_layout).launch(
             grid=(cluster_m, cluster_n, num_clusters),
             block=[self.threads_per_cta, 1, 1],
@@ -196,7 +205,7 @@ class Sm90GroupedGemm:
     def kernel(self, tma_atom_a: cute.CopyAtom, mA: cute.Tensor, tma_atom_b: cute.CopyAtom, mB: cute.Tensor,
                tma_atom_sfa: cute.CopyAtom, mSFA: cute.Tensor, mSFB: Optional[cute.Tensor], mD: cute.Tensor,
                mC: Optional[cute.Tensor], mGroup: Optional[cute.Tensor], total_rows: Int32, max_m: Int32,
-               num_groups: Int32, tiled_mma: cute.TiledMma, cta_layout_mnk: cute.Layout,
+               num_groups: Int32, num_experts: Int32, tiled_mma: cute.TiledMma, cta_layout_mnk: cute.Layout,
                a_smem_layout: cute.ComposedLayout, b_smem_layout: cute.ComposedLayout, sfa_smem_layout: cute.Layout,
                epi_smem_layout: cute.ComposedLayout):
         tidx, _, _ = cute.arch.thread_idx()
@@ -216,21 +225,27 @@ class Sm90GroupedGemm:
         tx_bytes = (cute.size_in_bytes(self.ab_dtype, cute.slice_(a_smem_layout, (None, None, 0)))
                     + cute.size_in_bytes(self.ab_dtype, cute.slice_(b_smem_layout, (None, None, 0))))
         if cutlass.const_expr(self.fp8):
-            tx_bytes += self.tile_shape_mnk[0] * 4
+            tx_bytes += self.tile_shape_mnk[0] * SFA_BYTES
+        # Each consumer warp of every CTA that receives a multicast stage releases it once.
         mcast_size = self.num_mcast_a + self.num_mcast_b - 1
         mainloop = pipeline.PipelineTmaAsync.create(
             barrier_storage=storage.mainloop_barriers.data_ptr(),
             num_stages=self.stages,
             producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread),
-            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, mcast_size * self.num_consumer_wgs * 4),
+            consumer_group=pipeline.CooperativeGroup(
+                pipeline.Agent.Thread, mcast_size * self.num_consumer_wgs * WARPS_PER_WARPGROUP),
             tx_count=tx_bytes,
             cta_layout_vmnk=cute.make_layout((1, *cta_layout_mnk.shape)),
             defer_sync=True,
         )
 
-        group_values = storage.group_values.get_tensor(cute.make_layout(self.table_len))
-        if cutlass.const_expr(kind_has_group_table(self.kind)):
-            self.scheduler.load_group_values(group_values, mGroup, num_groups, tidx, self.threads_per_cta)
+        scheduler = GroupedTileScheduler(
+            self.schedule, storage.group_values.get_tensor(cute.make_layout(self.table_len)), mGroup, num_groups,
+            total_rows, max_m, num_experts, num_clusters, cluster_coord[0], cluster_coord[1],
+            self.cluster_shape_mn[1])
+        scheduler.load_group_values(tidx, self.threads_per_cta)
+        # Barrier init becomes visible cluster-wide here; the wait below also orders the group table
+        # (written by every thread above) before any thread walks the schedule.
         pipeline_init_arrive(cluster_shape_mn=self.cluster_shape_mn, is_relaxed=True)
 
         sA = storage.sA.get_tensor(a_smem_layout.outer, swizzle=a_smem_layout.inner)
@@ -238,8 +253,7 @@ class Sm90GroupedGemm:
         sSFA = storage.sSFA.get_tensor(sfa_smem_layout if self.fp8 else cute.make_layout(1))
         sD = storage.sD.get_tensor(epi_smem_layout.outer, swizzle=epi_smem_layout.inner)
 
-        schedule = (cluster_coord[0], cluster_coord[1], cluster_id, num_clusters, total_rows, max_m, num_groups)
-        warp_group_idx = cute.arch.make_warp_uniform(tidx // 128)
+        warp_group_idx = cute.arch.make_warp_uniform(tidx // THREADS_PER_WARPGROUP)
         pipeline_init_wait(cluster_shape_mn=self.cluster_shape_mn)
         cute.arch.sync_threads()
         if warp_group_idx == 0:
@@ -247,47 +261,33 @@ class Sm90GroupedGemm:
             if warp_idx == 0:
                 a_mcast_mask = cute.make_layout_image_mask(cta_layout_mnk, cluster_coord, mode=1)
                 b_mcast_mask = cute.make_layout_image_mask(cta_layout_mnk, cluster_coord, mode=0)
-                self.producer(tma_atom_a, mA, tma_atom_b, mB, tma_atom_sfa, mSFA, mGroup, sA, sB, sSFA, mainloop,
-                              group_values, a_mcast_mask if self.num_mcast_a > 1 else 0,
-                              b_mcast_mask if self.num_mcast_b > 1 else 0, *schedule)
+                self.producer(tma_atom_a, mA, tma_atom_b, mB, tma_atom_sfa, mSFA, sA, sB, sSFA, mainloop, scheduler,
+                              a_mcast_mask if self.num_mcast_a > 1 else 0,
+                              b_mcast_mask if self.num_mcast_b > 1 else 0, cluster_coord[0], cluster_coord[1],
+                              cluster_id, max_m)
         else:
             cute.arch.setmaxregister_increase(CONSUMER_REGS)
-            self.consumer(tiled_mma, sA, sB, sSFA, sD, mSFB, mD, mC, mGroup, mainloop, group_values, tidx - 128,
-                          *schedule)
-
-    @cute.jit
-    def tile_expert(self, mGroup: Optional[cute.Tensor], row_start: Int32, cta_m: Int32, g: Int32) -> Int32:
-        """B batch index of a tile; negative means skip (a padding tile of the contiguous layout).
-
-        Contiguous: the expert of the cluster's first row, so the CTAs sharing a multicast agree (the
-        dispatcher only clusters along M when the segment alignment covers the whole cluster tile).
-        """
-        expert = Int32(0)
-        if cutlass.const_expr(self.kind == "contiguous"):
-            expert = mGroup[row_start - cta_m * self.tile_shape_mnk[0]]
-        if cutlass.const_expr(self.kind in ("masked", "ragged", "psum")):
-            expert = g
-        return expert
+            self.consumer(tiled_mma, sA, sB, sSFA, sD, mSFB, mD, mC, mainloop, scheduler,
+                          tidx - THREADS_PER_WARPGROUP, cluster_id)
 
     @cute.jit
     def producer(self, tma_atom_a: cute.CopyAtom, mA: cute.Tensor, tma_atom_b: cute.CopyAtom, mB: cute.Tensor,
-                 tma_atom_sfa: cute.CopyAtom, mSFA: cute.Tensor, mGroup: Optional[cute.Tensor], sA: cute.Tensor,
-                 sB: cute.Tensor, sSFA: cute.Tensor, mainloop: pipeline.PipelineTmaAsync,
-                 group_values: cute.Tensor, a_mcast_mask, b_mcast_mask, cta_m: Int32, cta_n: Int32,
-                 cluster_id: Int32, num_clusters: Int32, total_rows: Int32, max_m: Int32, num_groups: Int32):
-        """TMA producer: for each scheduled tile, stream its k-blocks of A and B into the smem ring."""
+                 tma_atom_sfa: cute.CopyAtom, mSFA: cute.Tensor, sA: cute.Tensor, sB: cute.Tensor,
+                 sSFA: cute.Tensor, mainloop: pipeline.PipelineTmaAsync, scheduler: GroupedTileScheduler,
+                 a_mcast_mask, b_mcast_mask, cta_m: Int32, cta_n: Int32, cluster_id: Int32, max_m: Int32):
+        """TMA producer: for each scheduled tile, stream its k-blocks of A and B into the smem ring.
+
+        ``producer_acquire`` waits until every consumer (in every CTA the stage is multicast to) has
+        released the slot; the TMA loads then arrive on the slot's full barrier with their bytes."""
         tile_m, tile_n, tile_k = self.tile_shape_mnk
         cluster_m, cluster_n = self.cluster_shape_mn
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
-        linear = cluster_id
-        g, g_first = self.scheduler.advance(group_values, linear, Int32(0), Int32(0), num_groups, total_rows)
-        while g < num_groups:
-            row_start, rows_valid, n_block = self.scheduler.locate(
-                group_values, linear, g, g_first, num_groups, total_rows, max_m, cta_m, cta_n, cluster_n)
-            expert = self.tile_expert(mGroup, row_start, cta_m, g)
-            if expert >= 0:
-                gA = cute.local_tile(cute.domain_offset((row_start, 0), mA), (tile_m, tile_k), (0, None))
-                gB = cute.local_tile(mB, (tile_n, tile_k), (n_block, None, expert))
+        cursor = scheduler.start(cluster_id)
+        while scheduler.has_tile(cursor):
+            tile = scheduler.tile(cursor)
+            if tile.group >= 0:
+                gA = cute.local_tile(cute.domain_offset((tile.row_start, 0), mA), (tile_m, tile_k), (0, None))
+                gB = cute.local_tile(mB, (tile_n, tile_k), (tile.n_block, None, tile.group))
                 tAsA, tAgA = cute.nvgpu.cpasync.tma_partition(
                     tma_atom_a, cta_n, cute.make_layout(cluster_n),
                     cute.group_modes(sA, 0, 2), cute.group_modes(gA, 0, 2))
@@ -297,9 +297,9 @@ class Sm90GroupedGemm:
                 tSsS, tSgS = tAsA, tAgA
                 if cutlass.const_expr(self.fp8):
                     # Scale rows: masked tiles index (local row, group); the others the 2-D row space.
-                    sfa_origin = (row_start, 0, 0)
+                    sfa_origin = (tile.row_start, 0, 0)
                     if cutlass.const_expr(self.kind == "masked"):
-                        sfa_origin = (row_start - g * max_m, 0, g)
+                        sfa_origin = (tile.local_row, 0, tile.group)
                     gS = cute.local_tile(cute.domain_offset(sfa_origin, mSFA), (tile_m, 1), (0, None, 0))
                     tSsS, tSgS = cute.nvgpu.cpasync.tma_partition(
                         tma_atom_sfa, 0, cute.make_layout(1), cute.group_modes(sSFA, 0, 2),
@@ -315,60 +315,56 @@ class Sm90GroupedGemm:
                         cute.copy(tma_atom_sfa, tSgS[(None, k_tile)], tSsS[(None, state.index)], tma_bar_ptr=barrier)
                     mainloop.producer_commit(state)
                     state.advance()
-            linear = linear + num_clusters
-            g, g_first = self.scheduler.advance(group_values, linear, g, g_first, num_groups, total_rows)
+            cursor = scheduler.next(cursor)
+        # Wait until the consumers released every slot, so no multicast lands in an exited peer CTA.
         mainloop.producer_tail(state)
 
     @cute.jit
     def consumer(self, tiled_mma: cute.TiledMma, sA: cute.Tensor, sB: cute.Tensor, sSFA: cute.Tensor,
                  sD: cute.Tensor, mSFB: Optional[cute.Tensor], mD: cute.Tensor, mC: Optional[cute.Tensor],
-                 mGroup: Optional[cute.Tensor], mainloop: pipeline.PipelineTmaAsync, group_values: cute.Tensor,
-                 consumer_tidx: Int32, cta_m: Int32, cta_n: Int32, cluster_id: Int32, num_clusters: Int32,
-                 total_rows: Int32, max_m: Int32, num_groups: Int32):
+                 mainloop: pipeline.PipelineTmaAsync, scheduler: GroupedTileScheduler, consumer_tidx: Int32,
+                 cluster_id: Int32):
         """WGMMA consumer warpgroups: accumulate each tile in registers, then run the epilogue."""
         tile_m, tile_n, tile_k = self.tile_shape_mnk
-        cluster_m, cluster_n = self.cluster_shape_mn
-        wg_layout = cute.make_layout(self.num_consumer_wgs, stride=128)
-        thr_mma = tiled_mma.get_slice(wg_layout(consumer_tidx // 128))
+        wg_layout = cute.make_layout(self.num_consumer_wgs, stride=THREADS_PER_WARPGROUP)
+        thr_mma = tiled_mma.get_slice(wg_layout(consumer_tidx // THREADS_PER_WARPGROUP))
         thr_c = tiled_mma.get_slice(consumer_tidx)  # this thread's accumulator elements
         tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
         tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sB))
         accumulators = cute.make_rmem_tensor(thr_mma.partition_shape_C((tile_m, tile_n)), self.acc_dtype)
         block_acc = cute.make_rmem_tensor(accumulators.shape, self.acc_dtype) if self.fp8 else accumulators
         num_k_blocks = cute.size(tCrA, mode=[2])
-        # Rows of this thread's accumulator elements: element i sits on row r0 + 8 * ((i // 2) % 2)
-        # (WGMMA C fragment: pairs of columns, two row halves, then N/8 column chunks).
+        # Row of this thread's first accumulator element (see ROW_HALF for the others).
         r0 = thr_c.partition_C(cute.make_identity_tensor((tile_m, tile_n)))[0][0]
 
-        staged = self.make_staged_epilogue(tiled_mma, sD, accumulators, consumer_tidx)
+        epilogue = self.make_epilogue(tiled_mma, sD, consumer_tidx)
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
         release_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
         epi_buffer = Int32(0)
-        linear = cluster_id
-        g, g_first = self.scheduler.advance(group_values, linear, Int32(0), Int32(0), num_groups, total_rows)
-        while g < num_groups:
-            row_start, rows_valid, n_block = self.scheduler.locate(
-                group_values, linear, g, g_first, num_groups, total_rows, max_m, cta_m, cta_n, cluster_n)
-            expert = self.tile_expert(mGroup, row_start, cta_m, g)
-            if expert >= 0:
+        cursor = scheduler.start(cluster_id)
+        while scheduler.has_tile(cursor):
+            tile = scheduler.tile(cursor)
+            if tile.group >= 0:
                 accumulators.fill(0.0)
                 if cutlass.const_expr(self.fp8):
                     state, release_state = self.mainloop_fp8(
                         tiled_mma, tCrA, tCrB, accumulators, block_acc, num_k_blocks, mainloop, state,
-                        release_state, sSFA, mSFB, r0, n_block, expert)
+                        release_state, sSFA, mSFB, r0, tile)
                 else:
                     state, release_state = self.mainloop_bf16(
                         tiled_mma, tCrA, tCrB, accumulators, num_k_blocks, mainloop, state, release_state)
-                if rows_valid > 0 and n_block * tile_n < self.n:
-                    epi_buffer = self.store_staged(staged, accumulators, sD, mD, mC, row_start, rows_valid,
-                                                   n_block, epi_buffer)
-            linear = linear + num_clusters
-            g, g_first = self.scheduler.advance(group_values, linear, g, g_first, num_groups, total_rows)
+                if tile.rows_valid > 0 and tile.n_block * tile_n < self.n:
+                    epi_buffer = self.store_tile(epilogue, accumulators, sD, mD, mC, tile, epi_buffer)
+            cursor = scheduler.next(cursor)
 
     @cute.jit
     def mainloop_bf16(self, tiled_mma, tCrA, tCrB, accumulators, num_k_blocks: cutlass.Constexpr[int],
                       mainloop, state, release_state):
-        """All k-blocks of one tile, one WGMMA group in flight behind the one being issued."""
+        """All k-blocks of one tile, one WGMMA group in flight behind the one being issued.
+
+        A stage is released only after ``wait_group(1)`` retired the WGMMAs that read it (they read
+        shared memory asynchronously), i.e. one k-tile behind the one just issued; ``release_state``
+        trails ``state`` by that one stage."""
         tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
         cute.nvgpu.warpgroup.fence()
         mainloop.consumer_wait(state)
@@ -395,9 +391,13 @@ class Sm90GroupedGemm:
     @cute.jit
     def mainloop_fp8(self, tiled_mma, tCrA, tCrB, accumulators, block_acc, num_k_blocks: cutlass.Constexpr[int],
                      mainloop, state, release_state, sSFA: cute.Tensor, mSFB: cute.Tensor, r0: Int32,
-                     n_block: Int32, expert: Int32):
-        """Per 128-K block: WGMMAs into ``block_acc``, then ``acc += block_acc * sfa[row] * sfb``."""
-        sfb_row = n_block * self.tile_shape_mnk[1] // SCALE_BLOCK
+                     tile: WorkTile):
+        """Per 128-K block: WGMMAs into ``block_acc``, then ``acc += block_acc * sfa[row] * sfb``.
+
+        The promotion needs the block's WGMMAs complete (``wait_group(0)``); the stage is released as
+        soon as its A scales are read, before the FMAs. B's scale of the next block is loaded ahead."""
+        expert = tile.group
+        sfb_row = tile.n_block * self.tile_shape_mnk[1] // FP8_SCALE_BLOCK
         sfb_next = mSFB[(sfb_row, 0, expert)]
         for k_tile in cutlass.range(self.k_tiles, unroll=1):
             sfb = sfb_next
@@ -413,24 +413,26 @@ class Sm90GroupedGemm:
             cute.nvgpu.warpgroup.commit_group()
             cute.nvgpu.warpgroup.wait_group(0)
             scale_lo = sSFA[(r0, 0, state.index)] * sfb
-            scale_hi = sSFA[(r0 + 8, 0, state.index)] * sfb
+            scale_hi = sSFA[(r0 + ROW_HALF, 0, state.index)] * sfb
             mainloop.consumer_release(release_state)
             release_state.advance()
             state.advance()
-            for i in cutlass.range_constexpr(cute.size(accumulators)):
-                scale = scale_hi if (i // 2) % 2 == 1 else scale_lo
-                accumulators[i] = accumulators[i] + block_acc[i] * scale
+            # Elements 4j, 4j+1 sit on row r0 and 4j+2, 4j+3 on row r0 + ROW_HALF.
+            for j in cutlass.range_constexpr(cute.size(accumulators) // 4):
+                for r in cutlass.range_constexpr(4):
+                    scale = scale_hi if r >= 2 else scale_lo
+                    accumulators[4 * j + r] = accumulators[4 * j + r] + block_acc[4 * j + r] * scale
         return state, release_state
 
-    def make_staged_epilogue(self, tiled_mma, sD: cute.Tensor, accumulators: cute.Tensor, consumer_tidx: Int32):
-        """Copy plans of the staged epilogue: registers -> smem (stmatrix), smem -> gmem (16-byte)."""
+    def make_epilogue(self, tiled_mma, sD: cute.Tensor, consumer_tidx: Int32):
+        """Copy plans of the epilogue: registers -> smem (stmatrix), smem -> gmem (16-byte stores)."""
         r2s_atom = sm90_utils.sm90_get_smem_store_op(LayoutEnum.ROW_MAJOR, self.stage_dtype, self.acc_dtype)
         stmatrix_atom = cute.make_copy_atom(cute.nvgpu.warp.StMatrix8x8x16bOp(False, 4), self.stage_dtype)
         tiled_r2s = cute.make_tiled_copy_S(r2s_atom, cute.make_tiled_copy_C_atom(stmatrix_atom, tiled_mma))
         thr_r2s = tiled_r2s.get_slice(consumer_tidx)
-        vec = 128 // self.stage_dtype.width
+        vec = STORE_BITS // self.stage_dtype.width
         threads_per_row = EPI_N // vec
-        s2g_atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.stage_dtype, num_bits_per_copy=128)
+        s2g_atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.stage_dtype, num_bits_per_copy=STORE_BITS)
         tiled_s2g = cute.make_tiled_copy_tv(
             s2g_atom,
             cute.make_layout((self.num_consumer_threads // threads_per_row, threads_per_row),
@@ -439,11 +441,14 @@ class Sm90GroupedGemm:
         return tiled_r2s, thr_r2s, tiled_s2g.get_slice(consumer_tidx)
 
     @cute.jit
-    def store_staged(self, staged, accumulators: cute.Tensor, sD: cute.Tensor, mD: cute.Tensor,
-                     mC: Optional[cute.Tensor], row_start: Int32, rows_valid: Int32, n_block: Int32,
-                     epi_buffer: Int32) -> Int32:
-        """Epilogue through shared memory, 128 x 32 sub-tiles in a ring of EPI_STAGES buffers."""
-        tiled_r2s, thr_r2s, thr_s2g = staged
+    def store_tile(self, epilogue, accumulators: cute.Tensor, sD: cute.Tensor, mD: cute.Tensor,
+                   mC: Optional[cute.Tensor], tile: WorkTile, epi_buffer: Int32) -> Int32:
+        """Epilogue through shared memory, tile_m x EPI_N sub-tiles in a ring of EPI_STAGES buffers.
+
+        One barrier per sub-tile suffices with two buffers: a thread writes buffer b again only after
+        the next sub-tile's barrier, which every thread reaches after reading buffer b."""
+        tiled_r2s, thr_r2s, thr_s2g = epilogue
+        row_start, rows_valid, n_block = tile.row_start, tile.rows_valid, tile.n_block
         tile_m, tile_n, _ = self.tile_shape_mnk
         tRS_sD = thr_r2s.partition_D(sD)
         tRS_acc = tiled_r2s.retile(accumulators)
@@ -471,18 +476,18 @@ class Sm90GroupedGemm:
             tG = thr_s2g.partition_D(gD_epi[(None, None, 0, epi_n)])
             tC = thr_s2g.partition_D(gC_epi[(None, None, 0, epi_n)])
             tCoord = thr_s2g.partition_D(cD_epi[(None, None, 0, epi_n)])
-            staged_vals = cute.make_rmem_tensor_like(tS)
-            cute.autovec_copy(tS, staged_vals)
+            sub_tile = cute.make_rmem_tensor_like(tS)
+            cute.autovec_copy(tS, sub_tile)
             for m in cutlass.range_constexpr(cute.size(tS, mode=[1])):
                 for n in cutlass.range_constexpr(cute.size(tS, mode=[2])):
                     coord = tCoord[(0, m, n)]
                     if coord[0] < rows_valid and coord[1] < self.n:
-                        values = staged_vals[(None, m, n)].load().to(self.acc_dtype)
+                        values = sub_tile[(None, m, n)].load().to(self.acc_dtype)
                         if cutlass.const_expr(self.has_c):
-                            c_vals = cute.make_rmem_tensor_like(staged_vals[(None, m, n)], self.d_dtype)
+                            c_vals = cute.make_rmem_tensor_like(sub_tile[(None, m, n)], self.d_dtype)
                             cute.autovec_copy(tC[(None, m, n)], c_vals)
                             values = values + c_vals.load().to(self.acc_dtype)
-                        out = cute.make_rmem_tensor_like(staged_vals[(None, m, n)], self.d_dtype)
+                        out = cute.make_rmem_tensor_like(sub_tile[(None, m, n)], self.d_dtype)
                         out.store(values.to(self.d_dtype))
                         cute.autovec_copy(out, tG[(None, m, n)])
             epi_buffer = (epi_buffer + 1) % EPI_STAGES

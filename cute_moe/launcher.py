@@ -1,0 +1,327 @@
+"""One table-driven launcher for every public GEMM op.
+
+An op is one entry of ``ops.OPS``: a problem kind's signature class below (how its arguments map to
+the warm key, the validation, the kernel arguments and the dispatch facts) and its operand
+descriptors (``cute_moe.operands``), each handled by an ``OperandIO``. Every op has the same warm
+path: unpack the operands, build the key, one dict lookup, a placement check, one TVM-FFI launch.
+TVM-FFI checks dtypes, shapes, strides, device type and 16-byte alignment itself; when it refuses an
+argument, the full validation runs to raise an error naming the public argument. Any miss (a new
+shape or device, an empty problem, an unusual argument) takes the cold path: full validation,
+dispatch, ``runtime.get_kernel`` and a new table entry.
+
+With ``CUTE_MOE_DEBUG=1`` the index tensors are checked on the host before every launch
+(``index_checks``); otherwise the warm path never synchronizes.
+"""
+
+import os
+from typing import Any, Callable, Optional
+
+import torch
+
+from . import index_checks, runtime
+from .arch import arch_of_device, backend_for, get_backend
+from .dispatch import forced_config, m_bucket, problem_of, resolve, spec_of
+from .layouts.alignment import get_mk_alignment_for_contiguous_layout
+from .operands import Operand, dtype_name
+from .operand_io import OperandIO
+from .validation import (check_contiguous, check_int_arg, check_multiple, check_placement, check_shape,
+                         check_tensor)
+
+DEBUG_ENV = "CUTE_MOE_DEBUG"
+OUT_DTYPES = (torch.bfloat16, torch.float32)
+INT32 = (torch.int32,)
+
+
+class Launch:
+    """A compiled specialization bound to its launch facts (and the config it was compiled with)."""
+
+    __slots__ = ("fn", "clusters", "config")
+
+    def __init__(self, fn: Callable, clusters: int, config: Any):
+        self.fn = fn
+        self.clusters = clusters
+        self.config = config
+
+
+# warm key (op, static shapes, output dtype, row bucket / flags, device, forced config) -> Launch
+_launches: dict[tuple, Launch] = {}
+_debug = [os.environ.get(DEBUG_ENV, "0") not in ("", "0")]
+
+
+def clear_launches() -> None:
+    """Forget every shape's launch (the next call of each shape dispatches and loads again)."""
+    _launches.clear()
+
+
+def set_debug(enabled: bool) -> None:
+    """Turn the host-side index-tensor checks of CUTE_MOE_DEBUG on or off."""
+    _debug[0] = bool(enabled)
+
+
+def on_device(device: int, *tensors) -> bool:
+    """Whether every given tensor (None skipped) lives on CUDA device ``device`` (the warm path's
+    placement check; TVM-FFI checks only the device type)."""
+    return all(t is None or t.get_device() == device for t in tensors)
+
+
+def _no_index_tensors() -> None:
+    """Dense ops take no index tensors."""
+
+
+class GemmOp:
+    """A public op: its name, its operands' handling and the shared launch mechanics."""
+
+    kind = ""
+
+    def __init__(self, name: str, a: Operand, b: Operand):
+        self.name = name
+        self.a = OperandIO(a, "a", "sfa")
+        self.b = OperandIO(b, "b", "sfb")
+
+    def _launch(self, key: tuple, warm: bool, validate: Callable[[], None], build: Callable[[], dict],
+                kernel_args: Callable[[], tuple], check_indices: Callable[[], None]) -> None:
+        """Warm: launch the table's entry. Cold (``warm`` false or no entry): validate, then build the
+        entry from the dispatch facts ``build()`` returns, then launch. CUTE_MOE_DEBUG runs
+        ``check_indices`` (host checks of the index tensors) first."""
+        launch = _launches.get(key)
+        if launch is None or not warm:
+            validate()
+            if launch is None:
+                launch = self._build(key, **build())
+        if _debug[0]:
+            check_indices()
+        try:
+            launch.fn(*kernel_args(), launch.clusters)
+        except (ValueError, TypeError):
+            validate()
+            raise
+
+    def _build(self, key: tuple, *, device: torch.device, **facts) -> Launch:
+        """First call of a key: dispatch on the device's arch, compile or load, remember."""
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        arch = arch_of_device(index)
+        backend = get_backend(arch)
+        problem = problem_of(arch=arch, a=self.a.operand, b=self.b.operand, **facts,
+                             num_sms=backend.default_num_sms)
+        config = resolve(problem)
+        launch = Launch(runtime.get_kernel(spec_of(problem), config), runtime.max_clusters(arch, index, config),
+                        config)
+        _launches[key] = launch
+        return launch
+
+    def check_groups(self, name: str, num_groups: int, device: torch.device) -> None:
+        """Group count within the arch backend's scheduler table (the default arch off the GPU)."""
+        maximum = (get_backend(arch_of_device(device.index)) if device.type == "cuda" else backend_for(None)).max_groups
+        if not 1 <= num_groups <= maximum:
+            raise ValueError(f"{name}: expected between 1 and {maximum} groups, got {num_groups}")
+
+
+def check_nk(n: int, k: int) -> None:
+    check_multiple("b", k, 8, "K")
+    check_multiple("b", n, 8, "N")
+    if k == 0 or n == 0:
+        raise ValueError(f"b: expected non-empty N and K, got N={n}, K={k}")
+
+
+def check_k_matches(a: torch.Tensor, k: int, b_shape: tuple) -> None:
+    """A's K must equal B's; the error names ``a`` and says where the expected K comes from."""
+    if a.shape[-1] != k:
+        raise ValueError(f"a: expected K={k} (from b of shape {tuple(b_shape)}), got a of shape {tuple(a.shape)}")
+
+
+class DenseOp(GemmOp):
+    """d = c + a @ b.T: a [M, K], b [N, K], d and c [M, N] (c optional, may be d itself)."""
+
+    kind = "dense"
+
+    def __call__(self, a, b, d: torch.Tensor, c: Optional[torch.Tensor] = None) -> None:
+        a, sfa = self.a.split(a)
+        b, sfb = self.b.split(b)
+        try:
+            m = a.shape[0]
+            key = (self, b.shape, m_bucket(m), d.dtype, c is None, a.get_device(), forced_config())
+        except AttributeError:
+            self.validate(a, sfa, b, sfb, d, c)
+            raise
+        if m == 0:
+            return self.validate(a, sfa, b, sfb, d, c)
+        self._launch(key, on_device(key[5], b, d, c, sfa, sfb), lambda: self.validate(a, sfa, b, sfb, d, c),
+                     lambda: dict(kind="dense", n=b.shape[0], k=b.shape[1], num_groups=1, expected_m=m, alignment=0,
+                                  d_dtype=dtype_name(d.dtype), has_c=c is not None, device=a.device),
+                     lambda: (self.a.kernel(a), self.b.kernel(b), d, c, self.a.kernel_scales(sfa), sfb, None),
+                     _no_index_tensors)
+
+    def validate(self, a, sfa, b, sfb, d, c) -> None:
+        self.a.check(a, 2)
+        self.b.check(b, 2)
+        check_tensor("d", d, OUT_DTYPES, 2)
+        m = a.shape[0]
+        n, k = b.shape
+        check_k_matches(a, k, b.shape)
+        check_shape("d", d, (m, n))
+        check_nk(n, k)
+        for name, t in (("a", a), ("b", b), ("d", d)):
+            check_contiguous(name, t)
+        if c is not None:
+            check_tensor("c", c, (d.dtype,), 2)
+            check_shape("c", c, (m, n))
+            check_contiguous("c", c)
+        self.a.check_scales(sfa, (m,), k)
+        self.b.check_scales(sfb, (), k, n)
+        check_placement(a=a, b=b, d=d, c=c, sfa=sfa, sfb=sfb)
+
+
+class ContiguousOp(GemmOp):
+    """M-grouped contiguous: a [M, K] with aligned expert segments, b [G, N, K], d [M, N];
+    grouped_layout int32 [M] (expert per row, -1 padding) or, psum, int32 [G] cumulative ends."""
+
+    kind = "contiguous"
+
+    def __call__(self, a, b, d: torch.Tensor, grouped_layout: torch.Tensor, use_psum_layout: bool = False) -> None:
+        a, sfa = self.a.split(a)
+        b, sfb = self.b.split(b)
+        alignment = get_mk_alignment_for_contiguous_layout()
+        args = (a, sfa, b, sfb, d, grouped_layout, use_psum_layout)
+        try:
+            m = a.shape[0]
+            key = (self, use_psum_layout is True, b.shape, d.dtype, alignment, a.get_device(), forced_config())
+        except AttributeError:
+            self.validate(*args)
+            raise
+        if m == 0 and use_psum_layout in (True, False):
+            return self.validate(*args)
+        warm = m % alignment == 0 and use_psum_layout in (True, False) and on_device(
+            key[5], b, d, grouped_layout, sfa, sfb)
+        self._launch(key, warm, lambda: self.validate(*args),
+                     lambda: dict(kind="psum" if use_psum_layout else "contiguous", n=b.shape[1], k=b.shape[2],
+                                  num_groups=b.shape[0], expected_m=0, alignment=alignment,
+                                  d_dtype=dtype_name(d.dtype), device=a.device),
+                     lambda: (self.a.kernel(a), self.b.kernel(b), d, None, self.a.kernel_scales(sfa), sfb,
+                              grouped_layout),
+                     lambda: self.check_indices(m, b.shape[0], grouped_layout, use_psum_layout))
+
+    def validate(self, a, sfa, b, sfb, d, grouped_layout, use_psum_layout) -> None:
+        if not isinstance(use_psum_layout, bool):
+            raise TypeError(f"use_psum_layout: expected bool, got {type(use_psum_layout).__name__}")
+        self.a.check(a, 2)
+        self.b.check(b, 3)
+        check_tensor("d", d, OUT_DTYPES, 2)
+        check_tensor("grouped_layout", grouped_layout, INT32, 1)
+        m = a.shape[0]
+        num_groups, n, k = b.shape
+        check_k_matches(a, k, b.shape)
+        check_shape("d", d, (m, n))
+        check_shape("grouped_layout", grouped_layout, (num_groups,) if use_psum_layout else (m,))
+        check_nk(n, k)
+        self.check_groups("b", num_groups, b.device)
+        for name, t in (("a", a), ("b", b), ("d", d), ("grouped_layout", grouped_layout)):
+            check_contiguous(name, t)
+        check_multiple("a", m, get_mk_alignment_for_contiguous_layout(), "the row count (aligned expert segments)")
+        self.a.check_scales(sfa, (m,), k)
+        self.b.check_scales(sfb, (num_groups,), k, n)
+        check_placement(a=a, b=b, d=d, grouped_layout=grouped_layout, sfa=sfa, sfb=sfb)
+
+    @staticmethod
+    def check_indices(rows: int, num_groups: int, grouped_layout: torch.Tensor, use_psum_layout: bool) -> None:
+        if use_psum_layout:
+            index_checks.check_ends("grouped_layout", grouped_layout, rows)
+        else:
+            index_checks.check_expert_ids("grouped_layout", grouped_layout, num_groups)
+
+
+class MaskedOp(GemmOp):
+    """M-grouped masked: a [G, Mmax, K], b [G, N, K], d [G, Mmax, N]; masked_m int32 [G] rows per group."""
+
+    kind = "masked"
+
+    def __call__(self, a, b, d: torch.Tensor, masked_m: torch.Tensor, expected_m: int) -> None:
+        a, sfa = self.a.split(a)
+        b, sfb = self.b.split(b)
+        args = (a, sfa, b, sfb, d, masked_m, expected_m)
+        try:
+            key = (self, b.shape, d.dtype, expected_m, a.get_device(), forced_config())
+        except (AttributeError, TypeError):
+            self.validate(*args)
+            raise
+        if a.numel() == 0:
+            return self.validate(*args)
+        warm = type(expected_m) is int and on_device(key[4], b, d, masked_m, sfa, sfb)
+        self._launch(key, warm, lambda: self.validate(*args),
+                     lambda: dict(kind="masked", n=b.shape[1], k=b.shape[2], num_groups=b.shape[0],
+                                  expected_m=expected_m, alignment=0, d_dtype=dtype_name(d.dtype), device=a.device),
+                     lambda: (self.a.kernel(a), self.b.kernel(b), d, None, self.a.kernel_scales(sfa), sfb, masked_m),
+                     lambda: index_checks.check_counts("masked_m", masked_m, a.shape[1]))
+
+    def validate(self, a, sfa, b, sfb, d, masked_m, expected_m) -> None:
+        self.a.check(a, 3)
+        self.b.check(b, 3)
+        check_tensor("d", d, OUT_DTYPES, 3)
+        check_tensor("masked_m", masked_m, INT32, 1)
+        check_int_arg("expected_m", expected_m, 0)
+        num_groups, max_m, _ = a.shape
+        n, k = b.shape[1], b.shape[2]
+        check_k_matches(a, k, b.shape)
+        check_shape("b", b, (num_groups, n, k))
+        check_shape("d", d, (num_groups, max_m, n))
+        check_shape("masked_m", masked_m, (num_groups,))
+        check_nk(n, k)
+        self.check_groups("a", num_groups, a.device)
+        for name, t in (("a", a), ("b", b), ("d", d), ("masked_m", masked_m)):
+            check_contiguous(name, t)
+        self.a.check_scales(sfa, (num_groups, max_m), k)
+        self.b.check_scales(sfb, (num_groups,), k, n)
+        check_placement(a=a, b=b, d=d, masked_m=masked_m, sfa=sfa, sfb=sfb)
+
+
+class RaggedOp(GemmOp):
+    """torch._grouped_mm for 2-D a and 3-D b: a [M, K], b [G, K, N] (K contiguous), offs int32 [G]
+    cumulative ends; returns out [M, N]."""
+
+    kind = "ragged"
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor,
+                 out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        out_dtype = torch.bfloat16 if out_dtype is None else out_dtype
+        args = (a, b, offs, out_dtype)
+        try:
+            m = a.shape[0]
+            key = (self, b.shape, out_dtype, a.get_device(), forced_config())
+        except (AttributeError, TypeError):
+            self.validate(*args)
+            raise
+        if m == 0:
+            self.validate(*args)
+            return torch.empty((0, b.shape[2]), dtype=out_dtype, device=a.device)
+        warm = key in _launches and on_device(key[3], b, offs)
+        if not warm:
+            self.validate(*args)  # before allocating the output
+        out = torch.empty((m, b.shape[2]), dtype=out_dtype, device=a.device)
+        self._launch(key, warm, lambda: self.validate(*args),
+                     lambda: dict(kind="ragged", n=b.shape[2], k=b.shape[1], num_groups=b.shape[0], expected_m=0,
+                                  alignment=0, d_dtype=dtype_name(out_dtype), device=a.device),
+                     lambda: (a, b.transpose(1, 2), out, None, None, None, offs),
+                     lambda: index_checks.check_ends("offs", offs, m))
+        return out
+
+    def validate(self, a, b, offs, out_dtype) -> None:
+        self.a.check(a, 2)
+        self.b.check(b, 3)
+        check_tensor("offs", offs, INT32, 1)
+        if out_dtype not in OUT_DTYPES:
+            raise TypeError(f"out_dtype: expected bfloat16 or float32, got {out_dtype}")
+        m, k = a.shape
+        num_groups, n = b.shape[0], b.shape[2]
+        if b.shape[1] != k:
+            hint = (" (b looks like a [G, N, K] weight: pass w.transpose(1, 2))"
+                    if b.shape[2] == k and b.is_contiguous() else "")
+            raise ValueError(f"b: grouped_mm expects b as [G, K, N] with K = a.shape[1] = {k}, "
+                             f"got shape {tuple(b.shape)}{hint}")
+        check_shape("offs", offs, (num_groups,))
+        check_nk(n, k)
+        self.check_groups("b", num_groups, b.device)
+        check_contiguous("a", a)
+        check_contiguous("offs", offs)
+        if not b.transpose(1, 2).is_contiguous():
+            raise ValueError(f"b: expected K-contiguous [G, K, N] (strides (N*K, 1, K) = {(n * k, 1, k)}), "
+                             f"got strides {b.stride()}")
+        check_placement(a=a, b=b, offs=offs)

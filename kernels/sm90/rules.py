@@ -1,0 +1,128 @@
+"""SM90 dispatch: what the kernel can implement, the written-down rules and the tuning candidates.
+
+Pure functions of a dispatch ``Problem`` (cute_moe.dispatch); documented in docs/dispatch.md.
+No cutlass import.
+"""
+
+import itertools
+import math
+
+from .config import CLUSTERS, FP8_SCALE_BLOCK, MAX_GROUPS, TILE_MS, TILE_NS, Sm90Config
+
+# Operand descriptors (dtype, major, scale) the kernel implements, as (A, B) pairs.
+SUPPORTED_OPERANDS = {
+    (("bf16", "k", "none"), ("bf16", "k", "none")),
+    (("fp8_e4m3", "k", "fp32_1x128"), ("fp8_e4m3", "k", "fp32_128x128")),
+}
+# Kinds the FP8 path implements (ragged is BF16 only, as torch._grouped_mm).
+FP8_KINDS = ("dense", "contiguous", "psum", "masked")
+
+
+def _descriptor(operand) -> tuple[str, str, str]:
+    return operand.dtype, operand.major, operand.scale
+
+
+def is_fp8(problem) -> bool:
+    return problem.a.dtype == "fp8_e4m3"
+
+
+def check_spec(problem) -> None:
+    """Refuse a problem no SM90 config implements: operand types, majors and scale recipes, kinds,
+    group counts."""
+    pair = (_descriptor(problem.a), _descriptor(problem.b))
+    if pair not in SUPPORTED_OPERANDS:
+        raise ValueError(f"operands: the sm_90a kernels implement {sorted(SUPPORTED_OPERANDS)}, "
+                         f"got A={pair[0]}, B={pair[1]}")
+    if is_fp8(problem) and problem.kind not in FP8_KINDS:
+        raise ValueError(f"kind: FP8 supports {FP8_KINDS}, got {problem.kind!r}")
+    if problem.has_c and problem.kind != "dense":
+        raise ValueError(f"has_c: C is supported for the dense kind only, got kind={problem.kind!r}")
+    if not 1 <= problem.num_groups <= MAX_GROUPS:
+        raise ValueError(f"groups: expected between 1 and {MAX_GROUPS} groups, got {problem.num_groups}")
+
+
+def max_tile_n(problem) -> int:
+    """Widest N tile: FP8 B tiles match the 128 x 128 weight scale blocks."""
+    return FP8_SCALE_BLOCK if is_fp8(problem) else max(TILE_NS)
+
+
+def can_implement(problem, config: Sm90Config) -> None:
+    """Raise ValueError when ``config`` would compile wrongly or compute a wrong answer for ``problem``.
+
+    FP8: tile_n at most the scale block. contiguous: a cluster's tiles must stay inside one aligned
+    segment (alignment 0 = unknown, not checked); psum: each group is tiled from its aligned start,
+    so a tile must divide the alignment.
+    """
+    check_spec(problem)
+    if config.tile_n > max_tile_n(problem):
+        raise ValueError(f"config: tile_n={config.tile_n} exceeds {max_tile_n(problem)} for "
+                         f"{problem.a.dtype} operands")
+    alignment = problem.alignment
+    if problem.kind == "contiguous" and alignment and alignment % (config.tile_m * config.cluster_m) != 0:
+        raise ValueError(f"config: contiguous layout aligned to {alignment} rows needs tile_m * cluster_m "
+                         f"to divide it, got tile_m={config.tile_m}, cluster_m={config.cluster_m}")
+    if problem.kind == "psum" and alignment % config.tile_m != 0:
+        raise ValueError(f"config: psum layout aligned to {alignment} rows needs tile_m to divide it, "
+                         f"got tile_m={config.tile_m}")
+
+
+def rule_config(p) -> Sm90Config:
+    """The SM90 rules (see docs/dispatch.md).
+
+    1. tile_m: 64 rows (one consumer warpgroup) when a group holds at most 64 rows, or when the
+       segment alignment of the contiguous layouts is not a multiple of 128; otherwise 128.
+    2. tile_n: the widest the kernel offers (BF16 256, FP8 128), or 128 when N <= 1024 is not a
+       multiple of it (the last N block would be mostly padding) or when the widest tiles would
+       leave SMs idle (known rows only).
+    3. cluster: none when each group is a single M tile (every weight block is read once, there is
+       nothing to share); B multicast over an M-cluster of 2 when both CTAs of the cluster fall in one
+       group (unknown or > tile_m rows; contiguous: the alignment covers 2 * tile_m rows); else A
+       multicast over an N-cluster of 2 when the N blocks pair up; else none.
+    4. stages: as many as fit in shared memory; panel: 8 M blocks.
+    5. dense with at most 256 rows: see small_m_dense_config.
+    """
+    m = p.expected_m
+    if p.kind == "dense" and 0 < m <= 256:
+        return small_m_dense_config(p)
+    aligned_kind = p.kind in ("contiguous", "psum")
+    tile_m = 64 if 0 < m <= 64 or (aligned_kind and p.alignment % 128 != 0) else 128
+    widest = max_tile_n(p)
+    tile_n = widest if p.n % widest == 0 or p.n > 1024 else 128
+    m_tiles = math.ceil(m / tile_m) if m else 0
+    if tile_n > 128 and m and p.num_groups * m_tiles * math.ceil(p.n / tile_n) < p.num_sms:
+        tile_n = 128
+    if m_tiles == 1:
+        return Sm90Config(tile_m=tile_m, tile_n=tile_n)
+    if p.kind != "contiguous" or p.alignment % (2 * tile_m) == 0:
+        return Sm90Config(tile_m=tile_m, tile_n=tile_n, cluster_m=2)
+    if math.ceil(p.n / tile_n) % 2 == 0:
+        return Sm90Config(tile_m=tile_m, tile_n=tile_n, cluster_n=2)
+    return Sm90Config(tile_m=tile_m, tile_n=tile_n)
+
+
+def small_m_dense_config(p) -> Sm90Config:
+    """Dense GEMM with few rows (<= 256) is bound by streaming B once: 64-row tiles, pairs of M blocks
+    sharing each B block through an M-cluster, and the widest N tile that still gives at least 3/4 of
+    the SMs a tile (measured on the H200: M=128, N=4096 -> 64x64 c2x1; N=7168 -> 64x128 c2x1)."""
+    m_blocks = math.ceil(p.expected_m / 64)
+    cluster_m = 2 if m_blocks > 1 else 1
+    tile_n = 64
+    for candidate in (256, 128):
+        if candidate <= max_tile_n(p) and m_blocks * math.ceil(p.n / candidate) * 4 >= 3 * p.num_sms:
+            tile_n = candidate
+            break
+    return Sm90Config(tile_m=64, tile_n=tile_n, cluster_m=cluster_m)
+
+
+def candidate_configs(p) -> list[Sm90Config]:
+    """The tuning search space: tiles and clusters the problem admits; stages and panel default."""
+    configs = []
+    tile_ns = tuple(t for t in TILE_NS if t <= max_tile_n(p))
+    for tile_m, tile_n, cluster in itertools.product(TILE_MS, tile_ns, CLUSTERS):
+        config = Sm90Config(tile_m=tile_m, tile_n=tile_n, cluster_m=cluster[0], cluster_n=cluster[1])
+        try:
+            can_implement(p, config)
+        except ValueError:
+            continue
+        configs.append(config)
+    return configs
