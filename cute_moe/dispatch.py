@@ -17,7 +17,7 @@ from typing import Any, Iterator, Optional
 
 from .arch import backend_for, check_arch, get_backend
 from .operands import BF16, Operand, operands_label, precision_of
-from .specs import ALIGNED_KINDS, D_DTYPES, KINDS, GemmSpec
+from .specs import D_DTYPES, KINDS, GemmSpec
 
 # Upper bounds of the expected-rows buckets; the last bucket is open-ended (everything above 2048).
 # Rules and tuned entries see expected_m only through its bucket; bucket 0 means "no hint".

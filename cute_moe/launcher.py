@@ -59,17 +59,17 @@ def set_debug(enabled: bool) -> None:
 
 
 def on_device(device: int, *tensors) -> bool:
-    """Whether every given tensor (None skipped) lives on CUDA device ``device`` (the warm path's
-    placement check; TVM-FFI checks only the device type)."""
+    """Whether every given tensor (None skipped) lives on CUDA device ``device`` (placement check of
+    the FP8 ops; TVM-FFI checks only the device type)."""
     return all(t is None or t.get_device() == device for t in tensors)
 
 
-def _no_index_tensors() -> None:
-    """Dense ops take no index tensors."""
-
-
 class GemmOp:
-    """A public op: its name, its operands' handling and the shared launch mechanics."""
+    """A public op: its name, its operands' handling and the shared launch mechanics.
+
+    A kind's subclass defines, over one tuple of unpacked arguments: ``validate`` (full checks, errors
+    naming the argument), ``facts`` (the dispatch facts of a first call), ``kernel_args`` (the
+    kernel's positional arguments before the cluster count) and ``check_indices`` (debug mode)."""
 
     kind = ""
 
@@ -77,23 +77,28 @@ class GemmOp:
         self.name = name
         self.a = OperandIO(a, "a", "sfa")
         self.b = OperandIO(b, "b", "sfb")
+        self.scaled = self.a.recipe is not None or self.b.recipe is not None
 
-    def _launch(self, key: tuple, warm: bool, validate: Callable[[], None], build: Callable[[], dict],
-                kernel_args: Callable[[], tuple], check_indices: Callable[[], None]) -> None:
+    def unpack(self, a, b) -> tuple:
+        """(a, sfa, b, sfb): scaled operands are (tensor, scales) pairs, unscaled ones plain tensors."""
+        if self.scaled:
+            return (*self.a.split(a), *self.b.split(b))
+        return a, None, b, None
+
+    def run(self, key: tuple, warm: bool, args: tuple) -> None:
         """Warm: launch the table's entry. Cold (``warm`` false or no entry): validate, then build the
-        entry from the dispatch facts ``build()`` returns, then launch. CUTE_MOE_DEBUG runs
-        ``check_indices`` (host checks of the index tensors) first."""
+        entry from the call's dispatch facts, then launch."""
         launch = _launches.get(key)
         if launch is None or not warm:
-            validate()
+            self.validate(*args)
             if launch is None:
-                launch = self._build(key, **build())
+                launch = self._build(key, **self.facts(*args))
         if _debug[0]:
-            check_indices()
+            self.check_indices(*args)
         try:
-            launch.fn(*kernel_args(), launch.clusters)
+            launch.fn(*self.kernel_args(*args), launch.clusters)
         except (ValueError, TypeError):
-            validate()
+            self.validate(*args)
             raise
 
     def _build(self, key: tuple, *, device: torch.device, **facts) -> Launch:
@@ -115,6 +120,9 @@ class GemmOp:
         if not 1 <= num_groups <= maximum:
             raise ValueError(f"{name}: expected between 1 and {maximum} groups, got {num_groups}")
 
+    def check_indices(self, *args) -> None:
+        """Debug mode: host checks of the call's index tensors (none by default)."""
+
 
 def check_nk(n: int, k: int) -> None:
     check_multiple("b", k, 8, "K")
@@ -135,21 +143,25 @@ class DenseOp(GemmOp):
     kind = "dense"
 
     def __call__(self, a, b, d: torch.Tensor, c: Optional[torch.Tensor] = None) -> None:
-        a, sfa = self.a.split(a)
-        b, sfb = self.b.split(b)
+        args = (*self.unpack(a, b), d, c)
+        a, sfa, b, sfb = args[:4]
         try:
             m = a.shape[0]
-            key = (self, b.shape, m_bucket(m), d.dtype, c is None, a.get_device(), forced_config())
+            device = a.get_device()
+            key = (self, b.shape, m_bucket(m), d.dtype, c is None, device, forced_config())
         except AttributeError:
-            self.validate(a, sfa, b, sfb, d, c)
+            self.validate(*args)
             raise
         if m == 0:
-            return self.validate(a, sfa, b, sfb, d, c)
-        self._launch(key, on_device(key[5], b, d, c, sfa, sfb), lambda: self.validate(a, sfa, b, sfb, d, c),
-                     lambda: dict(kind="dense", n=b.shape[0], k=b.shape[1], num_groups=1, expected_m=m, alignment=0,
-                                  d_dtype=dtype_name(d.dtype), has_c=c is not None, device=a.device),
-                     lambda: (self.a.kernel(a), self.b.kernel(b), d, c, self.a.kernel_scales(sfa), sfb, None),
-                     _no_index_tensors)
+            return self.validate(*args)
+        self.run(key, on_device(device, b, d, c, sfa, sfb), args)
+
+    def facts(self, a, sfa, b, sfb, d, c) -> dict:
+        return dict(kind="dense", n=b.shape[0], k=b.shape[1], num_groups=1, expected_m=a.shape[0], alignment=0,
+                    d_dtype=dtype_name(d.dtype), has_c=c is not None, device=a.device)
+
+    def kernel_args(self, a, sfa, b, sfb, d, c) -> tuple:
+        return self.a.kernel(a), self.b.kernel(b), d, c, self.a.kernel_scales(sfa), sfb, None
 
     def validate(self, a, sfa, b, sfb, d, c) -> None:
         self.a.check(a, 2)
@@ -178,29 +190,32 @@ class ContiguousOp(GemmOp):
     kind = "contiguous"
 
     def __call__(self, a, b, d: torch.Tensor, grouped_layout: torch.Tensor, use_psum_layout: bool = False) -> None:
-        a, sfa = self.a.split(a)
-        b, sfb = self.b.split(b)
-        alignment = get_mk_alignment_for_contiguous_layout()
-        args = (a, sfa, b, sfb, d, grouped_layout, use_psum_layout)
+        args = (*self.unpack(a, b), d, grouped_layout, use_psum_layout, get_mk_alignment_for_contiguous_layout())
+        a, sfa, b, sfb = args[:4]
+        alignment = args[-1]
         try:
             m = a.shape[0]
-            key = (self, use_psum_layout is True, b.shape, d.dtype, alignment, a.get_device(), forced_config())
+            device = a.get_device()
+            key = (self, use_psum_layout is True, b.shape, d.dtype, alignment, device, forced_config())
         except AttributeError:
             self.validate(*args)
             raise
         if m == 0 and use_psum_layout in (True, False):
             return self.validate(*args)
-        warm = m % alignment == 0 and use_psum_layout in (True, False) and on_device(
-            key[5], b, d, grouped_layout, sfa, sfb)
-        self._launch(key, warm, lambda: self.validate(*args),
-                     lambda: dict(kind="psum" if use_psum_layout else "contiguous", n=b.shape[1], k=b.shape[2],
-                                  num_groups=b.shape[0], expected_m=0, alignment=alignment,
-                                  d_dtype=dtype_name(d.dtype), device=a.device),
-                     lambda: (self.a.kernel(a), self.b.kernel(b), d, None, self.a.kernel_scales(sfa), sfb,
-                              grouped_layout),
-                     lambda: self.check_indices(m, b.shape[0], grouped_layout, use_psum_layout))
+        warm = (m % alignment == 0 and use_psum_layout in (True, False)
+                and b.get_device() == device and d.get_device() == device and grouped_layout.get_device() == device
+                and (not self.scaled or on_device(device, sfa, sfb)))
+        self.run(key, warm, args)
 
-    def validate(self, a, sfa, b, sfb, d, grouped_layout, use_psum_layout) -> None:
+    def facts(self, a, sfa, b, sfb, d, grouped_layout, use_psum_layout, alignment) -> dict:
+        return dict(kind="psum" if use_psum_layout else "contiguous", n=b.shape[1], k=b.shape[2],
+                    num_groups=b.shape[0], expected_m=0, alignment=alignment, d_dtype=dtype_name(d.dtype),
+                    device=a.device)
+
+    def kernel_args(self, a, sfa, b, sfb, d, grouped_layout, use_psum_layout, alignment) -> tuple:
+        return self.a.kernel(a), self.b.kernel(b), d, None, self.a.kernel_scales(sfa), sfb, grouped_layout
+
+    def validate(self, a, sfa, b, sfb, d, grouped_layout, use_psum_layout, alignment) -> None:
         if not isinstance(use_psum_layout, bool):
             raise TypeError(f"use_psum_layout: expected bool, got {type(use_psum_layout).__name__}")
         self.a.check(a, 2)
@@ -216,17 +231,16 @@ class ContiguousOp(GemmOp):
         self.check_groups("b", num_groups, b.device)
         for name, t in (("a", a), ("b", b), ("d", d), ("grouped_layout", grouped_layout)):
             check_contiguous(name, t)
-        check_multiple("a", m, get_mk_alignment_for_contiguous_layout(), "the row count (aligned expert segments)")
+        check_multiple("a", m, alignment, "the row count (aligned expert segments)")
         self.a.check_scales(sfa, (m,), k)
         self.b.check_scales(sfb, (num_groups,), k, n)
         check_placement(a=a, b=b, d=d, grouped_layout=grouped_layout, sfa=sfa, sfb=sfb)
 
-    @staticmethod
-    def check_indices(rows: int, num_groups: int, grouped_layout: torch.Tensor, use_psum_layout: bool) -> None:
+    def check_indices(self, a, sfa, b, sfb, d, grouped_layout, use_psum_layout, alignment) -> None:
         if use_psum_layout:
-            index_checks.check_ends("grouped_layout", grouped_layout, rows)
+            index_checks.check_ends("grouped_layout", grouped_layout, a.shape[0])
         else:
-            index_checks.check_expert_ids("grouped_layout", grouped_layout, num_groups)
+            index_checks.check_expert_ids("grouped_layout", grouped_layout, b.shape[0])
 
 
 class MaskedOp(GemmOp):
@@ -235,22 +249,26 @@ class MaskedOp(GemmOp):
     kind = "masked"
 
     def __call__(self, a, b, d: torch.Tensor, masked_m: torch.Tensor, expected_m: int) -> None:
-        a, sfa = self.a.split(a)
-        b, sfb = self.b.split(b)
-        args = (a, sfa, b, sfb, d, masked_m, expected_m)
+        args = (*self.unpack(a, b), d, masked_m, expected_m)
+        a, sfa, b, sfb = args[:4]
         try:
-            key = (self, b.shape, d.dtype, expected_m, a.get_device(), forced_config())
+            device = a.get_device()
+            key = (self, b.shape, d.dtype, expected_m, device, forced_config())
         except (AttributeError, TypeError):
             self.validate(*args)
             raise
         if a.numel() == 0:
             return self.validate(*args)
-        warm = type(expected_m) is int and on_device(key[4], b, d, masked_m, sfa, sfb)
-        self._launch(key, warm, lambda: self.validate(*args),
-                     lambda: dict(kind="masked", n=b.shape[1], k=b.shape[2], num_groups=b.shape[0],
-                                  expected_m=expected_m, alignment=0, d_dtype=dtype_name(d.dtype), device=a.device),
-                     lambda: (self.a.kernel(a), self.b.kernel(b), d, None, self.a.kernel_scales(sfa), sfb, masked_m),
-                     lambda: index_checks.check_counts("masked_m", masked_m, a.shape[1]))
+        warm = (type(expected_m) is int and b.get_device() == device and d.get_device() == device
+                and masked_m.get_device() == device and (not self.scaled or on_device(device, sfa, sfb)))
+        self.run(key, warm, args)
+
+    def facts(self, a, sfa, b, sfb, d, masked_m, expected_m) -> dict:
+        return dict(kind="masked", n=b.shape[1], k=b.shape[2], num_groups=b.shape[0], expected_m=expected_m,
+                    alignment=0, d_dtype=dtype_name(d.dtype), device=a.device)
+
+    def kernel_args(self, a, sfa, b, sfb, d, masked_m, expected_m) -> tuple:
+        return self.a.kernel(a), self.b.kernel(b), d, None, self.a.kernel_scales(sfa), sfb, masked_m
 
     def validate(self, a, sfa, b, sfb, d, masked_m, expected_m) -> None:
         self.a.check(a, 3)
@@ -272,6 +290,9 @@ class MaskedOp(GemmOp):
         self.b.check_scales(sfb, (num_groups,), k, n)
         check_placement(a=a, b=b, d=d, masked_m=masked_m, sfa=sfa, sfb=sfb)
 
+    def check_indices(self, a, sfa, b, sfb, d, masked_m, expected_m) -> None:
+        index_checks.check_counts("masked_m", masked_m, a.shape[1])
+
 
 class RaggedOp(GemmOp):
     """torch._grouped_mm for 2-D a and 3-D b: a [M, K], b [G, K, N] (K contiguous), offs int32 [G]
@@ -282,28 +303,29 @@ class RaggedOp(GemmOp):
     def __call__(self, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor,
                  out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         out_dtype = torch.bfloat16 if out_dtype is None else out_dtype
-        args = (a, b, offs, out_dtype)
         try:
             m = a.shape[0]
-            key = (self, b.shape, out_dtype, a.get_device(), forced_config())
+            device = a.get_device()
+            key = (self, b.shape, out_dtype, device, forced_config())
         except (AttributeError, TypeError):
-            self.validate(*args)
+            self.validate(a, b, offs, out_dtype, None)
             raise
-        if m == 0:
-            self.validate(*args)
-            return torch.empty((0, b.shape[2]), dtype=out_dtype, device=a.device)
-        warm = key in _launches and on_device(key[3], b, offs)
-        if not warm:
-            self.validate(*args)  # before allocating the output
+        warm = key in _launches and b.get_device() == device and offs.get_device() == device
+        if not warm or m == 0:
+            self.validate(a, b, offs, out_dtype, None)  # before allocating the output
         out = torch.empty((m, b.shape[2]), dtype=out_dtype, device=a.device)
-        self._launch(key, warm, lambda: self.validate(*args),
-                     lambda: dict(kind="ragged", n=b.shape[2], k=b.shape[1], num_groups=b.shape[0], expected_m=0,
-                                  alignment=0, d_dtype=dtype_name(out_dtype), device=a.device),
-                     lambda: (a, b.transpose(1, 2), out, None, None, None, offs),
-                     lambda: index_checks.check_ends("offs", offs, m))
+        if m > 0:
+            self.run(key, warm, (a, b, offs, out_dtype, out))
         return out
 
-    def validate(self, a, b, offs, out_dtype) -> None:
+    def facts(self, a, b, offs, out_dtype, out) -> dict:
+        return dict(kind="ragged", n=b.shape[2], k=b.shape[1], num_groups=b.shape[0], expected_m=0, alignment=0,
+                    d_dtype=dtype_name(out_dtype), device=a.device)
+
+    def kernel_args(self, a, b, offs, out_dtype, out) -> tuple:
+        return a, b.transpose(1, 2), out, None, None, None, offs
+
+    def validate(self, a, b, offs, out_dtype, out) -> None:
         self.a.check(a, 2)
         self.b.check(b, 3)
         check_tensor("offs", offs, INT32, 1)
@@ -325,3 +347,6 @@ class RaggedOp(GemmOp):
             raise ValueError(f"b: expected K-contiguous [G, K, N] (strides (N*K, 1, K) = {(n * k, 1, k)}), "
                              f"got strides {b.stride()}")
         check_placement(a=a, b=b, offs=offs)
+
+    def check_indices(self, a, b, offs, out_dtype, out) -> None:
+        index_checks.check_ends("offs", offs, a.shape[0])

@@ -1,20 +1,27 @@
 """MoE model presets and the expert GEMMs one rank runs for them under expert / tensor parallelism."""
 
+import contextlib
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Iterator
 
 
 @dataclass(frozen=True)
 class MoeModel:
-    """The MoE block of a model: hidden size, per-expert intermediate size, routed experts, top-k."""
+    """The MoE block of a model: hidden size, per-expert intermediate size, routed experts, top-k.
+
+    ``origin``: where the model was described when errors about its values should say so, e.g.
+    ``--shapes: m.json: entry 1`` (see model_errors); empty for presets.
+    """
 
     name: str
     hidden: int
     moe_intermediate: int
     experts: int
     top_k: int
+    origin: str = field(default="", compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -55,19 +62,31 @@ def load_shapes(path: str) -> list[MoeModel]:
     except (OSError, ValueError) as e:
         raise ValueError(f"--shapes: cannot read {path}: {e}") from e
     items = data if isinstance(data, list) else [data]
-    names = [f.name for f in fields(MoeModel)]
+    names = [f.name for f in fields(MoeModel) if f.name != "origin"]
     models = []
     for i, item in enumerate(items):
+        origin = f"--shapes: {path}: entry {i}"
         if not isinstance(item, dict) or sorted(item) != sorted(names):
-            raise ValueError(f"--shapes: {path}: entry {i}: expected an object with exactly the keys "
-                             f"{names}, got {item!r}")
+            raise ValueError(f"{origin}: expected an object with exactly the keys {names}, got {item!r}")
         try:
-            models.append(MoeModel(**item))
+            models.append(MoeModel(**item, origin=origin))
         except ValueError as e:
-            raise ValueError(f"--shapes: {path}: entry {i}: {e}") from e
+            raise ValueError(f"{origin}: {e}") from e
     if not models:
         raise ValueError(f"--shapes: {path}: no models in the file")
     return models
+
+
+@contextlib.contextmanager
+def model_errors(model: MoeModel) -> Iterator[None]:
+    """Inside the block, a ValueError about the model's own values (one naming no --option) starts
+    with the model's origin, e.g. ``--shapes: m.json: entry 1: groups: ...``."""
+    try:
+        yield
+    except ValueError as e:
+        if not model.origin or str(e).startswith("--"):
+            raise
+        raise ValueError(f"{model.origin}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -83,14 +102,17 @@ class ExpertGemm:
 
 def expert_gemms(model: MoeModel, ep: int = 1, tp: int = 1) -> tuple[ExpertGemm, ExpertGemm]:
     """GEMM1 (gate+up fused: N = 2 * moe_intermediate / tp, K = hidden) and GEMM2 (down: N = hidden,
-    K = moe_intermediate / tp), each over experts / ep local experts."""
+    K = moe_intermediate / tp), each over experts / ep local experts.
+
+    The model's own sizes are checked first, so --ep / --tp are blamed only for what they split."""
+    for name in ("hidden", "moe_intermediate"):
+        if getattr(model, name) % 8 != 0:
+            raise ValueError(f"{model.name}: {name}: expected a multiple of 8, got {getattr(model, name)}")
     if ep < 1 or model.experts % ep != 0:
         raise ValueError(f"--ep: expected a divisor of {model.name}'s {model.experts} experts, got {ep}")
     if tp < 1 or model.moe_intermediate % tp != 0 or (model.moe_intermediate // tp) % 8 != 0:
         raise ValueError(f"--tp: expected a divisor of {model.name}'s moe_intermediate {model.moe_intermediate} "
                          f"leaving a multiple of 8 per rank, got {tp}")
-    if model.hidden % 8 != 0:
-        raise ValueError(f"{model.name}: hidden: expected a multiple of 8, got {model.hidden}")
     groups = model.experts // ep
     inter = model.moe_intermediate // tp
     return (ExpertGemm(model.name, "gate_up", 2 * inter, model.hidden, groups),

@@ -68,11 +68,3 @@ class GemmSpec:
                 data[name] = Operand(**data[name])
         return cls(**data)
 
-
-def __getattr__(name: str):
-    """Transitional: ``KernelConfig`` is the default arch backend's config type."""
-    if name == "KernelConfig":
-        from .arch import backend_for
-
-        return backend_for(None).config_type
-    raise AttributeError(f"module 'cute_moe.specs' has no attribute {name!r}")

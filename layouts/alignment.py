@@ -9,14 +9,20 @@ def get_mk_alignment_for_contiguous_layout() -> int:
     return _mk_alignment
 
 
+def check_alignment(value: object, name: str = "alignment") -> int:
+    """Raise TypeError/ValueError (naming ``name``) unless value is a positive multiple of 64 (the
+    smallest block M); returns it."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected int, got {type(value).__name__}")
+    if value <= 0 or value % 64 != 0:
+        raise ValueError(f"{name}: expected a positive multiple of 64, got {value}")
+    return value
+
+
 def set_mk_alignment_for_contiguous_layout(value: int) -> None:
     """Set the segment alignment; must be a positive multiple of 64 (the smallest block M)."""
     global _mk_alignment
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"alignment: expected int, got {type(value).__name__}")
-    if value <= 0 or value % 64 != 0:
-        raise ValueError(f"alignment: expected a positive multiple of 64, got {value}")
-    _mk_alignment = value
+    _mk_alignment = check_alignment(value)
 
 
 def get_theoretical_mk_alignment_for_contiguous_layout(expected_m: int | None = None) -> int:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_int, check_same_device, check_shape, check_tensor
-from .alignment import align, get_mk_alignment_for_contiguous_layout
+from .alignment import align, check_alignment, get_mk_alignment_for_contiguous_layout
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class MaskedLayout:
 def _resolve_alignment(alignment: int | None) -> int:
     if alignment is None:
         return get_mk_alignment_for_contiguous_layout()
-    return check_int("alignment", alignment)
+    return check_alignment(alignment)
 
 
 def _align_tensor(x: torch.Tensor, alignment: int) -> torch.Tensor:
@@ -104,22 +104,37 @@ def _check_topk_idx(topk_idx: torch.Tensor, num_experts: int) -> None:
     check_int("num_experts", num_experts)
 
 
+def _first_bad_id(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int64 [2] on topk_idx's device: (flat position, value) of the first id outside [-1, num_experts),
+    position topk_idx.numel() when there is none; sync-free."""
+    flat = topk_idx.reshape(-1).long()
+    bad = torch.cat([(flat < -1) | (flat >= num_experts), flat.new_ones(1, dtype=torch.bool)])
+    first = bad.int().argmax()  # the first bad id, else the appended sentinel
+    return torch.stack([first, torch.cat([flat, flat.new_zeros(1)])[first]])
+
+
+def _raise_on_bad_id(topk_idx: torch.Tensor, num_experts: int, position: int, value: int) -> None:
+    """Raise ValueError naming the first bad id found by _first_bad_id, if any."""
+    if position < topk_idx.numel():
+        raise ValueError(f"topk_idx: expected expert ids in [-1, {num_experts}), got {value} at position "
+                         f"{divmod(position, topk_idx.size(1))}")
+
+
 def build_contiguous_layout(topk_idx: torch.Tensor, num_experts: int,
                             alignment: int | None = None) -> ContiguousLayout:
     """Contiguous layout for routing topk_idx [T, k] (expert ids, -1 = dropped).
 
     Synchronizes the host once: the padded row count depends on the data. Raises ValueError when an
-    id lies outside [-1, num_experts). alignment defaults to get_mk_alignment_for_contiguous_layout().
+    id lies outside [-1, num_experts). alignment (a positive multiple of 64) defaults to
+    get_mk_alignment_for_contiguous_layout().
     """
     _check_topk_idx(topk_idx, num_experts)
     alignment = _resolve_alignment(alignment)
     order, sorted_expert, first, counts = _route(topk_idx, num_experts)
     aligned = _align_tensor(counts, alignment)
     psum = _exclusive_cumsum(aligned) + counts
-    num_bad = ((topk_idx < -1) | (topk_idx >= num_experts)).sum()
-    num_rows, bad = torch.stack([aligned.sum(), num_bad]).tolist()
-    if bad:
-        raise ValueError(f"topk_idx: expected values in [-1, {num_experts}), got {bad} out of range")
+    num_rows, position, value = torch.cat([aligned.sum().view(1), _first_bad_id(topk_idx, num_experts)]).tolist()
+    _raise_on_bad_id(topk_idx, num_experts, position, value)
 
     group, offset = _psum_rows(psum, num_rows, alignment)
     used = group >= 0
@@ -161,9 +176,7 @@ def build_masked_layout(topk_idx: torch.Tensor, num_experts: int, max_m: int, ch
 
 def _raise_on_bad_routing(topk_idx: torch.Tensor, num_experts: int, counts: torch.Tensor, max_m: int) -> None:
     """Host-side check for build_masked_layout(check=True)."""
-    num_bad = ((topk_idx < -1) | (topk_idx >= num_experts)).sum().item()
-    if num_bad:
-        raise ValueError(f"topk_idx: expected values in [-1, {num_experts}), got {num_bad} out of range")
+    _raise_on_bad_id(topk_idx, num_experts, *_first_bad_id(topk_idx, num_experts).tolist())
     over = {g: c for g, c in enumerate(counts.tolist()) if c > max_m}
     if over:
         raise ValueError(f"max_m: expected >= rows per expert, got {max_m} but experts {over} (expert: rows) exceed it")

@@ -11,11 +11,13 @@ import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 
 from cute_moe import cache, runtime
-from cute_moe.specs import GemmSpec, KernelConfig
+from cute_moe.kernels.sm90.config import Sm90Config as KernelConfig
+from cute_moe.specs import GemmSpec
 
 SPEC = GemmSpec("ragged", 256, 128)
 CONFIG = KernelConfig(tile_m=64, tile_n=128)
@@ -29,7 +31,7 @@ def compiled(tmp_path_factory):
 
     fn = compile_gemm(SPEC, CONFIG)
     root = tmp_path_factory.mktemp("template")
-    _entry(root).directory.mkdir()
+    cache.open_build_dir(root, create=True)
     cache._store(_entry(root), fn, 1.5)
     return fn, root
 
@@ -61,18 +63,33 @@ def compiles(compiled, monkeypatch):
     return calls
 
 
+@pytest.fixture(autouse=True)
+def fresh_warnings(monkeypatch):
+    """Each test sees the once-per-directory / once-per-entry warnings afresh, and damages entries
+    with files only their owner can write (else the trust check, not the damage, is reported)."""
+    monkeypatch.setattr(cache, "_warned", set())
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
 @pytest.fixture
 def loads(monkeypatch):
-    """Record every object handed to load_module."""
-    paths = []
+    """Record the bytes of every object handed to load_module."""
+    objects = []
     real = cache._load_object
 
     def recording_load(path, symbol):
-        paths.append(path)
+        objects.append(open(path, "rb").read())
         return real(path, symbol)
 
     monkeypatch.setattr(cache, "_load_object", recording_load)
-    return paths
+    return objects
+
+
+def _checked(entry):
+    """(manifest, object bytes) of an entry that checks out; raises otherwise."""
+    return cache._checked_object(entry.directory, entry.digest, frozenset({os.geteuid()}), entry.key)
 
 
 def test_manifest_entry_describes_the_object(root):
@@ -93,7 +110,7 @@ def test_manifest_entry_describes_the_object(root):
 def test_verified_entry_loads_without_a_gpu(root, compiles, loads):
     fn, source = cache.get_or_compile(SPEC, CONFIG)
     assert source == "disk" and callable(fn)
-    assert compiles == [] and loads == [_entry(root).object_path]
+    assert compiles == [] and loads == [_entry(root).object_path.read_bytes()]
 
 
 def test_runtime_counts_loads_and_compiles(root, compiles, monkeypatch):
@@ -156,7 +173,7 @@ def test_damaged_entry_is_never_loaded_and_is_rebuilt(root, compiles, loads, dam
         fn, source = cache.get_or_compile(SPEC, CONFIG)
     assert source == "compiled" and callable(fn)
     assert compiles == [(SPEC, CONFIG)] and loads == []
-    assert cache._inspect(entry.directory, entry.digest, entry.key)[0] is not None  # rebuilt, verified
+    assert _checked(entry)[0]["size"] == entry.object_path.stat().st_size  # rebuilt, verified
 
 
 def test_object_that_fails_to_link_is_rebuilt(root, compiles, monkeypatch):
@@ -178,33 +195,40 @@ def test_ensure_reports_cached_compiled_and_rebuilt(root, compiles):
     assert len(compiles) == 2
 
 
-def test_fingerprint_follows_sources_and_versions(tmp_path, monkeypatch):
+def test_key_follows_family_sources_and_fingerprint_follows_versions(tmp_path, monkeypatch):
     source = tmp_path / "kernel.py"
     source.write_text("x = 1\n")
-    monkeypatch.setattr(cache, "_source_files", lambda: [source])
+    monkeypatch.setattr(cache, "kernel_family", lambda spec: ("family", [source]))
 
-    def fingerprint():
-        cache.fingerprint_parts.cache_clear()
-        return cache.fingerprint()
+    def digest():
+        cache._sources_digest.cache_clear()
+        return _entry(tmp_path).digest
 
-    first = fingerprint()
-    assert fingerprint() == first
+    first = digest()
+    assert digest() == first
     source.write_text("x = 2\n")
-    second = fingerprint()
-    assert second != first
+    assert digest() != first
+    directory = _entry(tmp_path).directory
     real_version = cache.importlib.metadata.version
     monkeypatch.setattr(cache.importlib.metadata, "version",
                         lambda name: "9.9.9" if name == "apache-tvm-ffi" else real_version(name))
-    assert fingerprint() not in (first, second)
-    monkeypatch.undo()
     cache.fingerprint_parts.cache_clear()
+    try:
+        assert _entry(tmp_path).directory != directory
+    finally:
+        monkeypatch.undo()
+        cache.fingerprint_parts.cache_clear()
+        cache._sources_digest.cache_clear()
 
 
-def test_real_fingerprint_covers_kernel_sources_and_versions():
-    names = {p.name for p in cache._source_files()}
-    assert {"grouped_gemm.py", "tile_scheduler.py", "compile.py", "specs.py"} <= names
+def test_real_fingerprint_is_build_facts_and_the_key_names_the_family():
     parts = cache.fingerprint_parts()
+    assert set(parts) == {"layout", "nvidia-cutlass-dsl", "apache-tvm-ffi", "host"}
     assert parts["nvidia-cutlass-dsl"] == "4.8.1" and parts["apache-tvm-ffi"]
+    name, sources = cache.kernel_family(SPEC)
+    key = _entry(Path("/x")).key
+    assert key["kernel"] == name and len(key["sources"]) == 32
+    assert "grouped_gemm.py" in {p.name for p in sources} and all(p.is_file() for p in sources)
 
 
 def test_new_fingerprint_is_a_clean_miss_and_old_builds_can_be_cleared(root, compiles, monkeypatch):
@@ -272,7 +296,8 @@ _WAITER = """
 import sys, time
 from pathlib import Path
 from cute_moe import cache
-from cute_moe.specs import GemmSpec, KernelConfig
+from cute_moe.kernels.sm90.config import Sm90Config as KernelConfig
+from cute_moe.specs import GemmSpec
 spec, config = GemmSpec("ragged", 256, 128), KernelConfig(tile_m=64, tile_n=128)
 print("ready", flush=True)
 start = time.monotonic()
@@ -285,10 +310,10 @@ def test_second_process_waits_for_the_key_lock_and_compiles_nothing(compiled, tm
     """While this process holds a key's lock and builds it, another process asking for the key waits
     and then finds the entry: it must not compile it a second time."""
     entry = _entry(tmp_path)
-    entry.directory.mkdir(parents=True)
+    cache.open_build_dir(tmp_path, create=True)
     with cache._locked(entry.lock_path, exclusive=True):
         waiter = subprocess.Popen([sys.executable, "-c", _WAITER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
-                                  env={**os.environ, "CUTE_DSL_ARCH": "sm_90a"})
+                                  env=dict(os.environ))
         assert waiter.stdout.readline().strip() == "ready"
         time.sleep(1.5)
         assert waiter.poll() is None  # still waiting for the lock

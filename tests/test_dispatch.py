@@ -11,6 +11,7 @@ from cute_moe.dispatch import (buckets_between, choose_config, force_config, for
 from cute_moe.kernels.sm90.config import Sm90Config as KernelConfig
 from cute_moe.kernels.sm90.rules import can_implement, rule_config
 from cute_moe.operands import FP8_PER_BLOCK, FP8_PER_TOKEN, Operand
+from cute_moe.specs import ALIGNED_KINDS
 
 
 def check_config_fits(kind, config, alignment):
@@ -69,7 +70,7 @@ def test_psum_tiles_divide_the_alignment():
 
 def test_fp8_uses_tiles_at_most_128_wide():
     for kind, m in (("masked", 16), ("masked", 0), ("contiguous", 0), ("psum", 0)):
-        alignment = 128 if kind in dispatch.ALIGNED_KINDS else 0
+        alignment = 128 if kind in ALIGNED_KINDS else 0
         assert choose_config(kind, 4096, 7168, 32, m, alignment, a=FP8_PER_TOKEN, b=FP8_PER_BLOCK).tile_n == 128
 
 
@@ -88,7 +89,7 @@ def test_rules_always_fit_and_only_see_the_bucket():
     for kind, n, groups, m, alignment in itertools.product(
             ("dense", "contiguous", "psum", "masked", "ragged"), (256, 720, 1536, 4096, 7168), (1, 8, 256),
             (0, 1, 5, 40, 64, 100, 128, 129, 700, 3000, 9000), (64, 128, 256, 512)):
-        alignment = alignment if kind in dispatch.ALIGNED_KINDS else 0
+        alignment = alignment if kind in ALIGNED_KINDS else 0
         config = choose_config(kind, n, 2048, groups, m, alignment)
         check_config_fits(kind, config, alignment)
         assert config == choose_config(kind, n, 2048, groups, m_bucket(m), alignment)

@@ -490,7 +490,7 @@ def test_masked_layout_check_raises_on_overflow():
     with pytest.raises(ValueError, match=r"max_m: expected >= rows per expert, got 2 but experts \{0: 3\}"):
         build_masked_layout(topk_idx, 3, 2, check=True)
     assert build_masked_layout(topk_idx, 3, 3, check=True).masked_m.tolist() == [3, 1, 1]
-    with pytest.raises(ValueError, match=r"topk_idx: expected values in \[-1, 3\), got 1 out of range"):
+    with pytest.raises(ValueError, match=r"topk_idx: expected expert ids in \[-1, 3\), got 3 at position \(0, 1\)"):
         build_masked_layout(torch.tensor([[0, 3]]), 3, 4, check=True)
     unchecked = build_masked_layout(torch.tensor([[0, 3]]), 3, 4)
     assert unchecked.inverse_map.tolist() == [[0, -1]]
@@ -524,7 +524,7 @@ def test_token_layout_argument_validation():
         build_masked_layout(topk_idx.view(-1), 3, 8)
     with pytest.raises(ValueError, match="num_experts: expected an int >= 1, got 0"):
         build_contiguous_layout(topk_idx, 0)
-    with pytest.raises(ValueError, match=r"topk_idx: expected values in \[-1, 2\), got \d+ out of range"):
+    with pytest.raises(ValueError, match=r"topk_idx: expected expert ids in \[-1, 2\), got 2 at position"):
         build_contiguous_layout(topk_idx, 2)
     with pytest.raises(TypeError, match="alignment: expected int"):
         build_contiguous_layout(topk_idx, 3, 64.0)
@@ -588,3 +588,28 @@ def test_sync_free_functions_match_cpu_on_cuda():
     kept = torch.where(topk_idx >= 0, weights, 0.0).sum(1, keepdim=True)
     torch.testing.assert_close(reduced.cpu(), x.float() * kept)
     torch.testing.assert_close(reduced_masked.cpu(), x.float() * kept)
+
+
+def test_bad_expert_id_errors_name_the_first_bad_value_and_its_position():
+    topk_idx = torch.zeros(20, 2, dtype=torch.int64)
+    topk_idx[8, 1], topk_idx[12, 0] = 9, -5
+    message = r"^topk_idx: expected expert ids in \[-1, 8\), got 9 at position \(8, 1\)$"
+    with pytest.raises(ValueError, match=message):
+        build_contiguous_layout(topk_idx, 8, 64)
+    with pytest.raises(ValueError, match=message):
+        build_masked_layout(topk_idx, 8, 64, check=True)
+    topk_idx[8, 1] = 0
+    with pytest.raises(ValueError, match=r"got -5 at position \(12, 0\)$"):
+        build_contiguous_layout(topk_idx.int(), 8, 64)
+    assert build_contiguous_layout(torch.zeros(0, 2, dtype=torch.int32), 8, 64).num_rows == 0
+
+
+@pytest.mark.parametrize("alignment", [100, 0, 32])
+def test_layouts_refuse_the_alignments_the_global_setter_refuses(alignment):
+    message = r"^alignment: expected a positive multiple of 64, got -?\d+$"
+    with pytest.raises(ValueError, match=message):
+        set_mk_alignment_for_contiguous_layout(alignment)
+    with pytest.raises(ValueError, match=message):
+        build_contiguous_layout(torch.zeros(4, 2, dtype=torch.int64), 3, alignment)
+    with pytest.raises(ValueError, match=message):
+        masked_m_to_psum(torch.tensor([3, 5], dtype=torch.int32), alignment)

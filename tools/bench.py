@@ -4,30 +4,49 @@ Times CUDA-graph replays of many launches after warm-up (median of repeats, inpu
 data of one replay is several times the L2), counts FLOPs on valid rows only, prints a table and
 writes it (Markdown + JSON) under --out.
 
-    python -m cute_moe.tools.bench [--only contiguous,masked,...] [--config tile_m=128,...] [--out DIR]
+    cute-moe bench [--only contiguous,masked,...] [--config tile_m=128,...] [--out DIR]
+    python -m cute_moe.tools.bench ...  (the same)
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import random
+import re
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 import cute_moe
-from cute_moe.dispatch import force_config, parse_config
+from cute_moe.dispatch import CONFIG_ENV, force_config, parse_config
+from cute_moe.layouts.alignment import check_alignment
 from cute_moe.testing import calc_diff
+
+from .precompile import _csv
 
 L2_BYTES = 60 * 2**20
 NK_SHAPES = ((4096, 7168), (7168, 2048))
 CONTIGUOUS_GM = ((4, 8192), (8, 4096), (32, 1024), (32, 256))
 MASKED_EXPECTED_M = (16, 64, 256)
 DENSE_M = (128, 4096)
+KINDS = ("contiguous", "ragged", "masked", "dense", "fp8", "fp8_masked")
+
+
+class NoGpuError(RuntimeError):
+    """No CUDA GPU is visible (the command line reports it in one line and exits 1)."""
+
+
+def require_gpu(what: str) -> None:
+    """Raise NoGpuError unless torch sees a CUDA GPU; ``what`` names the work that needs one."""
+    if not torch.cuda.is_available():
+        reason = "was built without CUDA" if torch.version.cuda is None else "sees no CUDA device"
+        raise NoGpuError(f"{what} needs a GPU, none is visible (torch {torch.__version__} {reason})")
 
 
 @dataclass
@@ -268,7 +287,8 @@ def host_overhead_us(calls: int = 2000) -> float:
     return statistics.median(samples)
 
 
-def run(only: set[str], nk_shapes: tuple) -> list[Row]:
+def bench_rows(only: set[str], nk_shapes: tuple[tuple[int, int], ...]) -> list[Row]:
+    """Benchmark the ``only`` kinds on every N x K shape, printing each row as it is measured."""
     rows = []
     for n, k in nk_shapes:
         for g, m in CONTIGUOUS_GM:
@@ -304,32 +324,66 @@ def format_row(r: Row) -> str:
             f"{r.ratio:.3f}x | {r.diff:.1e} | {r.baseline} | {r.note} |")
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="contiguous,ragged,masked,dense,fp8,fp8_masked",
-                        help="comma-separated kinds among contiguous, ragged, masked, dense, fp8, fp8_masked")
+def parse_only(text: str) -> set[str]:
+    """--only: comma-separated kinds among KINDS."""
+    kinds = _csv(text)
+    for kind in kinds:
+        if kind not in KINDS:
+            raise ValueError(f"--only: unknown kind {kind!r} (expected among {', '.join(KINDS)})")
+    if not kinds:
+        raise ValueError(f"--only: expected at least one of {', '.join(KINDS)}")
+    return set(kinds)
+
+
+def parse_nk(text: str) -> tuple[tuple[int, int], ...]:
+    """--nk: comma-separated positive N x K pairs."""
+    matches = [re.fullmatch(r"([1-9][0-9]*)x([1-9][0-9]*)", item) for item in _csv(text)]
+    if not matches or not all(matches):
+        raise ValueError(f"--nk: expected NxK pairs like 4096x7168, got {text!r}")
+    return tuple((int(m[1]), int(m[2])) for m in matches)
+
+
+def parse_forced_config(text: str) -> Any:
+    """--config: parse_config's config, its errors naming --config instead of the environment variable."""
+    try:
+        return parse_config(text)
+    except ValueError as e:
+        raise ValueError(f"--config: {str(e).removeprefix(f'{CONFIG_ENV}: ')}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--only", default=",".join(KINDS),
+                        help=f"comma-separated kinds among {', '.join(KINDS)} (default: all)")
     parser.add_argument("--config", default=None, help="force a KernelConfig, e.g. tile_m=128,tile_n=256,cluster_m=2")
     parser.add_argument("--nk", default=None, help="only these N x K shapes, e.g. 4096x7168,7168x2048")
-    parser.add_argument("--alignment", type=int, default=None, help="contiguous-layout segment alignment")
+    parser.add_argument("--alignment", type=int, default=None,
+                        help="contiguous-layout segment alignment, a positive multiple of 64")
     parser.add_argument("--no-host", action="store_true", help="skip the host-overhead measurement")
     parser.add_argument("--out", default="bench_results", help="folder for bench.md and bench.json")
-    args = parser.parse_args(argv)
-    torch.manual_seed(0)
-    only = set(args.only.split(","))
-    nk_shapes = NK_SHAPES if args.nk is None else tuple(
-        tuple(int(x) for x in item.split("x")) for item in args.nk.split(","))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate the arguments, check for a GPU, benchmark, print and write the table; returns the exit
+    status. Bad arguments: ValueError; no GPU: NoGpuError (both before anything is printed)."""
+    only = parse_only(args.only)
+    nk_shapes = NK_SHAPES if args.nk is None else parse_nk(args.nk)
+    config = None if args.config is None else parse_forced_config(args.config)
+    if args.alignment is not None:
+        check_alignment(args.alignment, "--alignment")
+    require_gpu("benchmarking")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out: cannot create {args.out}: {e.strerror or e}") from None
     if args.alignment is not None:
         cute_moe.set_mk_alignment_for_contiguous_layout(args.alignment)
+    torch.manual_seed(0)
     print(HEADER, flush=True)
-    if args.config:
-        with force_config(parse_config(args.config)):
-            rows = run(only, nk_shapes)
-    else:
-        rows = run(only, nk_shapes)
+    with force_config(config) if config is not None else contextlib.nullcontext():
+        rows = bench_rows(only, nk_shapes)
     host = None if args.no_host else host_overhead_us()
     device = torch.cuda.get_device_name()
     stamp = time.strftime("%Y-%m-%d")
-    os.makedirs(args.out, exist_ok=True)
     table = "\n".join([HEADER] + [format_row(r) for r in rows])
     note = f"{stamp}, {device}, torch {torch.__version__}, config {args.config or 'dispatcher'}"
     if host is not None:
@@ -341,7 +395,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     print()
     print(note)
     print(table)
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m cute_moe.tools.bench``: the same as ``cute-moe bench``."""
+    from .cli import main as cli_main
+
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

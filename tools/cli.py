@@ -1,15 +1,47 @@
 """The ``cute-moe`` command: precompile, cache ls|verify|clear, tune, bench."""
 
 import argparse
+import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, NoReturn, Optional
 
+import cute_moe
 from cute_moe import cache
 from cute_moe.dispatch import format_config
-from cute_moe.specs import GemmSpec, KernelConfig
+from cute_moe.arch import get_backend
+from cute_moe.launcher import DEBUG_ENV
+from cute_moe.specs import GemmSpec
 
-from . import precompile, tune
+from . import bench, precompile, tune
+from .precompile import one_line
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, ``PROG: error: MESSAGE; see PROG --help`` (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def call_handler(prog: str, handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """``handler(args)``, its errors reported as one line ``PROG: error: ...`` on stderr: ValueError (bad
+    arguments) exits 2, a missing GPU or any other exception 1, Ctrl-C 130. With ``args.debug`` or
+    CUTE_MOE_DEBUG set (as cute_moe.launcher reads it: not empty, not 0) exceptions propagate (traceback)."""
+    try:
+        return handler(args)
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - the last resort: one line, not a traceback
+        if args.debug or os.environ.get(DEBUG_ENV, "0") not in ("", "0"):
+            raise
+        if isinstance(e, KeyboardInterrupt):
+            print(f"{prog}: interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
+        if isinstance(e, (ValueError, bench.NoGpuError)):
+            message = str(e)
+        else:
+            message = f"{type(e).__name__}: {e} (--debug or {DEBUG_ENV}=1 shows the traceback)"
+        print(f"{prog}: error: {one_line(message)}", file=sys.stderr)
+        raise SystemExit(2 if isinstance(e, ValueError) else 1) from None
 
 
 def _root(args: argparse.Namespace) -> Path:
@@ -17,32 +49,43 @@ def _root(args: argparse.Namespace) -> Path:
 
 
 def cache_ls(args: argparse.Namespace) -> int:
-    """List this build's entries and count other builds' objects."""
-    root = _root(args)
-    entries, stale = cache.list_entries(root)
+    """List this build's entries and count stale objects; 2 when the cache directory is unusable."""
+    try:
+        directory = cache.open_build_dir(_root(args))
+        entries, stale = cache.list_entries(directory.path.parent)
+    except cache.CacheDirError as e:
+        print(f"cute-moe cache ls: {e}", file=sys.stderr)
+        return 2
     parts = cache.fingerprint_parts()
-    print(f"cache {root / cache.fingerprint()} (nvidia-cutlass-dsl {parts['nvidia-cutlass-dsl']}, "
-          f"apache-tvm-ffi {parts['apache-tvm-ffi']}, {parts['host']}, sources {parts['sources'][:12]})")
+    print(f"cache {directory.path}{'' if directory.writable else ' (read-only)'} (nvidia-cutlass-dsl "
+          f"{parts['nvidia-cutlass-dsl']}, apache-tvm-ffi {parts['apache-tvm-ffi']}, {parts['host']})")
     total = 0
     for meta in entries:
         try:
             key = meta["key"]
-            spec, config = GemmSpec(**key["spec"]), KernelConfig(**key["config"])
+            spec = GemmSpec.from_dict(key["spec"])
+            config = get_backend(spec.arch).config_type(**key["config"])
             total += meta["size"]
-            print(f"  {meta['digest'][:12]}  {precompile.describe_spec(spec)}  {format_config(config)}  {spec.arch}  "
-                  f"{precompile.format_size(meta['size'])}  compiled in {meta['compile_seconds']:.2f} s  "
-                  f"{meta['created']}")
+            print(f"  {meta['digest'][:12]}  {key['kernel']}  {precompile.describe_spec(spec)}  "
+                  f"{format_config(config, spec.arch)}  {spec.arch}  {precompile.format_size(meta['size'])}  "
+                  f"compiled in {meta['compile_seconds']:.2f} s  {meta['created']}")
         except (KeyError, TypeError, ValueError):
             print(f"  {meta['digest'][:12]}  (unreadable manifest entry: run `cute-moe cache verify`)")
     print(f"{len(entries)} entries, {precompile.format_size(total)}")
     for name, count in stale.items():
-        print(f"stale build {name}: {count} objects (`cute-moe cache clear --stale` removes them)")
+        what = "entries of changed kernel sources" if name == directory.path.name else f"objects of build {name}"
+        print(f"stale: {count} {what} (`cute-moe cache clear --stale` removes them)")
     return 0
 
 
 def cache_verify(args: argparse.Namespace) -> int:
-    """Check and load every entry; 1 when something was removed or skipped."""
-    good, problems = cache.verify(_root(args))
+    """Check and load every entry; 1 when something was removed, reported or skipped, 2 when the
+    cache directory is unusable."""
+    try:
+        good, problems = cache.verify(_root(args))
+    except cache.CacheDirError as e:
+        print(f"cute-moe cache verify: {e}", file=sys.stderr)
+        return 2
     for name, reason in problems:
         print(f"  {name}: {reason}")
     print(f"{good} good entries, {len(problems)} problems")
@@ -50,14 +93,23 @@ def cache_verify(args: argparse.Namespace) -> int:
 
 
 def cache_clear(args: argparse.Namespace) -> int:
+    """Delete cached objects (all builds', or only stale ones); 2 when the directory is unusable."""
     root = _root(args)
-    removed = cache.clear(root, stale_only=args.stale)
-    print(f"removed {removed} objects {'of other builds ' if args.stale else ''}under {root}")
+    try:
+        removed = cache.clear(root, stale_only=args.stale)
+    except cache.CacheDirError as e:
+        print(f"cute-moe cache clear: {e}", file=sys.stderr)
+        return 2
+    print(f"removed {removed} objects{' (stale only)' if args.stale else ''} under {root}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cute-moe", description="cute-moe MoE GEMM kernels: build tools")
+    parser = OneLineParser(prog="cute-moe", description="cute-moe MoE GEMM kernels: build tools")
+    parser.add_argument("--version", action="version", version=f"cute-moe {cute_moe.__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of an unexpected error ({DEBUG_ENV}=1 does too, and also turns "
+                        "on the host-side index checks before each launch)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub = commands.add_parser("precompile", help="compile a model's specializations into the disk cache (no GPU)",
@@ -68,36 +120,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("cache", help="inspect or clean the disk cache")
     actions = sub.add_subparsers(dest="action", required=True, metavar="ACTION")
     for name, handler, text in (("ls", cache_ls, "list this build's entries"),
-                                ("verify", cache_verify, "check and load every entry, remove unusable ones"),
+                                ("verify", cache_verify, "check and load every entry, remove unusable ones "
+                                 "(only report them in a read-only cache)"),
                                 ("clear", cache_clear, "delete cached objects")):
         action = actions.add_parser(name, help=text, description=text)
         action.add_argument("--cache-dir", help="cache root (default: CUTE_MOE_CACHE_DIR or the user cache dir)")
         action.set_defaults(handler=handler)
         if name == "clear":
-            action.add_argument("--stale", action="store_true", help="only other builds' (fingerprints') objects")
+            action.add_argument("--stale", action="store_true",
+                                help="only stale objects: other builds' and those of changed kernel sources")
 
     sub = commands.add_parser("tune", help="measure candidate configs on the GPU, write a tuned table",
                               description=tune.__doc__.splitlines()[0])
     tune.add_arguments(sub)
     sub.set_defaults(handler=tune.run)
 
-    commands.add_parser("bench", help="benchmark against torch (GPU; `cute-moe bench --help`)", add_help=False)
+    sub = commands.add_parser("bench", help="benchmark the GEMMs against torch on the GPU",
+                              description=bench.__doc__.splitlines()[0])
+    bench.add_arguments(sub)
+    sub.set_defaults(handler=bench.run)
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:
-        from . import bench
-
-        bench.main(argv[1:])
-        return 0
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.handler(args)
-    except ValueError as e:
-        parser.exit(2, f"cute-moe {args.command}: error: {e}\n")
+    """``cute-moe``: run one command; errors end as one line (see call_handler)."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return call_handler(f"cute-moe {args.command}", args.handler, args)
 
 
 if __name__ == "__main__":

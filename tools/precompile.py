@@ -1,49 +1,68 @@
 """Fill the disk cache with every specialization the dispatcher can choose for a model's expert GEMMs.
 
 Runs on any machine (no GPU needed): compiles in parallel worker processes started with the
-``spawn`` method and ``CUTE_DSL_ARCH`` set before they import cutlass, exports each object into the
-cache (see cute_moe.cache), prints progress and a table.
+``spawn`` method (each compiles for its spec's arch; no environment variable needed), exports each
+object into the cache (see cute_moe.cache), prints progress and a table.
 
     cute-moe precompile --model DeepSeek-V3 --ep 8 --arch sm_90a --dtype bf16 --jobs 8
 """
 
 import argparse
 import contextlib
+import ctypes
 import multiprocessing
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 from cute_moe import cache
-from cute_moe.dispatch import (ALIGNED_KINDS, KINDS_WITH_ROW_HINT, buckets_between, format_config,
-                               reachable_configs)
-from cute_moe.layouts.alignment import get_mk_alignment_for_contiguous_layout
-from cute_moe.models import MoeModel, expected_rows, expert_gemms, get_preset, load_shapes
-from cute_moe.specs import AB_DTYPES, ARCHS, GemmSpec, KernelConfig
+from cute_moe.arch import backend_for, registered_archs
+from cute_moe.dispatch import KINDS_WITH_ROW_HINT, buckets_between, format_config, problem_of, reachable_configs
+from cute_moe.layouts.alignment import check_alignment, get_mk_alignment_for_contiguous_layout
+from cute_moe.models import PRESETS, MoeModel, expected_rows, expert_gemms, get_preset, load_shapes, model_errors
+from cute_moe.operands import PRECISIONS as OPERAND_PAIRS
+from cute_moe.operands import Operand
+from cute_moe.specs import ALIGNED_KINDS, GemmSpec
 
 
 @dataclass(frozen=True)
 class Precision:
     """Operand and output types of one --dtype and the MoE kinds of its expert GEMMs."""
 
-    ab_dtype: str
+    a: Operand
+    b: Operand
     d_dtype: str
     kinds: tuple[str, ...]
 
 
-# --dtype names; one is available when specs.AB_DTYPES lists its operand type (a kernel exists).
+# --dtype names (operand pairs of cute_moe.operands) and the MoE kinds of their expert GEMMs.
 DTYPES = {
-    "bf16": Precision("bf16", "bf16", ("contiguous", "psum", "masked", "ragged")),
-    "fp8": Precision("fp8_e4m3", "bf16", ("contiguous", "psum", "masked")),
+    "bf16": Precision(*OPERAND_PAIRS["bf16"], "bf16", ("contiguous", "psum", "masked", "ragged")),
+    "fp8": Precision(*OPERAND_PAIRS["fp8"], "bf16", ("contiguous", "psum", "masked")),
 }
-PRECISIONS = {name: p for name, p in DTYPES.items() if p.ab_dtype in AB_DTYPES}
+
+
+def _available(precision: Precision) -> bool:
+    """Whether the default arch's backend implements the precision's kinds."""
+    try:
+        for kind in precision.kinds:
+            backend_for(None).check_spec(problem_of(kind, 256, 256, 1, 0, 128, a=precision.a, b=precision.b))
+    except ValueError:
+        return False
+    return True
+
+
+PRECISIONS = {name: p for name, p in DTYPES.items() if _available(p)}
 PLANNED_ARCHS = {"sm_100a": "no SM100 kernels in this build"}
 DEFAULT_MAX_TOKENS = 8192
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass(frozen=True)
@@ -51,7 +70,7 @@ class Task:
     """One specialization to build, and the model GEMMs that need it."""
 
     spec: GemmSpec
-    config: KernelConfig
+    config: Any
     uses: tuple[str, ...]
 
 
@@ -62,16 +81,23 @@ def _csv(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+def check_positive(option: str, value: Optional[int]) -> None:
+    """Raise ValueError naming ``option`` unless value is None (not given) or >= 1."""
+    if value is not None and value < 1:
+        raise ValueError(f"{option}: expected >= 1, got {value}")
+
+
 def parse_archs(text: str) -> tuple[str, ...]:
     """--arch: comma-separated archs that have kernels in this build."""
     archs = _csv(text)
     if not archs:
         raise ValueError("--arch: expected at least one arch, e.g. sm_90a")
     for arch in archs:
-        if arch in PLANNED_ARCHS:
-            raise ValueError(f"--arch: {arch}: {PLANNED_ARCHS[arch]}; supported archs: {', '.join(ARCHS)}")
-        if arch not in ARCHS:
-            raise ValueError(f"--arch: unknown arch {arch!r}; supported archs: {', '.join(ARCHS)}")
+        supported = ", ".join(registered_archs())
+        if arch in PLANNED_ARCHS and arch not in registered_archs():
+            raise ValueError(f"--arch: {arch}: {PLANNED_ARCHS[arch]}; supported archs: {supported}")
+        if arch not in registered_archs():
+            raise ValueError(f"--arch: unknown arch {arch!r}; supported archs: {supported}")
     return tuple(dict.fromkeys(archs))
 
 
@@ -103,9 +129,10 @@ def parse_kinds(text: Optional[str], dtypes: tuple[str, ...]) -> Optional[tuple[
     return tuple(kinds)
 
 
-def spec_for(kind: str, n: int, k: int, ab_dtype: str, d_dtype: str, arch: str, alignment: int) -> GemmSpec:
+def spec_for(kind: str, n: int, k: int, precision: Precision, arch: str, alignment: int) -> GemmSpec:
     """The static description of a GEMM launched as ``kind`` (psum specs carry the alignment)."""
-    return GemmSpec(kind, n, k, ab_dtype, d_dtype, arch=arch, alignment=alignment if kind == "psum" else 0)
+    return GemmSpec(kind, n, k, precision.a, precision.b, precision.d_dtype, arch=arch,
+                    alignment=alignment if kind == "psum" else 0)
 
 
 def plan(models: list[MoeModel], *, archs: tuple[str, ...], dtypes: tuple[str, ...], ep: int = 1, tp: int = 1,
@@ -117,82 +144,135 @@ def plan(models: list[MoeModel], *, archs: tuple[str, ...], dtypes: tuple[str, .
     expected_rows(model, tokens, ep) for tokens in [1, max_tokens], plus "no hint"; launches of the
     other kinds carry no hint. ``alignment``: contiguous-layout segment alignment (default: current).
     """
-    if max_tokens < 1:
-        raise ValueError(f"--max-tokens: expected >= 1, got {max_tokens}")
-    alignment = get_mk_alignment_for_contiguous_layout() if alignment is None else alignment
-    if alignment < 64 or alignment % 64 != 0:
-        raise ValueError(f"--alignment: expected a positive multiple of 64, got {alignment}")
-    if num_sms is not None and num_sms < 1:
-        raise ValueError(f"--num-sms: expected >= 1, got {num_sms}")
-    uses: dict[tuple[GemmSpec, KernelConfig], list[str]] = {}
+    check_positive("--max-tokens", max_tokens)
+    check_positive("--num-sms", num_sms)
+    alignment = (get_mk_alignment_for_contiguous_layout() if alignment is None
+                 else check_alignment(alignment, "--alignment"))
+    uses: dict[tuple[GemmSpec, Any], list[str]] = {}
     for model in models:
-        hinted = (0,) + buckets_between(expected_rows(model, 1, ep), expected_rows(model, max_tokens, ep))
-        for gemm in expert_gemms(model, ep, tp):
-            for arch in archs:
-                for dtype in dtypes:
-                    precision = PRECISIONS[dtype]
-                    for kind in precision.kinds:
-                        if kinds is not None and kind not in kinds:
-                            continue
-                        spec = spec_for(kind, gemm.n, gemm.k, precision.ab_dtype, precision.d_dtype, arch, alignment)
-                        configs = reachable_configs(
-                            kind, gemm.n, gemm.k, gemm.num_groups, hinted if kind in KINDS_WITH_ROW_HINT else (0,),
-                            alignment if kind in ALIGNED_KINDS else 0, arch=arch, ab_dtype=precision.ab_dtype,
-                            d_dtype=precision.d_dtype, num_sms=num_sms)
-                        for config in configs:
-                            uses.setdefault((spec, config), []).append(f"{model.name}/{gemm.name}")
+        with model_errors(model):
+            hinted = (0,) + buckets_between(expected_rows(model, 1, ep), expected_rows(model, max_tokens, ep))
+            for gemm in expert_gemms(model, ep, tp):
+                for arch in archs:
+                    for dtype in dtypes:
+                        precision = PRECISIONS[dtype]
+                        for kind in precision.kinds:
+                            if kinds is not None and kind not in kinds:
+                                continue
+                            spec = spec_for(kind, gemm.n, gemm.k, precision, arch, alignment)
+                            configs = reachable_configs(
+                                kind, gemm.n, gemm.k, gemm.num_groups,
+                                hinted if kind in KINDS_WITH_ROW_HINT else (0,),
+                                alignment if kind in ALIGNED_KINDS else 0, arch=arch, a=precision.a, b=precision.b,
+                                d_dtype=precision.d_dtype, num_sms=num_sms)
+                            for config in configs:
+                                uses.setdefault((spec, config), []).append(f"{model.name}/{gemm.name}")
     tasks = [Task(spec, config, tuple(dict.fromkeys(names))) for (spec, config), names in uses.items()]
-    return sorted(tasks, key=lambda t: (t.spec.arch, t.spec.ab_dtype, t.spec.kind, t.spec.n, t.spec.k, t.config.key()))
+    return sorted(tasks, key=lambda t: (t.spec.arch, t.spec.operands, t.spec.kind, t.spec.n, t.spec.k, t.config.key()))
 
 
-def _build_one(root: str, spec: GemmSpec, config: KernelConfig) -> Outcome:
+def _build_one(root: str, spec: GemmSpec, config: Any) -> Outcome:
     """Worker: ensure one entry (an error comes back as its message)."""
     try:
         return cache.ensure(spec, config, Path(root))
     except Exception as e:  # noqa: BLE001 - reported per task, the other tasks go on
-        message = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split())
-        return f"{type(e).__name__}: {message[:400]}"
+        return f"{type(e).__name__}: {one_line(str(e))[:400]}"
+
+
+def one_line(text: str) -> str:
+    """``text`` without terminal colours, its whitespace runs (newlines included) as single spaces."""
+    return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", text).split())
+
+
+def _worker_init(parent: int) -> None:
+    """Worker initializer: die with the parent even when it is killed outright (SIGKILL leaves it no
+    chance to stop its pool): PR_SET_PDEATHSIG, plus a watchdog thread for what that misses (a
+    parent that died before this ran)."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived while building."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated
 
 
 @contextlib.contextmanager
-def _arch_environment(arch: str) -> Iterator[None]:
-    """CUTE_DSL_ARCH for the workers spawned inside the block (they import cutlass on start)."""
-    previous = os.environ.get("CUTE_DSL_ARCH")
-    os.environ["CUTE_DSL_ARCH"] = arch
+def _sigterm_raises() -> Iterator[None]:
+    """While building, SIGTERM raises _Terminated (only the main thread can install the handler)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield
     finally:
-        if previous is None:
-            del os.environ["CUTE_DSL_ARCH"]
-        else:
-            os.environ["CUTE_DSL_ARCH"] = previous
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Cancel the tasks not started and kill the workers now (shutting down alone waits for them).
+    The workers are this process's multiprocessing children."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in multiprocessing.active_children():
+        process.kill()
+        process.join()
+
+
+def _build_all(batch: list[Task], root: Path, jobs: int, done: Callable[[Task, Outcome], None]) -> None:
+    """Build the tasks in spawned workers (each compiles for its spec's arch, no environment needed);
+    whatever interrupts it (SIGTERM, Ctrl-C, an error) stops the workers before it propagates."""
+    pool = ProcessPoolExecutor(min(jobs, len(batch)), mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_init, initargs=(os.getpid(),))
+    try:
+        futures = {pool.submit(_build_one, str(root), t.spec, t.config): t for t in batch}
+        for future in as_completed(futures):
+            try:
+                outcome = future.result()
+            except Exception as e:  # noqa: BLE001 - a worker died (e.g. killed): report, go on
+                outcome = f"{type(e).__name__}: worker process failed: {e}"
+            done(futures[future], outcome)
+    except BaseException:
+        _stop_workers(pool)
+        raise
+    pool.shutdown()
 
 
 def build(tasks: list[Task], root: Path, jobs: int,
           progress: Optional[Callable[[int, int, Task, Outcome], None]] = None) -> list[tuple[Task, Outcome]]:
-    """Build the tasks' entries under ``root`` with ``jobs`` spawned worker processes per arch."""
-    if jobs < 1:
-        raise ValueError(f"--jobs: expected >= 1, got {jobs}")
+    """Build the tasks' entries under ``root`` with ``jobs`` spawned worker processes.
+
+    The workers die with this process; SIGTERM stops them and exits with status 143 and one line.
+    """
+    check_positive("--jobs", jobs)
     results: list[tuple[Task, Outcome]] = []
-    context = multiprocessing.get_context("spawn")
-    for arch in dict.fromkeys(t.spec.arch for t in tasks):
-        batch = [t for t in tasks if t.spec.arch == arch]
-        with _arch_environment(arch), ProcessPoolExecutor(min(jobs, len(batch)), mp_context=context) as pool:
-            futures = {pool.submit(_build_one, str(root), t.spec, t.config): t for t in batch}
-            for future in as_completed(futures):
-                try:
-                    outcome = future.result()
-                except Exception as e:  # noqa: BLE001 - a worker died (e.g. killed): report, go on
-                    outcome = f"{type(e).__name__}: worker process failed: {e}"
-                results.append((futures[future], outcome))
-                if progress is not None:
-                    progress(len(results), len(tasks), *results[-1])
+
+    def done(task: Task, outcome: Outcome) -> None:
+        results.append((task, outcome))
+        if progress is not None:
+            progress(len(results), len(tasks), task, outcome)
+
+    try:
+        with _sigterm_raises():
+            _build_all(tasks, root, jobs, done)
+    except _Terminated:
+        print("cute-moe: terminated (SIGTERM); compile workers stopped", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signal.SIGTERM) from None
     order = {id(t): i for i, t in enumerate(tasks)}
     return sorted(results, key=lambda r: order[id(r[0])])
 
 
 def describe_spec(spec: GemmSpec) -> str:
-    return f"{spec.kind} {spec.ab_dtype}->{spec.d_dtype} n={spec.n} k={spec.k}"
+    return f"{spec.kind} {spec.operands}->{spec.d_dtype} n={spec.n} k={spec.k}"
 
 
 def format_size(n: int) -> str:
@@ -222,9 +302,14 @@ def format_table(results: list[tuple[Task, Outcome]], wall_seconds: float) -> st
     return "\n".join(lines)
 
 
+def model_help() -> str:
+    """--model's help: the preset names."""
+    return f"model preset name (case-insensitive): {', '.join(PRESETS)}"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="model preset name (case-insensitive)")
+    source.add_argument("--model", help=model_help())
     source.add_argument("--shapes", metavar="FILE",
                         help="JSON file: {name, hidden, moe_intermediate, experts, top_k} or a list of them")
     parser.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (experts per rank = experts / ep)")
@@ -242,7 +327,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Plan, build, print; returns the exit status (1 when a compile failed). Bad input: ValueError."""
+    """Plan, build, print; returns the exit status (1 when a compile failed). Bad input: ValueError,
+    raised before anything is printed."""
+    check_positive("--jobs", args.jobs)
     models = [get_preset(args.model)] if args.model else load_shapes(args.shapes)
     dtypes = parse_dtypes(args.dtype)
     tasks = plan(models, archs=parse_archs(args.arch), dtypes=dtypes, ep=args.ep, tp=args.tp,
@@ -256,8 +343,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not cache.cache_enabled():
         raise ValueError("CUTE_MOE_CACHE: the disk cache is turned off; precompiling would fill nothing")
-    root = Path(args.cache_dir).expanduser() if args.cache_dir else cache.cache_root()
-    print(f"precompiling {len(tasks)} specializations into {root / cache.fingerprint()} "
+    try:  # before any work: one line naming an untrusted, unusable or read-only cache directory
+        directory = cache.open_build_dir(Path(args.cache_dir).expanduser() if args.cache_dir else None,
+                                         create=True, write=True)
+    except cache.CacheDirError as e:
+        raise ValueError(str(e)) from None
+    root = directory.path.parent
+    print(f"precompiling {len(tasks)} specializations into {directory.path} "
           f"with {min(args.jobs, len(tasks))} processes", file=sys.stderr)
 
     def progress(done: int, total: int, task: Task, outcome: Outcome) -> None:

@@ -26,10 +26,11 @@ from cute_moe.dispatch import (KINDS_WITH_ROW_HINT, TABLE_KEY_FIELDS, TUNED_TABL
                                problem_of, read_tuned_table, reload_tuned_table, spec_of, table_entry, table_key,
                                user_table_path)
 from cute_moe.layouts.alignment import align, get_mk_alignment_for_contiguous_layout
-from cute_moe.models import expected_rows, expert_gemms, get_preset, load_shapes
+from cute_moe.models import expected_rows, expert_gemms, get_preset, load_shapes, model_errors
 from cute_moe.specs import ALIGNED_KINDS
 
-from .precompile import PRECISIONS, Task, build, parse_dtypes, parse_kinds
+from .bench import require_gpu
+from .precompile import PRECISIONS, Task, build, check_positive, model_help, parse_dtypes, parse_kinds
 
 DEFAULT_TOKENS = "16,128,1024,8192"
 MAX_DIFF = 1e-5
@@ -73,17 +74,21 @@ def plan_workloads(args: argparse.Namespace, alignment: int) -> dict[tuple, list
     keyed: dict[tuple, list[tuple[Problem, Workload]]] = {}
     for model, dtype in itertools.product(models, dtypes):
         precision = PRECISIONS[dtype]
-        for gemm, kind, count in itertools.product(expert_gemms(model, args.ep, args.tp), precision.kinds, tokens):
-            if kinds is not None and kind not in kinds:
-                continue
-            rows = max(1, expected_rows(model, count, args.ep))
-            problem = problem_of(kind, gemm.n, gemm.k, gemm.num_groups, rows if kind in KINDS_WITH_ROW_HINT else 0,
-                                 alignment if kind in ALIGNED_KINDS else 0, arch=args.arch,
-                                 a=precision.a, b=precision.b, d_dtype=precision.d_dtype)
-            item = (problem, Workload(kind, gemm.n, gemm.k, gemm.num_groups, rows, dtype, precision.d_dtype))
-            items = keyed.setdefault(table_key(problem), [])
-            if item not in items:
-                items.append(item)
+        with model_errors(model):
+            for gemm, kind, count in itertools.product(expert_gemms(model, args.ep, args.tp), precision.kinds,
+                                                       tokens):
+                if kinds is not None and kind not in kinds:
+                    continue
+                rows = max(1, expected_rows(model, count, args.ep))
+                problem = problem_of(kind, gemm.n, gemm.k, gemm.num_groups,
+                                     rows if kind in KINDS_WITH_ROW_HINT else 0,
+                                     alignment if kind in ALIGNED_KINDS else 0, arch=args.arch,
+                                     a=precision.a, b=precision.b, d_dtype=precision.d_dtype)
+                get_backend(args.arch).check_spec(problem)  # e.g. too many groups: refused before any work
+                item = (problem, Workload(kind, gemm.n, gemm.k, gemm.num_groups, rows, dtype, precision.d_dtype))
+                items = keyed.setdefault(table_key(problem), [])
+                if item not in items:
+                    items.append(item)
     return keyed
 
 
@@ -202,7 +207,7 @@ def write_table(path: Path, entries: list[dict]) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="model preset name (case-insensitive)")
+    source.add_argument("--model", help=model_help())
     source.add_argument("--shapes", metavar="FILE", help="JSON file of models (see precompile --help)")
     parser.add_argument("--ep", type=int, default=1, help="expert-parallel ranks")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
@@ -212,26 +217,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"token counts per rank to measure (default {DEFAULT_TOKENS})")
     parser.add_argument("--repeats", type=int, default=10, help="graph replays per timing (median)")
     parser.add_argument("--jobs", type=int, default=8, help="parallel compile processes for the candidates")
-    parser.add_argument("--out", help="tuned table to merge into (default: the user's table, "
-                        "$XDG_CONFIG_HOME/cute-moe/tuned/<arch>.json, read by the dispatcher over the shipped one)")
+    parser.add_argument("--out", help="tuned table to merge into (default: the user's table "
+                        "$XDG_CONFIG_HOME/cute-moe/tuned/<arch>.json, XDG_CONFIG_HOME defaulting to ~/.config; "
+                        "the dispatcher reads it over the table shipped in the package)")
+
+
+def output_path(out: Optional[str], arch: str) -> Path:
+    """--out, else the user's tuned table of ``arch`` (never the installed package's)."""
+    return Path(out).expanduser() if out else user_table_path(arch)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Validate, compile the candidates, measure, write; returns the exit status."""
+    """Validate, check for a GPU, compile the candidates, measure, write; returns the exit status. Bad
+    arguments: ValueError; no GPU: NoGpuError (both before anything is printed)."""
     alignment = get_mk_alignment_for_contiguous_layout()
     args.arch = default_arch()
     keyed = plan_workloads(args, alignment)
-    if args.repeats < 1:
-        raise ValueError(f"--repeats: expected >= 1, got {args.repeats}")
-    if args.jobs < 1:
-        raise ValueError(f"--jobs: expected >= 1, got {args.jobs}")
-    out = Path(args.out) if args.out else user_table_path(args.arch)
+    check_positive("--repeats", args.repeats)
+    check_positive("--jobs", args.jobs)
+    out = output_path(args.out, args.arch)
     if out.exists():
         read_tuned_table(out)  # refuse to merge into a broken table before measuring anything
+    require_gpu(f"measuring {args.arch} kernels")
     import torch
 
-    if not torch.cuda.is_available():
-        raise ValueError(f"cute-moe tune measures {args.arch} kernels: it needs a GPU, none is visible")
     if cache.cache_enabled():
         tasks = {(spec_of(p), c)
                  for items in keyed.values() for p, _ in items for c in candidate_configs(p)}
