@@ -28,7 +28,7 @@ from cute_moe.dispatch import CONFIG_ENV, force_config, parse_config
 from cute_moe.layouts.alignment import check_alignment
 from cute_moe.testing import calc_diff
 
-from .precompile import _csv
+from .precompile import parse_csv, parse_subset
 
 L2_BYTES = 60 * 2**20
 NK_SHAPES = ((4096, 7168), (7168, 2048))
@@ -326,18 +326,12 @@ def format_row(r: Row) -> str:
 
 def parse_only(text: str) -> set[str]:
     """--only: comma-separated kinds among KINDS."""
-    kinds = _csv(text)
-    for kind in kinds:
-        if kind not in KINDS:
-            raise ValueError(f"--only: unknown kind {kind!r} (expected among {', '.join(KINDS)})")
-    if not kinds:
-        raise ValueError(f"--only: expected at least one of {', '.join(KINDS)}")
-    return set(kinds)
+    return set(parse_subset("--only", text, list(KINDS)))
 
 
 def parse_nk(text: str) -> tuple[tuple[int, int], ...]:
     """--nk: comma-separated positive N x K pairs."""
-    matches = [re.fullmatch(r"([1-9][0-9]*)x([1-9][0-9]*)", item) for item in _csv(text)]
+    matches = [re.fullmatch(r"([1-9][0-9]*)x([1-9][0-9]*)", item) for item in parse_csv(text)]
     if not matches or not all(matches):
         raise ValueError(f"--nk: expected NxK pairs like 4096x7168, got {text!r}")
     return tuple((int(m[1]), int(m[2])) for m in matches)

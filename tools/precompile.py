@@ -77,7 +77,7 @@ class Task:
 Outcome = Union[cache.BuildResult, str]  # a result, or the error message of a failed compile
 
 
-def _csv(text: str) -> list[str]:
+def parse_csv(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
@@ -89,7 +89,7 @@ def check_positive(option: str, value: Optional[int]) -> None:
 
 def parse_archs(text: str) -> tuple[str, ...]:
     """--arch: comma-separated archs that have kernels in this build."""
-    archs = _csv(text)
+    archs = parse_csv(text)
     if not archs:
         raise ValueError("--arch: expected at least one arch, e.g. sm_90a")
     for arch in archs:
@@ -103,7 +103,7 @@ def parse_archs(text: str) -> tuple[str, ...]:
 
 def parse_dtypes(text: str) -> tuple[str, ...]:
     """--dtype: comma-separated operand precisions that have kernels in this build."""
-    dtypes = _csv(text)
+    dtypes = parse_csv(text)
     if not dtypes:
         raise ValueError(f"--dtype: expected at least one of {', '.join(PRECISIONS)}")
     for dtype in dtypes:
@@ -119,13 +119,18 @@ def parse_kinds(text: Optional[str], dtypes: tuple[str, ...]) -> Optional[tuple[
     """--kinds: a subset of the MoE kinds of the chosen dtypes (None: all of them)."""
     if text is None:
         return None
-    offered = {kind for dtype in dtypes for kind in PRECISIONS[dtype].kinds}
-    kinds = _csv(text)
+    offered = sorted({kind for dtype in dtypes for kind in PRECISIONS[dtype].kinds})
+    return parse_subset("--kinds", text, offered)
+
+
+def parse_subset(option: str, text: str, allowed: list[str]) -> tuple[str, ...]:
+    """A comma-separated, non-empty list of kinds among ``allowed``; errors name ``option``."""
+    kinds = parse_csv(text)
     for kind in kinds:
-        if kind not in offered:
-            raise ValueError(f"--kinds: unknown kind {kind!r} (expected among {', '.join(sorted(offered))})")
+        if kind not in allowed:
+            raise ValueError(f"{option}: unknown kind {kind!r} (expected among {', '.join(allowed)})")
     if not kinds:
-        raise ValueError(f"--kinds: expected at least one of {', '.join(sorted(offered))}")
+        raise ValueError(f"{option}: expected at least one of {', '.join(allowed)}")
     return tuple(kinds)
 
 
