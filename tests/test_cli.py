@@ -163,7 +163,8 @@ def test_help_texts(capsys):
     assert top.startswith("usage: cute-moe [-h] [--version] [--debug] COMMAND")
     assert "bench" in top and "--debug" in top and "CUTE_MOE_DEBUG=1" in top
     text = help_text(capsys, ["bench", "--help"])
-    assert text.startswith("usage: cute-moe bench [-h] [--only ONLY] [--config CONFIG] [--nk NK]")
+    assert text.startswith("usage: cute-moe bench [-h] [--section SECTION] [--only ONLY]")
+    assert "--presets" in text and "--compare" in text and "--nk" in text
     assert "fp8_masked" in text and "positive multiple of 64" in text
     for command in ("precompile", "tune"):
         text = help_text(capsys, [command, "--help"])

@@ -11,31 +11,35 @@ writes it (Markdown + JSON) under --out.
 import argparse
 import contextlib
 import json
-import math
 import os
 import random
 import re
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, Optional
+from dataclasses import asdict
+from typing import Any, Optional
 
 import torch
 
 import cute_moe
 from cute_moe.dispatch import CONFIG_ENV, force_config, parse_config
+from cute_moe.models import PRESETS, get_preset
 from cute_moe.layouts.alignment import check_alignment
 from cute_moe.testing import calc_diff
 
+from .bench_common import HEADER, Row, format_row, quantize_rows, randn, rowwise_fp8, sets_for, time_pair
+from .bench_presets import (DECODE_EXPECTED_M, PRESET_KINDS, QUICK_DECODE_EXPECTED_M, QUICK_TOKENS, TOKENS,
+                            bench_preset_rows, summary)
 from .precompile import parse_csv, parse_subset
 
-L2_BYTES = 60 * 2**20
 NK_SHAPES = ((4096, 7168), (7168, 2048))
 CONTIGUOUS_GM = ((4, 8192), (8, 4096), (32, 1024), (32, 256))
 MASKED_EXPECTED_M = (16, 64, 256)
 DENSE_M = (128, 4096)
 KINDS = ("contiguous", "ragged", "masked", "dense", "fp8", "fp8_masked")
+SECTIONS = ("fixed", "presets")
+
 
 
 class NoGpuError(RuntimeError):
@@ -47,66 +51,6 @@ def require_gpu(what: str) -> None:
     if not torch.cuda.is_available():
         reason = "was built without CUDA" if torch.version.cuda is None else "sees no CUDA device"
         raise NoGpuError(f"{what} needs a GPU, none is visible (torch {torch.__version__} {reason})")
-
-
-@dataclass
-class Row:
-    kind: str
-    shape: str
-    ours_us: float
-    base_us: float
-    tflops: float
-    gbps: float
-    ratio: float
-    diff: float
-    baseline: str
-    note: str = ""
-
-
-def _graph_of(launch: Callable[[int], object], num_sets: int) -> tuple[torch.cuda.CUDAGraph, int]:
-    """Capture enough rotating launches that one replay lasts about 10 ms."""
-    for i in range(num_sets):
-        launch(i)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for i in range(num_sets):
-        launch(i)
-    end.record()
-    end.synchronize()
-    estimate_us = max(start.elapsed_time(end) * 1e3 / num_sets, 1.0)
-    calls = max(num_sets, min(1000, math.ceil(10000 / estimate_us)))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            launch(i % num_sets)
-    graph.replay()
-    return graph, calls
-
-
-def time_pair(ours: Callable[[int], object], base: Callable[[int], object], num_sets: int,
-              repeats: int = 20) -> tuple[float, float]:
-    """Median microseconds per launch of ours and of the baseline, their graph replays interleaved so
-    clock and thermal drift hit both alike."""
-    graphs = [_graph_of(ours, num_sets), _graph_of(base, num_sets)]
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    samples: list[list[float]] = [[], []]
-    for _ in range(repeats):
-        for which, (graph, calls) in enumerate(graphs):
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            samples[which].append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(samples[0]), statistics.median(samples[1])
-
-
-def sets_for(bytes_per_set: int) -> int:
-    return max(1, min(8, math.ceil(3 * L2_BYTES / bytes_per_set)))
-
-
-def randn(*shape):
-    return torch.randn(*shape, device="cuda", dtype=torch.float32).to(torch.bfloat16)
 
 
 def bench_contiguous(kind: str, g: int, m: int, n: int, k: int) -> Row:
@@ -171,13 +115,6 @@ def bench_masked(g: int, max_m: int, expected_m: int, n: int, k: int) -> Row:
                "torch._grouped_mm (packed rows)")
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """1x128 FP8 cast with scales in the kernel's MN-major layout (DeepSeek activation recipe)."""
-    flat = x.reshape(-1, x.shape[-1])
-    q, sf = cute_moe.per_token_cast_to_fp8(flat)
-    return q.view(*x.shape), cute_moe.get_mn_major_tma_aligned_tensor(sf.view(*x.shape[:-1], sf.shape[-1]))
-
-
 def bench_fp8_contiguous(g: int, m: int, n: int, k: int) -> Row:
     """FP8 contiguous (1x128 / 128x128 block scales) vs torch._scaled_grouped_mm (row-wise FP8), and
     vs this project's BF16 contiguous kernel on the same data."""
@@ -189,12 +126,7 @@ def bench_fp8_contiguous(g: int, m: int, n: int, k: int) -> Row:
     w_q, sfb = cute_moe.per_block_cast_to_fp8(w)
     d = torch.empty(total, n, device="cuda", dtype=torch.bfloat16)
     d_bf16 = torch.empty_like(d)
-    # Row-wise baseline operands: one scale per row of A and per column of B.
-    a_amax = a.float().abs().amax(dim=1).clamp_min(1e-4)
-    w_amax = w.float().abs().amax(dim=2).clamp_min(1e-4)
-    a_row = (a.float() * (448.0 / a_amax[:, None])).to(torch.float8_e4m3fn)
-    w_row = (w.float() * (448.0 / w_amax[:, :, None])).to(torch.float8_e4m3fn)
-    scale_a, scale_b = (a_amax / 448.0).contiguous(), (w_amax / 448.0).contiguous()
+    a_row, w_row, scale_a, scale_b = rowwise_fp8(a, w)
     outs = {}
 
     def ours(_):
@@ -315,15 +247,6 @@ def bench_rows(only: set[str], nk_shapes: tuple[tuple[int, int], ...]) -> list[R
     return rows
 
 
-HEADER = ("| kind | shape | ours us | baseline us | TFLOPS | GB/s | ours/baseline speed | calc_diff | baseline | "
-          "note |\n|---|---|---|---|---|---|---|---|---|---|")
-
-
-def format_row(r: Row) -> str:
-    return (f"| {r.kind} | {r.shape} | {r.ours_us:.1f} | {r.base_us:.1f} | {r.tflops:.0f} | {r.gbps:.0f} | "
-            f"{r.ratio:.3f}x | {r.diff:.1e} | {r.baseline} | {r.note} |")
-
-
 def parse_only(text: str) -> set[str]:
     """--only: comma-separated kinds among KINDS."""
     return set(parse_subset("--only", text, list(KINDS)))
@@ -345,9 +268,54 @@ def parse_forced_config(text: str) -> Any:
         raise ValueError(f"--config: {str(e).removeprefix(f'{CONFIG_ENV}: ')}") from None
 
 
+def parse_presets(text: str) -> list[str]:
+    """--presets: comma-separated preset names (case-insensitive), or all."""
+    if text == "all":
+        return list(PRESETS)
+    try:
+        return [get_preset(name).name for name in parse_csv(text)] or list(PRESETS)
+    except ValueError as e:
+        raise ValueError(f"--presets: {str(e).removeprefix('--model: ')}") from None
+
+
+def load_compare(path: str) -> dict[tuple[str, str, str], dict]:
+    """--compare: the rows of an earlier bench.json, keyed by (section, kind, shape)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return {(section, r["kind"], r["shape"]): r for section in SECTIONS
+                for r in data.get("rows" if section == "fixed" else "preset_rows", [])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"--compare: cannot read an earlier bench.json from {path}: {e}") from None
+
+
+def comparison(old: dict, section: str, rows: list[Row]) -> list[str]:
+    """Each row's change against the earlier run: our time and our ratio to the baseline."""
+    lines = []
+    for r in rows:
+        before = old.get((section, r.kind, r.shape))
+        if before is None:
+            lines.append(f"{section} | {r.kind} | {r.shape} | new row")
+            continue
+        lines.append(f"{section} | {r.kind} | {r.shape} | ours {before['ours_us']:.1f} -> {r.ours_us:.1f} us "
+                     f"({before['ours_us'] / r.ours_us:.3f}x speed) | ratio {before['ratio']:.3f} -> {r.ratio:.3f}")
+    return lines
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--section", default=",".join(SECTIONS),
+                        help="comma-separated sections: fixed (the DeepSeek shapes below), presets (every "
+                        "model preset's expert GEMMs with uneven routing); default both")
     parser.add_argument("--only", default=",".join(KINDS),
-                        help=f"comma-separated kinds among {', '.join(KINDS)} (default: all)")
+                        help=f"fixed section: comma-separated kinds among {', '.join(KINDS)} (default: all)")
+    parser.add_argument("--presets", default="all", help=f"presets section: comma-separated among "
+                        f"{', '.join(PRESETS)} (default: all)")
+    parser.add_argument("--preset-kinds", default=",".join(PRESET_KINDS),
+                        help=f"presets section: comma-separated among {', '.join(PRESET_KINDS)} (default: all)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"presets section: {QUICK_TOKENS} tokens per rank and expected rows "
+                        f"{QUICK_DECODE_EXPECTED_M} only (default {TOKENS} and {DECODE_EXPECTED_M})")
+    parser.add_argument("--compare", metavar="OLD.json", help="print every row's change against an earlier bench.json")
     parser.add_argument("--config", default=None, help="force a KernelConfig, e.g. tile_m=128,tile_n=256,cluster_m=2")
     parser.add_argument("--nk", default=None, help="only these N x K shapes, e.g. 4096x7168,7168x2048")
     parser.add_argument("--alignment", type=int, default=None,
@@ -359,7 +327,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Validate the arguments, check for a GPU, benchmark, print and write the table; returns the exit
     status. Bad arguments: ValueError; no GPU: NoGpuError (both before anything is printed)."""
+    sections = parse_subset("--section", args.section, list(SECTIONS))
     only = parse_only(args.only)
+    presets = parse_presets(args.presets)
+    preset_kinds = set(parse_subset("--preset-kinds", args.preset_kinds, list(PRESET_KINDS)))
+    old = load_compare(args.compare) if args.compare else None
     nk_shapes = NK_SHAPES if args.nk is None else parse_nk(args.nk)
     config = None if args.config is None else parse_forced_config(args.config)
     if args.alignment is not None:
@@ -372,23 +344,32 @@ def run(args: argparse.Namespace) -> int:
     if args.alignment is not None:
         cute_moe.set_mk_alignment_for_contiguous_layout(args.alignment)
     torch.manual_seed(0)
+    emit = lambda row: print(format_row(row), flush=True)  # noqa: E731
     print(HEADER, flush=True)
     with force_config(config) if config is not None else contextlib.nullcontext():
-        rows = bench_rows(only, nk_shapes)
+        rows = bench_rows(only, nk_shapes) if "fixed" in sections else []
+        preset_rows = bench_preset_rows(presets, preset_kinds, args.quick, emit) if "presets" in sections else []
     host = None if args.no_host else host_overhead_us()
     device = torch.cuda.get_device_name()
     stamp = time.strftime("%Y-%m-%d")
     table = "\n".join([HEADER] + [format_row(r) for r in rows])
+    if preset_rows:
+        table += "\n\nModel presets, uneven routing:\n\n" + "\n".join(
+            [HEADER] + [format_row(r) for r in preset_rows] + [""] + summary(preset_rows))
     note = f"{stamp}, {device}, torch {torch.__version__}, config {args.config or 'dispatcher'}"
     if host is not None:
         note += f", warm-call host time {host:.1f} us"
     with open(os.path.join(args.out, "bench.md"), "w") as f:
         f.write(f"{note}\n\n{table}\n")
     with open(os.path.join(args.out, "bench.json"), "w") as f:
-        json.dump({"note": note, "rows": [asdict(r) for r in rows], "host_us": host}, f, indent=1)
+        json.dump({"note": note, "rows": [asdict(r) for r in rows], "preset_rows": [asdict(r) for r in preset_rows],
+                   "host_us": host}, f, indent=1)
     print()
     print(note)
     print(table)
+    if old is not None:
+        print(f"\nChange against {args.compare}:")
+        print("\n".join(comparison(old, "fixed", rows) + comparison(old, "presets", preset_rows)))
     return 0
 
 

@@ -98,7 +98,7 @@ class Bench:
     def __init__(self, w: Workload, alignment: int):
         import torch
 
-        from .bench import randn, sets_for
+        from .bench_common import randn, sets_for
 
         self.w = w
         self.out_dtype = torch.bfloat16 if w.d_dtype == "bf16" else torch.float32
@@ -164,7 +164,7 @@ def measure(items: list[tuple[Problem, Workload]], candidates: list[KernelConfig
     """Mean time relative to the rules' choice per valid candidate, and the rules' mean microseconds."""
     from cute_moe.testing import calc_diff
 
-    from .bench import time_pair
+    from .bench_common import time_pair
 
     scores: dict[KernelConfig, list[float]] = {c: [] for c in candidates}
     rules_us = []

@@ -1,0 +1,99 @@
+"""Measurement pieces shared by the benchmark's sections: rows, interleaved CUDA-graph timing, inputs."""
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import cute_moe
+
+L2_BYTES = 60 * 2**20
+FP8_MAX = 448.0  # largest finite E4M3 value
+
+
+@dataclass
+class Row:
+    kind: str
+    shape: str
+    ours_us: float
+    base_us: float
+    tflops: float
+    gbps: float
+    ratio: float
+    diff: float
+    baseline: str
+    note: str = ""
+
+
+def _graph_of(launch: Callable[[int], object], num_sets: int) -> tuple[torch.cuda.CUDAGraph, int]:
+    """Capture enough rotating launches that one replay lasts about 10 ms."""
+    for i in range(num_sets):
+        launch(i)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(num_sets):
+        launch(i)
+    end.record()
+    end.synchronize()
+    estimate_us = max(start.elapsed_time(end) * 1e3 / num_sets, 1.0)
+    calls = max(num_sets, min(1000, math.ceil(10000 / estimate_us)))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            launch(i % num_sets)
+    graph.replay()
+    return graph, calls
+
+
+def time_pair(ours: Callable[[int], object], base: Callable[[int], object], num_sets: int,
+              repeats: int = 20) -> tuple[float, float]:
+    """Median microseconds per launch of ours and of the baseline, their graph replays interleaved so
+    clock and thermal drift hit both alike."""
+    graphs = [_graph_of(ours, num_sets), _graph_of(base, num_sets)]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    samples: list[list[float]] = [[], []]
+    for _ in range(repeats):
+        for which, (graph, calls) in enumerate(graphs):
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            samples[which].append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(samples[0]), statistics.median(samples[1])
+
+
+def sets_for(bytes_per_set: int) -> int:
+    return max(1, min(8, math.ceil(3 * L2_BYTES / bytes_per_set)))
+
+
+def randn(*shape):
+    return torch.randn(*shape, device="cuda", dtype=torch.float32).to(torch.bfloat16)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """1x128 FP8 cast with scales in the kernel's MN-major layout (DeepSeek activation recipe)."""
+    flat = x.reshape(-1, x.shape[-1])
+    q, sf = cute_moe.per_token_cast_to_fp8(flat)
+    return q.view(*x.shape), cute_moe.get_mn_major_tma_aligned_tensor(sf.view(*x.shape[:-1], sf.shape[-1]))
+
+
+def rowwise_fp8(a: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Operands of torch._scaled_grouped_mm's row-wise FP8 recipe: A [M, K] and W [G, N, K] cast to
+    E4M3 with one FP32 scale per row of A and per row of each W (a column of B)."""
+    a_amax = a.float().abs().amax(dim=1).clamp_min(1e-4)
+    w_amax = w.float().abs().amax(dim=2).clamp_min(1e-4)
+    a_row = (a.float() * (FP8_MAX / a_amax[:, None])).to(torch.float8_e4m3fn)
+    w_row = (w.float() * (FP8_MAX / w_amax[:, :, None])).to(torch.float8_e4m3fn)
+    return a_row, w_row, (a_amax / FP8_MAX).contiguous(), (w_amax / FP8_MAX).contiguous()
+
+
+HEADER = ("| kind | shape | ours us | baseline us | TFLOPS | GB/s | ours/baseline speed | calc_diff | baseline | "
+          "note |\n|---|---|---|---|---|---|---|---|---|---|")
+
+
+def format_row(r: Row) -> str:
+    return (f"| {r.kind} | {r.shape} | {r.ours_us:.1f} | {r.base_us:.1f} | {r.tflops:.0f} | {r.gbps:.0f} | "
+            f"{r.ratio:.3f}x | {r.diff:.1e} | {r.baseline} | {r.note} |")
