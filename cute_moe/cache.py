@@ -25,7 +25,6 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import importlib
 import importlib.metadata
 import json
 import os
@@ -41,11 +40,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+from .arch import get_backend
 from .specs import GemmSpec
 
 ENTRY_FORMAT = "cute-moe-cache-entry"
 LAYOUT_VERSION = 2
-KERNEL = "grouped_gemm"  # the family of every spec until cute_moe.arch names families
 LOCK_TIMEOUT_S = 600.0
 ABSENT = "absent"
 TRUSTED_DIRS_ENV = "CUTE_MOE_TRUSTED_CACHE_DIRS"
@@ -119,25 +118,9 @@ def trusted_dirs() -> list[Path]:
 
 
 # ------------------------------------------------------------------------------ fingerprint and key
-def _default_family_sources() -> list[Path]:
-    from . import kernels as kernels_pkg  # the installed mapping wins over the source-tree guess
-
-    kernels = Path(kernels_pkg.__file__).resolve().parent
-    return sorted(kernels.rglob("*.py")) + [_PACKAGE_DIR / "compile.py", _PACKAGE_DIR / "specs.py"]
-
-
 def kernel_family(spec: GemmSpec) -> tuple[str, list[Path]]:
-    """(family name, its source files) of the kernel that serves ``spec``.
-
-    From ``cute_moe.arch`` when the package has it, else the one SM90 family ("grouped_gemm").
-    """
-    try:
-        arch = importlib.import_module(f"{__package__}.arch")
-    except ModuleNotFoundError as e:
-        if e.name != f"{__package__}.arch":
-            raise
-        return KERNEL, _default_family_sources()
-    family = arch.get_backend(spec.arch).kernel_family(spec)
+    """(family name, its source files) of the kernel that serves ``spec``, from its arch backend."""
+    family = get_backend(spec.arch).kernel_family(spec)
     return family.name, list(family.sources)
 
 
