@@ -65,6 +65,9 @@ class Backend(Protocol):
     def compile(self, spec: Any, config: Any) -> Callable:
         """Compile ``spec`` with ``config`` for this arch (no GPU needed); a TVM-FFI callable."""
 
+    def num_sms(self, device_index: int) -> int:
+        """SMs of the device (the dispatcher's ``num_sms`` for launches on it)."""
+
     def max_active_clusters(self, device_index: int, config: Any) -> int:
         """Clusters of ``config`` that run at once on the device (persistent grid size)."""
 

@@ -106,8 +106,7 @@ class GemmOp:
         index = device.index if device.index is not None else torch.cuda.current_device()
         arch = arch_of_device(index)
         backend = get_backend(arch)
-        problem = problem_of(arch=arch, a=self.a.operand, b=self.b.operand, **facts,
-                             num_sms=backend.default_num_sms)
+        problem = problem_of(arch=arch, a=self.a.operand, b=self.b.operand, **facts, num_sms=backend.num_sms(index))
         config = resolve(problem)
         launch = Launch(runtime.get_kernel(spec_of(problem), config), runtime.max_clusters(arch, index, config),
                         config)

@@ -7,7 +7,7 @@ decision (``arch.get_backend(spec.arch).check(spec, config)``).
 
 from dataclasses import asdict, dataclass, field
 
-from .arch import check_arch
+from .arch import check_arch, default_arch
 from .operands import BF16, Operand, element_type, operands_label
 
 # Problem kinds: how rows are grouped (see kernels/scheduler.py).
@@ -28,7 +28,7 @@ class GemmSpec:
     b: Operand = field(default=BF16)
     d_dtype: str = "bf16"
     has_c: bool = False
-    arch: str = "sm_90a"
+    arch: str = field(default_factory=default_arch)
     alignment: int = 0  # psum kind: rows each group's segment is aligned to
 
     def __post_init__(self) -> None:

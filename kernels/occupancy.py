@@ -1,4 +1,4 @@
-"""Cluster occupancy of a device, from cutlass's HardwareInfo.
+"""SM count and cluster occupancy of a device, from cutlass's HardwareInfo.
 
 HardwareInfo compiles an empty DSL kernel to query the driver (a DSL compile per query); here the
 empty kernel is a few lines of PTX loaded once per device, so the query costs milliseconds on the
@@ -10,6 +10,7 @@ from cuda.bindings import driver
 from cutlass.utils import HardwareInfo
 
 _EMPTY_KERNEL = "cute_moe_occupancy_probe"
+# Thread-block clusters exist from sm_90 on; the driver JIT-compiles this PTX for the device at hand.
 _EMPTY_PTX = f"""
 .version 8.0
 .target sm_90
@@ -37,3 +38,10 @@ def max_active_clusters(device_index: int, cluster_size: int) -> int:
     with torch.cuda.device(device_index):
         torch.cuda.init()
         return _ProbeHardwareInfo(device_index).get_max_active_clusters(cluster_size)
+
+
+def multiprocessor_count(device_index: int) -> int:
+    """SMs of the device, from the same hardware info."""
+    with torch.cuda.device(device_index):
+        torch.cuda.init()
+        return _ProbeHardwareInfo(device_index).get_device_multiprocessor_count()

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
 from cute_moe import cache
-from cute_moe.arch import backend_for, registered_archs
+from cute_moe.arch import backend_for, get_backend, registered_archs
 from cute_moe.dispatch import KINDS_WITH_ROW_HINT, buckets_between, format_config, problem_of, reachable_configs
 from cute_moe.layouts.alignment import check_alignment, get_mk_alignment_for_contiguous_layout
 from cute_moe.models import PRESETS, MoeModel, expected_rows, expert_gemms, get_preset, load_shapes, model_errors
@@ -319,13 +319,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="JSON file: {name, hidden, moe_intermediate, experts, top_k} or a list of them")
     parser.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (experts per rank = experts / ep)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks splitting moe_intermediate")
-    parser.add_argument("--arch", default="sm_90a", help="comma-separated target archs (default sm_90a)")
+    parser.add_argument("--arch", default=",".join(registered_archs()),
+                        help=f"comma-separated target archs (default: every registered arch: "
+                        f"{', '.join(registered_archs())})")
     parser.add_argument("--dtype", default="bf16", help="comma-separated operand precisions (default bf16)")
     parser.add_argument("--kinds", help="comma-separated subset of contiguous,psum,masked,ragged (default: all)")
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                         help=f"largest token count per rank per MoE layer (default {DEFAULT_MAX_TOKENS})")
     parser.add_argument("--alignment", type=int, help="contiguous segment alignment (default: the library's, 128)")
-    parser.add_argument("--num-sms", type=int, help="SM count the dispatcher assumes (default: 132 for sm_90a)")
+    parser.add_argument("--num-sms", type=int, help="SM count the dispatcher assumes (default: the arch backend's, "
+                        + ", ".join(f"{a}: {get_backend(a).default_num_sms}" for a in registered_archs()) + ")")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     parser.add_argument("--cache-dir", help="cache root (default: CUTE_MOE_CACHE_DIR or the user cache dir)")
     parser.add_argument("--dry-run", action="store_true", help="print the specializations, compile nothing")

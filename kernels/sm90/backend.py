@@ -36,6 +36,7 @@ class Sm90Backend:
 
     def __init__(self) -> None:
         self._clusters: dict[tuple[int, int], int] = {}
+        self._sms: dict[int, int] = {}
 
     @staticmethod
     def parse_config(text: str) -> Sm90Config:
@@ -68,6 +69,15 @@ class Sm90Backend:
         from .signature import compile_grouped_gemm
 
         return compile_grouped_gemm(spec, config)
+
+    def num_sms(self, device_index: int) -> int:
+        """SMs of the device (the rules' ``num_sms``), from cutlass's hardware info; cached."""
+        count = self._sms.get(device_index)
+        if count is None:
+            from ..occupancy import multiprocessor_count
+
+            count = self._sms[device_index] = multiprocessor_count(device_index)
+        return count
 
     def max_active_clusters(self, device_index: int, config: Sm90Config) -> int:
         """Clusters of ``config.cluster_size`` CTAs resident at once (one CTA per SM), from cutlass's
