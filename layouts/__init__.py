@@ -1,10 +1,25 @@
-"""Host-side layouts for the MoE GEMMs: FP8 casts, scale-factor layouts and token permutations."""
+"""Host-side layouts for the MoE GEMMs: FP8/MXFP4 casts, scale-factor layouts and token permutations."""
 
 from .alignment import (
     align,
     get_mk_alignment_for_contiguous_layout,
     get_theoretical_mk_alignment_for_contiguous_layout,
     set_mk_alignment_for_contiguous_layout,
+)
+from .fp4 import (
+    FP4_E2M1_MAX,
+    MXFP4_BLOCK_SIZE,
+    UE8M0_BIAS,
+    e2m1_decode,
+    e2m1_encode,
+    float_to_ue8m0,
+    from_gpt_oss_mxfp4,
+    pack_e2m1,
+    per_token_cast_to_fp4,
+    per_token_dequant_fp4,
+    to_gpt_oss_mxfp4,
+    ue8m0_to_float,
+    unpack_e2m1,
 )
 from .quantization import (
     FP8_E4M3_MAX,
@@ -35,13 +50,20 @@ from .token_layout import (
 )
 
 __all__ = [
+    "FP4_E2M1_MAX",
     "FP8_E4M3_MAX",
+    "MXFP4_BLOCK_SIZE",
+    "UE8M0_BIAS",
     "ContiguousLayout",
     "MaskedLayout",
     "align",
     "build_contiguous_layout",
     "build_masked_layout",
     "ceil_to_ue8m0",
+    "e2m1_decode",
+    "e2m1_encode",
+    "float_to_ue8m0",
+    "from_gpt_oss_mxfp4",
     "get_mk_alignment_for_contiguous_layout",
     "get_mn_major_tma_aligned_packed_ue8m0_tensor",
     "get_mn_major_tma_aligned_tensor",
@@ -49,15 +71,21 @@ __all__ = [
     "get_tma_aligned_size",
     "layout_masked_to_psum",
     "masked_m_to_psum",
+    "pack_e2m1",
     "per_block_cast_to_fp8",
     "per_block_dequant",
     "per_channel_cast_to_fp8",
     "per_channel_dequant",
+    "per_token_cast_to_fp4",
     "per_token_cast_to_fp8",
     "per_token_dequant",
+    "per_token_dequant_fp4",
     "permute_tokens",
     "psum_to_grouped_layout",
     "set_mk_alignment_for_contiguous_layout",
+    "to_gpt_oss_mxfp4",
     "transform_sf_into_required_layout",
+    "ue8m0_to_float",
+    "unpack_e2m1",
     "unpermute_and_reduce",
 ]

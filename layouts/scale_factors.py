@@ -2,7 +2,8 @@
 
 Kernels read scale factors MN-major: element (mn, k) of a [(G,) MN, SFK] tensor lives at
 mn + k * tma_aligned_mn (+ g * SFK * tma_aligned_mn), with tma_aligned_mn = MN rounded up to 16 bytes.
-SM90 reads float32 scales; SM100 reads UE8M0 exponents packed four along K per int32.
+SM90 reads float32 scales; SM100 reads UE8M0 exponents packed four along K per int32. The SM90 MXFP4
+recipe (1, 32) is the exception: uint8 UE8M0 exponents read K-major (docs/fp4.md).
 All functions are sync-free.
 """
 
@@ -16,6 +17,7 @@ from .token_layout import psum_to_grouped_layout
 
 _TMA_ALIGNMENT_BYTES = 16
 _SM100_GRAN_K = (32, 128)
+_MXFP4_GRAN_K = 32
 
 
 def get_tma_aligned_size(x: int, element_size: int) -> int:
@@ -78,6 +80,17 @@ def get_mn_major_tma_aligned_packed_ue8m0_tensor(sf: torch.Tensor,
     return out if sf.dim() == 3 else out.squeeze(0)
 
 
+def _k_major_tma_aligned_tensor(sf: torch.Tensor) -> torch.Tensor:
+    """sf [(G,) MN, SFK] with the same values, K-major with the SFK (row) stride rounded up to 16 bytes
+    and groups stacked densely; returns sf itself when it already has that layout."""
+    mn, sf_k = sf.shape[-2:]
+    aligned_k = get_tma_aligned_size(sf_k, sf.element_size())
+    if sf.stride(-1) == 1 and sf.stride(-2) == aligned_k and (sf.dim() == 2 or sf.stride(0) == mn * aligned_k):
+        return sf
+    storage = torch.zeros(*sf.shape[:-1], aligned_k, dtype=sf.dtype, device=sf.device)
+    return storage[..., :sf_k].copy_(sf)
+
+
 def _arch_major(arch: object) -> int:
     match = re.fullmatch(r"sm_(\d+)[af]?", arch) if isinstance(arch, str) else None
     major = int(match.group(1)) // 10 if match else None
@@ -101,10 +114,10 @@ def _granularity(recipe: object, is_sfa: bool | None) -> tuple[int, int]:
 
 
 def _check_sf_shape(sf: torch.Tensor, mn: int, k: int, gran_mn: int, gran_k: int, num_groups: int | None) -> None:
-    check_tensor("sf", sf, (torch.float32, torch.int32), (2,) if num_groups is None else (3,))
+    check_tensor("sf", sf, (torch.float32, torch.int32, torch.uint8), (2,) if num_groups is None else (3,))
     check_int("mn", mn)
     check_int("k", k)
-    k_per_column = gran_k * (1 if sf.dtype == torch.float32 else 4)
+    k_per_column = gran_k * (4 if sf.dtype == torch.int32 else 1)
     expected = (align(mn, gran_mn) // gran_mn, align(k, k_per_column) // k_per_column)
     if num_groups is not None:
         expected = (check_int("num_groups", num_groups), *expected)
@@ -140,9 +153,12 @@ def transform_sf_into_required_layout(sf: torch.Tensor, mn: int, k: int, recipe:
     """Put scale factors for an [mn, k] operand into the layout the arch's kernels read.
 
     recipe is (gran_m, gran_n, gran_k) with is_sfa picking gran_m or gran_n, or (gran_mn, gran_k).
-    sf is [(num_groups,) ceil(mn/gran_mn), ceil(k/gran_k)] float32, or int32 already packed for SM100.
+    sf is [(num_groups,) ceil(mn/gran_mn), ceil(k/gran_k)] float32, int32 already packed for SM100, or
+    uint8 UE8M0 exponents for the SM90 MXFP4 recipe.
     sm_90a (or disable_ue8m0_cast): (1, 128) float32 -> MN-major TMA-aligned; (128, 128) float32 is
-    checked and returned as is. sm_100a: float32 with gran_k 32/128 -> rows broadcast to gran_mn 1,
+    checked and returned as is. sm_90a: (1, 32) uint8 exponents (float_to_ue8m0 of power-of-two
+    scales, or gpt-oss `*_scales`) -> K-major uint8 with a 16-byte-aligned row stride.
+    sm_100a: float32 with gran_k 32/128 -> rows broadcast to gran_mn 1,
     packed UE8M0 (psum_layout as in get_mn_major_tma_aligned_packed_ue8m0_tensor); packed int32 with
     gran_mn 1 is checked and returned as is.
     """
@@ -155,6 +171,8 @@ def transform_sf_into_required_layout(sf: torch.Tensor, mn: int, k: int, recipe:
     if sf.dtype == torch.float32 and gran_k == 128 and sm90_like and gran_mn == 128:
         _check_dense_strides(sf)
         return sf
+    if sf.dtype == torch.uint8 and gran_k == _MXFP4_GRAN_K and major == 9 and gran_mn == 1:
+        return _k_major_tma_aligned_tensor(sf)
     if major == 10 and gran_k in _SM100_GRAN_K and sf.dtype == torch.float32:
         if disable_ue8m0_cast:
             raise ValueError("disable_ue8m0_cast: expected False for SM100 float32 scales, got True")
@@ -164,5 +182,7 @@ def transform_sf_into_required_layout(sf: torch.Tensor, mn: int, k: int, recipe:
     if major == 10 and gran_k in _SM100_GRAN_K and sf.dtype == torch.int32 and gran_mn == 1:
         _check_packed_strides(sf, mn)
         return sf
+    hint = ("; the sm_90a MXFP4 recipe takes uint8 UE8M0 exponents (float_to_ue8m0)"
+            if major == 9 and gran_k == _MXFP4_GRAN_K and sf.dtype == torch.float32 else "")
     raise ValueError(f"recipe: no {arch} layout for {sf.dtype} scale factors with granularity "
-                     f"(mn={gran_mn}, k={gran_k}) and disable_ue8m0_cast={disable_ue8m0_cast}")
+                     f"(mn={gran_mn}, k={gran_k}) and disable_ue8m0_cast={disable_ue8m0_cast}{hint}")
