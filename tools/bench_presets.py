@@ -14,7 +14,7 @@ Masked rows also report the weight bytes streamed per microsecond (TB/s), the de
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -109,6 +109,16 @@ def _aligned_layout(counts: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor
     return layout.cuda(), torch.cat(rows).cuda(), total
 
 
+def torch_baseline(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, rowwise: Optional[tuple] = None) -> torch.Tensor:
+    """torch's grouped GEMM of packed rows: BF16 torch._grouped_mm, or with ``rowwise`` (rowwise_fp8's
+    operands) torch._scaled_grouped_mm."""
+    if rowwise is None:
+        return torch._grouped_mm(a, w.transpose(1, 2), offs=offs)
+    a_row, w_row, scale_a, scale_b = rowwise
+    return torch._scaled_grouped_mm(a_row, w_row.transpose(1, 2), scale_a, scale_b, offs=offs,
+                                    out_dtype=torch.bfloat16)
+
+
 def _row(kind: str, p: PresetGemm, ours: Callable[[int], object], base: Callable[[int], object], num_sets: int,
          diff: float, baseline: str, weight_bytes: int) -> Row:
     """Time the pair; GB/s counts the weights, the valid A rows (in their operand type) and D (BF16)."""
@@ -153,12 +163,7 @@ def bench_prefill(kind: str, p: PresetGemm) -> Row:
 
     def base(i):
         a, w, _, _ = sets[i]
-        if kind == "fp8_contiguous":
-            a_row, w_row, scale_a, scale_b = fp8_sets[i][2]
-            outs["base"] = torch._scaled_grouped_mm(a_row, w_row.transpose(1, 2), scale_a, scale_b, offs=offs,
-                                                    out_dtype=torch.bfloat16)
-        else:
-            outs["base"] = torch._grouped_mm(a, w.transpose(1, 2), offs=offs)
+        outs["base"] = torch_baseline(a, w, offs, fp8_sets[i][2] if kind == "fp8_contiguous" else None)
 
     ours(0)
     base(0)
@@ -196,12 +201,7 @@ def bench_decode(kind: str, p: PresetGemm) -> Row:
 
     def base(i):
         _, w, packed, _, extra = sets[i]
-        if fp8:
-            a_row, w_row, scale_a, scale_b = extra[2]
-            outs["base"] = torch._scaled_grouped_mm(a_row, w_row.transpose(1, 2), scale_a, scale_b, offs=offs,
-                                                    out_dtype=torch.bfloat16)
-        else:
-            outs["base"] = torch._grouped_mm(packed, w.transpose(1, 2), offs=offs)
+        outs["base"] = torch_baseline(packed, w, offs, extra[2] if fp8 else None)
 
     ours(0)
     base(0)
