@@ -1,5 +1,7 @@
 """Every SM90 kernel variant compiles for sm_90a on a machine without a GPU."""
 
+import warnings
+
 import pytest
 
 from cute_moe.compile import compile_gemm
@@ -45,3 +47,13 @@ FP8_VARIANTS = [
 @pytest.mark.parametrize("spec,config", FP8_VARIANTS, ids=[f"{s.key()}|{c.key()}" for s, c in FP8_VARIANTS])
 def test_fp8_and_psum_variants_compile(spec, config):
     assert callable(compile_gemm(spec, config))
+
+
+def test_fp8_kernel_compiles_without_dsl_performance_warnings():
+    import cute_moe.kernels.sm90.signature  # noqa: F401  (the DSL sets its warning filters on import)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # a variant no other test compiles: 64 accumulator values per thread, the old 64-iteration loop
+        compile_gemm(GemmSpec("masked", 1152, 640, **FP8), KernelConfig(tile_m=64, tile_n=128))
+    assert not [w for w in caught if "static loop" in str(w.message)]

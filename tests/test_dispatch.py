@@ -214,3 +214,42 @@ def test_small_m_dense_streams_b_with_paired_m_blocks():
     assert choose_config("dense", 7168, 2048, 1, 128, 0) == KernelConfig(tile_m=64, tile_n=128, cluster_m=2)
     single = choose_config("dense", 4096, 7168, 1, 16, 0)
     assert (single.tile_m, single.cluster_m) == (64, 1)
+
+
+def test_tuned_table_with_a_float_field_names_the_file_and_entry(tmp_path, monkeypatch):
+    entry = {"arch": "sm_90a", "kind": "masked", "operands": "bf16", "d_dtype": "bf16", "n": 64, "k": 64,
+             "expected_m": 64, "config": {"tile_m": 64, "stages": 2.5}}
+    _write_table(tmp_path / "t.json", [entry])
+    monkeypatch.setenv(dispatch.TUNED_TABLE_ENV, str(tmp_path / "t.json"))
+    dispatch.reload_tuned_table()
+    with pytest.raises(ValueError, match=r"t\.json: entry 0 is invalid: .*stages: expected int, got float 2\.5"):
+        choose_config("masked", 64, 64, 1, 64, 0)
+
+
+def test_tables_merge_shipped_then_user_then_explicit(tmp_path, monkeypatch):
+    problem = problem_of("masked", 4096, 7168, 32, 16, 0)
+    shipped, user, explicit = (KernelConfig(tile_m=64, tile_n=n) for n in (64, 128, 256))
+    other = problem_of("masked", 4096, 2048, 32, 16, 0)
+    monkeypatch.setattr(dispatch, "default_table_path", lambda arch: tmp_path / "shipped.json")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    _write_table(tmp_path / "shipped.json", [table_entry(problem, shipped), table_entry(other, shipped)])
+    monkeypatch.delenv(dispatch.TUNED_TABLE_ENV)
+    dispatch.reload_tuned_table()
+    assert choose_config("masked", 4096, 7168, 32, 16, 0) == shipped
+    dispatch.user_table_path("sm_90a").parent.mkdir(parents=True)
+    _write_table(dispatch.user_table_path("sm_90a"), [table_entry(problem, user)])
+    dispatch.reload_tuned_table()
+    assert choose_config("masked", 4096, 7168, 32, 16, 0) == user
+    assert choose_config("masked", 4096, 2048, 32, 16, 0) == shipped  # entries the user table lacks
+    _write_table(tmp_path / "explicit.json", [table_entry(problem, explicit)])
+    monkeypatch.setenv(dispatch.TUNED_TABLE_ENV, str(tmp_path / "explicit.json"))
+    dispatch.reload_tuned_table()
+    assert choose_config("masked", 4096, 7168, 32, 16, 0) == explicit
+
+
+def test_malformed_config_variable_fails_at_the_first_launch_not_at_import(monkeypatch):
+    monkeypatch.setattr(dispatch, "_ENV_CONFIG", "tile_m=7")
+    dispatch._config_from_env.cache_clear()
+    with pytest.raises(ValueError, match="^CUTE_MOE_CONFIG: tile_m: expected 64 or 128, got 7"):
+        dispatch.forced_config()
+    dispatch._config_from_env.cache_clear()

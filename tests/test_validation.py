@@ -133,3 +133,11 @@ def test_fp8_scale_factors_must_be_tensors():
     b = (torch.zeros(32, 64, dtype=torch.float8_e4m3fn), torch.zeros(1, 1))
     with pytest.raises(TypeError, match=r"^sfa: expected a torch.Tensor, got NoneType"):
         cute_moe.fp8_gemm_nt(a, b, torch.zeros(8, 32, dtype=bf16))
+
+
+def test_grouped_mm_says_it_wants_g_k_n_when_given_a_g_n_k_weight():
+    a = torch.zeros(64, 64, dtype=bf16)
+    w = torch.zeros(4, 32, 64, dtype=bf16)  # [G, N, K] as the contiguous ops take it
+    with pytest.raises(ValueError, match=r"^b: grouped_mm expects b as \[G, K, N\] with K = a.shape\[1\] = 64, "
+                                         r"got shape \(4, 32, 64\) \(b looks like a \[G, N, K\] weight"):
+        cute_moe.grouped_mm(a, w, torch.zeros(4, dtype=torch.int32))
