@@ -199,9 +199,9 @@ class ContiguousOp(GemmOp):
         except AttributeError:
             self.validate(*args)
             raise
-        if m == 0 and use_psum_layout in (True, False):
+        if m == 0 and type(use_psum_layout) is bool:
             return self.validate(*args)
-        warm = (m % alignment == 0 and use_psum_layout in (True, False)
+        warm = (m % alignment == 0 and type(use_psum_layout) is bool
                 and b.get_device() == device and d.get_device() == device and grouped_layout.get_device() == device
                 and (not self.scaled or on_device(device, sfa, sfb)))
         self.run(key, warm, args)

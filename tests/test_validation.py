@@ -141,3 +141,11 @@ def test_grouped_mm_says_it_wants_g_k_n_when_given_a_g_n_k_weight():
     with pytest.raises(ValueError, match=r"^b: grouped_mm expects b as \[G, K, N\] with K = a.shape\[1\] = 64, "
                                          r"got shape \(4, 32, 64\) \(b looks like a \[G, N, K\] weight"):
         cute_moe.grouped_mm(a, w, torch.zeros(4, dtype=torch.int32))
+
+
+def test_use_psum_layout_must_be_a_bool():
+    a = torch.zeros(128, 64, dtype=bf16)
+    b = torch.zeros(4, 32, 64, dtype=bf16)
+    d = torch.zeros(128, 32, dtype=bf16)
+    with pytest.raises(TypeError, match=r"^use_psum_layout: expected bool, got int"):
+        cute_moe.m_grouped_bf16_gemm_nt_contiguous(a, b, d, torch.zeros(4, dtype=torch.int32), 1)
