@@ -2,6 +2,7 @@
 
 import torch
 
+
 def check_tensor(name: str, t, dtypes: tuple, ndim: int) -> None:
     """Type, dtype and rank."""
     if not isinstance(t, torch.Tensor):

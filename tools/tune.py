@@ -27,6 +27,7 @@ from cute_moe.dispatch import (KINDS_WITH_ROW_HINT, TABLE_KEY_FIELDS, TUNED_TABL
                                user_table_path)
 from cute_moe.layouts.alignment import align, get_mk_alignment_for_contiguous_layout
 from cute_moe.models import expected_rows, expert_gemms, get_preset, load_shapes, model_errors
+from cute_moe.operands import torch_dtype
 from cute_moe.specs import ALIGNED_KINDS
 
 from .bench import require_gpu
@@ -101,7 +102,7 @@ class Bench:
         from .bench_common import randn, sets_for
 
         self.w = w
-        self.out_dtype = torch.bfloat16 if w.d_dtype == "bf16" else torch.float32
+        self.out_dtype = torch_dtype(w.d_dtype)
         self.seg = align(w.rows, alignment) if w.kind in ALIGNED_KINDS else w.rows
         total = w.groups * self.seg
         self.sets = []
