@@ -204,3 +204,34 @@ def test_tune_validates_arguments_on_a_cpu(capsys, tmp_path):
     with pytest.raises(SystemExit) as info:
         cli.main(["tune", "--help"])
     assert info.value.code == 0 and "--tokens" in capsys.readouterr().out
+
+
+def test_tune_writes_only_entries_that_beat_the_rules_by_the_margin(tmp_path, monkeypatch):
+    from cute_moe.tools import tune
+
+    monkeypatch.setattr(tune, "require_gpu", lambda what: None)
+    monkeypatch.setattr(tune.cache, "cache_enabled", lambda: False)
+    keyed = tune.plan_workloads(tune_args(), 128)
+    winners = iter([0.95, 0.99, 0.90, 1.0])  # relative times of the best candidate, one per table key
+
+    def measure(items, candidates, alignment, repeats):
+        return {candidates[0]: next(winners)}, 10.0
+
+    monkeypatch.setattr(tune, "measure", measure)
+    out = tmp_path / "t.json"
+    stale = [dict(zip(dispatch.TABLE_KEY_FIELDS, key), config={"tile_m": 64}) for key in list(keyed)[1:2]]
+    out.write_text(json.dumps({"format": dispatch.TUNED_TABLE_FORMAT, "entries": stale}))
+    args = tune_args(out=str(out))
+    assert tune.run(args) == 0
+    written = json.loads(out.read_text())["entries"]
+    assert sorted(e["relative_time"] for e in written) == [0.9, 0.95]  # 0.99 and 1.0 are within the margin
+    assert all(tuple(e[f] for f in dispatch.TABLE_KEY_FIELDS) != list(keyed)[1] for e in written)  # stale removed
+    assert tune.beats_rules(0.98) and not tune.beats_rules(0.981)
+
+
+def tune_args(**overrides):
+    import argparse
+
+    values = dict(model="Qwen3-30B-A3B", shapes=None, ep=8, tp=1, dtype="bf16", kinds="masked,ragged", tokens="16",
+                  repeats=1, jobs=1, out=None, arch="sm_90a")
+    return argparse.Namespace(**{**values, **overrides})

@@ -35,6 +35,7 @@ from .precompile import PRECISIONS, Task, build, check_positive, model_help, par
 
 DEFAULT_TOKENS = "16,128,1024,8192"
 MAX_DIFF = 1e-5
+WIN_MARGIN = 0.02  # a tuned entry must beat the rules' choice by this fraction of its time, same run
 KernelConfig = Any  # the arch backend's config type
 
 
@@ -191,15 +192,22 @@ def measure(items: list[tuple[Problem, Workload]], candidates: list[KernelConfig
     return means, statistics.fmean(rules_us) if rules_us else 0.0
 
 
-def write_table(path: Path, entries: list[dict]) -> None:
-    """Merge ``entries`` into the table at ``path`` (same key: replaced), written atomically."""
+def beats_rules(relative_time: float) -> bool:
+    """Whether a candidate's mean time relative to the rules' (same run) earns a table entry: faster by
+    at least WIN_MARGIN, so a table can never make a shape slower than the rules within noise."""
+    return relative_time <= 1.0 - WIN_MARGIN
+
+
+def write_table(path: Path, entries: list[dict], dropped: frozenset = frozenset()) -> None:
+    """Merge ``entries`` into the table at ``path`` (same key: replaced) and remove the entries whose
+    key is in ``dropped`` (table keys where the rules won); written atomically."""
     old = json.loads(path.read_text())["entries"] if path.exists() else []
 
     def key(entry: dict) -> tuple:
         return tuple(entry[f] for f in TABLE_KEY_FIELDS)
 
-    new_keys = {key(e) for e in entries}
-    merged = sorted([e for e in old if key(e) not in new_keys] + entries, key=lambda e: tuple(map(str, key(e))))
+    replaced = {key(e) for e in entries} | dropped
+    merged = sorted([e for e in old if key(e) not in replaced] + entries, key=lambda e: tuple(map(str, key(e))))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps({"format": TUNED_TABLE_FORMAT, "entries": merged}, indent=1) + "\n")
@@ -248,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"compiling {len(tasks)} candidate specializations with {args.jobs} processes", file=sys.stderr)
         build([Task(spec, config, ()) for spec, config in tasks], cache.cache_root(), args.jobs)
     torch.manual_seed(0)
-    entries = []
+    entries, dropped = [], set()
     for items in keyed.values():
         problem = items[0][0]
         print(f"{problem}: {len(items)} workload(s)", file=sys.stderr, flush=True)
@@ -257,13 +265,19 @@ def run(args: argparse.Namespace) -> int:
             print("  no valid candidate; keeping the rules", file=sys.stderr)
             continue
         best = min(means, key=means.get)
-        entries.append(table_entry(problem, best, rules_us=round(rules_us, 2), relative_time=round(means[best], 4)))
+        rules = get_backend(problem.arch).rule_config(problem)
         print(f"  best {format_config(best)}: {means[best]:.3f}x the rules' time "
-              f"(rules {format_config(get_backend(problem.arch).rule_config(problem))}, {rules_us:.1f} us)",
-              flush=True)
-    write_table(out, entries)
+              f"(rules {format_config(rules)}, {rules_us:.1f} us)", flush=True)
+        if beats_rules(means[best]):
+            entries.append(table_entry(problem, best, rules_us=round(rules_us, 2),
+                                       relative_time=round(means[best], 4)))
+        else:
+            print(f"  not {WIN_MARGIN:.0%} faster than the rules: no entry (the rules stay)", flush=True)
+            dropped.add(table_key(problem))
+    write_table(out, entries, frozenset(dropped))
     reload_tuned_table()
-    print(f"wrote {len(entries)} entries to {out}")
+    print(f"wrote {len(entries)} entries to {out}" + (f", removed {len(dropped)} keys where the rules won"
+                                                       if dropped else ""))
     return 0
 
 
