@@ -12,6 +12,7 @@ import torch
 import cute_moe
 from cute_moe import dispatch
 from cute_moe.models import PRESETS
+from cute_moe.launcher import DEBUG_ENV
 from cute_moe.tools import cli, first_call, precompile, tune
 
 TINY = {"name": "Tiny", "hidden": 256, "moe_intermediate": 128, "experts": 8, "top_k": 2}
@@ -22,7 +23,7 @@ def no_gpu(monkeypatch):
     """Every test sees no GPU, also on a machine with one; rules only (no tuned table), no debug."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv(dispatch.TUNED_TABLE_ENV, "off")
-    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
 
 
 def shapes_file(tmp_path: Path, *models: dict) -> str:
@@ -113,7 +114,7 @@ def test_unexpected_errors_are_one_line_unless_debug(capsys, monkeypatch):
                     "(--debug or CUTE_MOE_DEBUG=1 shows the traceback)")
     with pytest.raises(RuntimeError, match="first line"):
         cli.main(["--debug", "precompile", "--model", "Kimi-K2"])
-    monkeypatch.setenv(cli.DEBUG_ENV, "1")
+    monkeypatch.setenv(DEBUG_ENV, "1")
     with pytest.raises(RuntimeError, match="first line"):
         cli.main(["precompile", "--model", "Kimi-K2"])
 
@@ -141,7 +142,7 @@ def test_first_call_checks_arguments_then_the_gpu(capsys):
 ])
 def test_modules_end_in_one_line_without_a_gpu(tmp_path, argv, code, message):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", dispatch.TUNED_TABLE_ENV: "off"}
-    env.pop(cli.DEBUG_ENV, None)
+    env.pop(DEBUG_ENV, None)
     proc = subprocess.run([sys.executable, *argv], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == code, proc.stderr

@@ -31,6 +31,7 @@ from cute_moe.testing import calc_diff
 from .bench_common import HEADER, Row, format_row, quantize_rows, randn, rowwise_fp8, sets_for, time_pair
 from .bench_presets import (DECODE_EXPECTED_M, PRESET_KINDS, QUICK_DECODE_EXPECTED_M, QUICK_TOKENS, TOKENS,
                             bench_preset_rows, summary)
+from .command import module_main, require_gpu
 from .precompile import parse_csv, parse_subset
 
 NK_SHAPES = ((4096, 7168), (7168, 2048))
@@ -40,17 +41,6 @@ DENSE_M = (128, 4096)
 KINDS = ("contiguous", "ragged", "masked", "dense", "fp8", "fp8_masked")
 SECTIONS = ("fixed", "presets")
 
-
-
-class NoGpuError(RuntimeError):
-    """No CUDA GPU is visible (the command line reports it in one line and exits 1)."""
-
-
-def require_gpu(what: str) -> None:
-    """Raise NoGpuError unless torch sees a CUDA GPU; ``what`` names the work that needs one."""
-    if not torch.cuda.is_available():
-        reason = "was built without CUDA" if torch.version.cuda is None else "sees no CUDA device"
-        raise NoGpuError(f"{what} needs a GPU, none is visible (torch {torch.__version__} {reason})")
 
 
 def bench_contiguous(kind: str, g: int, m: int, n: int, k: int) -> Row:
@@ -375,9 +365,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """``python -m cute_moe.tools.bench``: the same as ``cute-moe bench``."""
-    from .cli import main as cli_main
-
-    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
+    return module_main("bench", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -1,47 +1,18 @@
 """The ``cute-moe`` command: precompile, cache ls|verify|clear, tune, bench."""
 
 import argparse
-import os
 import sys
 from pathlib import Path
-from typing import Callable, NoReturn, Optional
+from typing import Optional
 
 import cute_moe
 from cute_moe import cache
 from cute_moe.dispatch import format_config
 from cute_moe.arch import get_backend
-from cute_moe.launcher import DEBUG_ENV
 from cute_moe.specs import GemmSpec
 
 from . import bench, precompile, tune
-from .precompile import one_line
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line, ``PROG: error: MESSAGE; see PROG --help`` (exit 2)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
-
-
-def call_handler(prog: str, handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """``handler(args)``, its errors reported as one line ``PROG: error: ...`` on stderr: ValueError (bad
-    arguments) exits 2, a missing GPU or any other exception 1, Ctrl-C 130. With ``args.debug`` or
-    CUTE_MOE_DEBUG set (as cute_moe.launcher reads it: not empty, not 0) exceptions propagate (traceback)."""
-    try:
-        return handler(args)
-    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - the last resort: one line, not a traceback
-        if args.debug or os.environ.get(DEBUG_ENV, "0") not in ("", "0"):
-            raise
-        if isinstance(e, KeyboardInterrupt):
-            print(f"{prog}: interrupted", file=sys.stderr)
-            raise SystemExit(130) from None
-        if isinstance(e, (ValueError, bench.NoGpuError)):
-            message = str(e)
-        else:
-            message = f"{type(e).__name__}: {e} (--debug or {DEBUG_ENV}=1 shows the traceback)"
-        print(f"{prog}: error: {one_line(message)}", file=sys.stderr)
-        raise SystemExit(2 if isinstance(e, ValueError) else 1) from None
+from .command import OneLineParser, add_debug_flag, call_handler
 
 
 def _root(args: argparse.Namespace) -> Path:
@@ -107,9 +78,7 @@ def cache_clear(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="cute-moe", description="cute-moe MoE GEMM kernels: build tools")
     parser.add_argument("--version", action="version", version=f"cute-moe {cute_moe.__version__}")
-    parser.add_argument("--debug", action="store_true",
-                        help=f"show the traceback of an unexpected error ({DEBUG_ENV}=1 does too, and also turns "
-                        "on the host-side index checks before each launch)")
+    add_debug_flag(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub = commands.add_parser("precompile", help="compile a model's specializations into the disk cache (no GPU)",

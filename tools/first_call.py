@@ -18,8 +18,7 @@ import tempfile
 import time
 from typing import Callable, Optional
 
-from .bench import require_gpu
-from .cli import OneLineParser, call_handler
+from .command import OneLineParser, call_handler, require_gpu
 
 TARGET_DISK_MS = 50.0
 
@@ -87,7 +86,7 @@ def child(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Parse the arguments and run; errors end as one line (see cli.call_handler)."""
+    """Parse the arguments and run; errors end as one line (see command.call_handler)."""
     parser = OneLineParser(prog="python -m cute_moe.tools.first_call", description=__doc__.splitlines()[0])
     parser.add_argument("--kind", choices=("masked", "contiguous", "ragged"), default="masked")
     parser.add_argument("--n", type=int, default=4096)

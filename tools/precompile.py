@@ -12,7 +12,6 @@ import contextlib
 import ctypes
 import multiprocessing
 import os
-import re
 import signal
 import sys
 import threading
@@ -30,6 +29,8 @@ from cute_moe.models import PRESETS, MoeModel, expected_rows, expert_gemms, get_
 from cute_moe.operands import PRECISIONS as OPERAND_PAIRS
 from cute_moe.operands import Operand
 from cute_moe.specs import ALIGNED_KINDS, GemmSpec
+
+from .command import module_main, one_line
 
 
 @dataclass(frozen=True)
@@ -182,11 +183,6 @@ def _build_one(root: str, spec: GemmSpec, config: Any) -> Outcome:
         return cache.ensure(spec, config, Path(root))
     except Exception as e:  # noqa: BLE001 - reported per task, the other tasks go on
         return f"{type(e).__name__}: {one_line(str(e))[:400]}"
-
-
-def one_line(text: str) -> str:
-    """``text`` without terminal colours, its whitespace runs (newlines included) as single spaces."""
-    return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", text).split())
 
 
 def _worker_init(parent: int) -> None:
@@ -373,9 +369,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from .cli import main as cli_main
-
-    return cli_main(["precompile", *(sys.argv[1:] if argv is None else argv)])
+    """``python -m cute_moe.tools.precompile``: the same as ``cute-moe precompile``."""
+    return module_main("precompile", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from cute_moe.models import expected_rows, expert_gemms, get_preset, load_shapes
 from cute_moe.operands import torch_dtype
 from cute_moe.specs import ALIGNED_KINDS
 
-from .bench import require_gpu
+from .command import module_main, require_gpu
 from .precompile import PRECISIONS, Task, build, check_positive, model_help, parse_dtypes, parse_kinds
 
 DEFAULT_TOKENS = "16,128,1024,8192"
@@ -282,9 +282,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from .cli import main as cli_main
-
-    return cli_main(["tune", *(sys.argv[1:] if argv is None else argv)])
+    """``python -m cute_moe.tools.tune``: the same as ``cute-moe tune``."""
+    return module_main("tune", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":
