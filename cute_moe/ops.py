@@ -46,8 +46,10 @@ def m_grouped_bf16_gemm_nt_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch
     ``get_mk_alignment_for_contiguous_layout()`` (M a multiple of it too); b [G, N, K] bf16; d [M, N]
     bf16 or fp32. grouped_layout is int32 [M], each row's expert and -1 on padding rows, or with
     ``use_psum_layout`` int32 [G] of cumulative unaligned ends (expert g owns rows
-    [align(ends[g-1]), ends[g])). Padding rows of d, and rows of tiles whose expert id lies outside
-    [0, G), are left unwritten.
+    [align(ends[g-1]), ends[g])). The kernel works in 128-row (or 64-row) tiles, each taking its
+    expert from its first row (as DeepGEMM): padding rows inside an expert's last tile receive
+    unspecified values (psum: left unwritten); rows of tiles whose expert id lies outside [0, G) are
+    left unwritten.
     """
     OPS["m_grouped_bf16_gemm_nt_contiguous"](a, b, d, grouped_layout, use_psum_layout)
 

@@ -11,8 +11,12 @@ every group's row count once per launch.
 Problem kinds (compile-time), and what any value of their index tensors produces (no value can make
 a tile read or write outside the row space, or make two groups own one row):
 - ``dense``: one group of ``total_rows`` rows.
-- ``contiguous``: one group of ``total_rows`` rows; each cluster tile's expert is ``grouped_layout``
-  at its first row; a tile whose id lies outside [0, num_experts) is skipped (rows left unwritten).
+- ``contiguous``: one group of ``total_rows`` rows; each CTA tile's expert is ``grouped_layout`` at
+  its first row; a tile whose id lies outside [0, num_experts) is skipped (rows left unwritten). The
+  two CTAs of an M-cluster may hold different experts (``mixed_clusters``: segments aligned to fewer
+  rows than a cluster tile): they share (multicast) B only when their experts agree, and a
+  CTA whose own id is bad computes with its partner's expert, so both keep the same pipeline
+  schedule, and stores nothing.
 - ``masked``: group ``g`` has ``clamp(masked_m[g], 0, max_m)`` rows starting at ``g * max_m``.
 - ``ragged``: group ``g`` spans ``[start(g), min(ends[g], total_rows))`` with ``start(g)`` the largest
   end of the groups before it (at least 0): an end below an earlier one leaves its group empty.
@@ -61,6 +65,12 @@ class GroupedSchedule:
     @property
     def has_group_table(self) -> bool:
         return self.kind in TABLE_KINDS
+
+    @property
+    def mixed_clusters(self) -> bool:
+        """Contiguous M-clusters: their CTA tiles may belong to different experts (the segment
+        alignment is a runtime setting, it may be smaller than a cluster tile)."""
+        return self.kind == "contiguous" and self.cluster_m > 1
 
 
 class GroupedTileScheduler(TileScheduler):
@@ -193,10 +203,37 @@ class GroupedTileScheduler(TileScheduler):
         row_start = self._group_start(g, cursor.rows_before) + local_row
         rows_valid = cutlass.min(rows - local_row, self.total_rows - row_start)
         group = g
+        b_shared = cutlass.Boolean(True)
         if cutlass.const_expr(self.s.kind == "contiguous"):
-            # The cluster's first row decides, so the CTAs sharing a multicast agree (the dispatcher
-            # only clusters along M when the segment alignment covers the whole cluster tile).
-            group = self.group_src[row_start - self.cta_m * self.s.tile_m]
-            if group >= self.num_experts:
-                group = Int32(-1)
-        return WorkTile(group, row_start, rows_valid, local_row, n_cluster * self.cluster_n + self.cta_n)
+            cluster_row = row_start - self.cta_m * self.s.tile_m
+            group = self._expert_at(cluster_row)
+            if cutlass.const_expr(self.s.mixed_clusters):
+                group, rows_valid, b_shared = self._mixed_cluster_tile(cluster_row, group, rows_valid)
+        return WorkTile(group, row_start, rows_valid, local_row, n_cluster * self.cluster_n + self.cta_n,
+                        b_shared)
+
+    @cute.jit
+    def _expert_at(self, row: Int32) -> Int32:
+        """Contiguous: the expert id of ``row`` (inside the row space), -1 when outside [0, num_experts)."""
+        expert = self.group_src[row]
+        if expert >= self.num_experts or expert < 0:
+            expert = Int32(-1)
+        return expert
+
+    @cute.jit
+    def _mixed_cluster_tile(self, cluster_row: Int32, first: Int32, rows_valid: Int32):
+        """(group, rows_valid, b_shared) of this CTA in an M-cluster of two tiles starting at
+        ``cluster_row`` whose first tile belongs to expert ``first``. Both CTAs read both ids, so they
+        agree on ``b_shared`` and on skipping (both ids bad); a CTA with a bad id of its own computes
+        with its partner's expert and stores nothing."""
+        second = Int32(-1)
+        if cluster_row + self.s.tile_m < self.total_rows:
+            second = self._expert_at(cluster_row + self.s.tile_m)
+        own, partner = first, second
+        if self.cta_m == 1:
+            own, partner = second, first
+        group = own
+        if own < 0:
+            group = partner
+            rows_valid = Int32(0)
+        return group, rows_valid, first == second

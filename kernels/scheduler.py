@@ -49,14 +49,18 @@ class TileCursor:
 class WorkTile:
     """One CTA's unit of work: ``group`` (B's batch index; negative = skip the tile), the first row in
     the 2-D row space of A and D, the rows that belong to the group (clipped to the row space; may be
-    <= 0), the first row relative to the group's start, and the N block."""
+    <= 0: compute but store nothing), the first row relative to the group's start, the N block, and
+    ``b_shared``: whether every CTA of the cluster multiplies this tile by the same B block (B may be
+    multicast along the cluster's M mode; a scheduler whose clusters always share B returns True)."""
 
-    def __init__(self, group: Int32, row_start: Int32, rows_valid: Int32, local_row: Int32, n_block: Int32):
+    def __init__(self, group: Int32, row_start: Int32, rows_valid: Int32, local_row: Int32, n_block: Int32,
+                 b_shared):
         self.group = group
         self.row_start = row_start
         self.rows_valid = rows_valid
         self.local_row = local_row
         self.n_block = n_block
+        self.b_shared = b_shared
 
 
 class TileScheduler:

@@ -40,6 +40,7 @@ FP8_VARIANTS = [
     (GemmSpec("masked", 7168, 2048, **FP8), KernelConfig(tile_m=64, tile_n=128, cluster_n=2)),
     (GemmSpec("dense", 384, 320, **FP8, d_dtype="fp32", has_c=True), KernelConfig(tile_n=64)),
     (GemmSpec("psum", 4096, 7168, alignment=128), KernelConfig()),
+    (GemmSpec("contiguous", 4096, 7168, **FP8), KernelConfig(tile_m=128, tile_n=128, cluster_m=2)),
     (GemmSpec("ragged", 4096, 7168), KernelConfig(cluster_m=2, panel=4)),
 ]
 

@@ -50,14 +50,16 @@ def test_unknown_rows_take_the_b_multicast_cluster():
     assert choose_config("ragged", 7168, 2048, 32, 0, 0) == KernelConfig(tile_m=128, tile_n=256, cluster_m=2)
 
 
-def test_contiguous_cluster_follows_the_alignment():
-    # 128-row segments cannot hold an M-cluster of two 128-row tiles: A multicast along N instead.
-    assert choose_config("contiguous", 4096, 7168, 8, 0, 128) == KernelConfig(tile_n=256, cluster_n=2)
-    assert choose_config("contiguous", 4096, 7168, 8, 0, 256) == KernelConfig(tile_n=256, cluster_m=2)
-    # An odd number of N blocks cannot pair up: no cluster.
-    assert choose_config("contiguous", 5760, 2880, 8, 0, 128).cluster_size == 1
+def test_contiguous_clusters_share_b_along_m_at_any_alignment():
+    # M-clusters may span two 128-row segments: the kernel multicasts B only inside one expert.
+    for alignment in (128, 256):
+        assert choose_config("contiguous", 4096, 7168, 8, 0, alignment) == KernelConfig(tile_n=256, cluster_m=2)
+    assert choose_config("contiguous", 5760, 2880, 8, 0, 128).cluster_m == 2
+    check_config_fits("contiguous", KernelConfig(tile_m=128, cluster_m=2), 128)
     # 64-row segments need 64-row tiles.
     assert choose_config("contiguous", 4096, 7168, 8, 0, 64).tile_m == 64
+    with pytest.raises(ValueError, match="tile_m"):
+        check_config_fits("contiguous", KernelConfig(tile_m=128), 64)
 
 
 def test_psum_tiles_divide_the_alignment():
@@ -130,12 +132,12 @@ def test_tuned_table_wins_for_its_key_only(tmp_path, monkeypatch):
 
 
 def test_tuned_config_that_does_not_fit_falls_back_to_rules(tmp_path, monkeypatch):
-    problem = dispatch.problem_of("contiguous", 4096, 7168, 8, 0, 128)
+    problem = dispatch.problem_of("contiguous", 4096, 7168, 8, 0, 64)
     _write_table(tmp_path / "t.json", [table_entry(problem, KernelConfig(tile_m=128, cluster_m=2))])
     monkeypatch.setenv(dispatch.TUNED_TABLE_ENV, str(tmp_path / "t.json"))
     dispatch.reload_tuned_table()
-    assert choose_config("contiguous", 4096, 7168, 8, 0, 128) == rule_config(problem)
-    assert choose_config("contiguous", 4096, 7168, 8, 0, 256) == KernelConfig(tile_m=128, cluster_m=2)
+    assert choose_config("contiguous", 4096, 7168, 8, 0, 64) == rule_config(problem)  # 128-row tiles, 64-row segments
+    assert choose_config("contiguous", 4096, 7168, 8, 0, 128) == KernelConfig(tile_m=128, cluster_m=2)
 
 
 @pytest.mark.parametrize("content,match", [

@@ -1,5 +1,7 @@
 """BF16 kernels on a Hopper GPU against an FP32 reference (fresh random data, NaN-poisoned outputs)."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -63,9 +65,12 @@ def make_contiguous(counts, alignment):
     return randn(total, K), layout.cuda(), segments
 
 
-@pytest.mark.parametrize("alignment", [128, 256])
+@pytest.mark.parametrize("alignment,config", [
+    (128, None), (256, None),
+    (128, cute_moe.KernelConfig(tile_m=128, tile_n=128, cluster_m=2)),  # clusters spanning two experts
+], ids=["align128", "align256", "align128-mixed-clusters"])
 @pytest.mark.parametrize("out_dtype", [bf16, torch.float32])
-def test_contiguous(alignment, out_dtype):
+def test_contiguous(alignment, config, out_dtype):
     old = cute_moe.get_mk_alignment_for_contiguous_layout()
     cute_moe.set_mk_alignment_for_contiguous_layout(alignment)
     try:
@@ -76,7 +81,8 @@ def test_contiguous(alignment, out_dtype):
         a, layout, segments = make_contiguous(counts, alignment)
         b = randn(g, N, K)
         d = poisoned(a.shape[0], N, dtype=out_dtype)
-        cute_moe.m_grouped_bf16_gemm_nt_contiguous(a, b, d, layout)
+        with (cute_moe.dispatch.force_config(config) if config else contextlib.nullcontext()):
+            cute_moe.m_grouped_bf16_gemm_nt_contiguous(a, b, d, layout)
         for s, cnt, e in segments:
             if cnt:
                 assert_close(d[s:s + cnt], (a[s:s + cnt].float() @ b[e].float().T).to(out_dtype))

@@ -7,6 +7,8 @@ untouched, and the rows the documented rule assigns to a group must be correct. 
 turns the same values into ValueErrors naming the argument and the first bad position.
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -52,18 +54,25 @@ def reference_rows(a, w, g, rows):
     return a[rows].float() @ w[g].float().T
 
 
+# An M-cluster of two 128-row tiles over 128-row segments: its CTAs may hold different experts.
+MIXED_EXPERT_CLUSTERS = cute_moe.KernelConfig(tile_m=128, tile_n=128, cluster_m=2)
+
+
+@pytest.mark.parametrize("config", [None, MIXED_EXPERT_CLUSTERS], ids=["dispatched", "mixed-clusters"])
 @pytest.mark.parametrize("fp8", [False, True])
-def test_contiguous_ids_outside_the_experts_skip_their_tiles(fp8):
+def test_contiguous_ids_outside_the_experts_skip_their_tiles(fp8, config):
     g, seg = 4, cute_moe.get_mk_alignment_for_contiguous_layout()
-    ids = [0, g, 1, -5, g + 100, INT32_MAX, 2, -1]  # one segment each
+    # One segment each; an odd count leaves the last cluster's second tile outside the rows.
+    ids = [0, g, 1, -5, g + 100, INT32_MAX, 2, -1, -1, 3, 1, 1, 3]
     m = seg * len(ids)
     a, w = randn(m, K), randn(g, N, K)
     layout = torch.tensor(ids, device="cuda", dtype=torch.int32).repeat_interleave(seg)
     d, buffer = guarded(m)
-    if fp8:
-        cute_moe.m_grouped_fp8_gemm_nt_contiguous(*quantize(a, w), d, layout)
-    else:
-        cute_moe.m_grouped_bf16_gemm_nt_contiguous(a, w, d, layout)
+    with (cute_moe.dispatch.force_config(config) if config else contextlib.nullcontext()):
+        if fp8:
+            cute_moe.m_grouped_fp8_gemm_nt_contiguous(*quantize(a, w), d, layout)
+        else:
+            cute_moe.m_grouped_bf16_gemm_nt_contiguous(a, w, d, layout)
     assert_guards_intact(buffer)
     for s, expert in enumerate(ids):
         rows = slice(s * seg, (s + 1) * seg)

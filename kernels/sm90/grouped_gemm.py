@@ -159,6 +159,10 @@ class Sm90GroupedGemm:
         tile_m, tile_n, tile_k = self.tile_shape_mnk
         tma_atom_a, tma_a = self._make_load_atom(mA, self.a_smem_layout, (tile_m, tile_k), self.num_mcast_a)
         tma_atom_b, tma_b = self._make_load_atom(mB, self.b_smem_layout, (tile_n, tile_k), self.num_mcast_b)
+        # Mixed-expert clusters load a B block that the partner CTA does not share without multicast.
+        tma_atom_b_own, tma_b_own = tma_atom_b, tma_b
+        if cutlass.const_expr(self.schedule.mixed_clusters):
+            tma_atom_b_own, tma_b_own = self._make_load_atom(mB, self.b_smem_layout, (tile_n, tile_k), 1)
         tma_atom_sfa, tma_sfa = tma_atom_a, tma_a
         if cutlass.const_expr(self.fp8):
             # SFA as (rows, K blocks, L): masked keeps its group mode (rows are padded per group).
@@ -190,8 +194,8 @@ class Sm90GroupedGemm:
         if cutlass.const_expr(self.kind in ("dense", "contiguous")):
             m_clusters = (total_rows + (tile_m * cluster_m - 1)) // (tile_m * cluster_m)
             num_clusters = cutlass.max(cutlass.min(max_clusters, m_clusters * self.num_n_clusters), Int32(1))
-        self.kernel(tma_atom_a, tma_a, tma_atom_b, tma_b, tma_atom_sfa, tma_sfa, mSFB, mD, mC, mGroup,
-                    total_rows, max_m, num_groups, num_experts, self.tiled_mma, self.cta_layout_mnk, self.a_smem_layout,
+        self.kernel(tma_atom_a, tma_a, tma_atom_b, tma_b, tma_atom_b_own, tma_b_own, tma_atom_sfa, tma_sfa, mSFB,
+                    mD, mC, mGroup, total_rows, max_m, num_groups, num_experts, self.tiled_mma, self.cta_layout_mnk, self.a_smem_layout,
                     self.b_smem_layout, self.sfa_smem_layout, self.epi_smem_layout).launch(
             grid=(cluster_m, cluster_n, num_clusters),
             block=[self.threads_per_cta, 1, 1],
@@ -203,8 +207,8 @@ class Sm90GroupedGemm:
     # ------------------------------------------------------------------ device code
     @cute.kernel
     def kernel(self, tma_atom_a: cute.CopyAtom, mA: cute.Tensor, tma_atom_b: cute.CopyAtom, mB: cute.Tensor,
-               tma_atom_sfa: cute.CopyAtom, mSFA: cute.Tensor, mSFB: Optional[cute.Tensor], mD: cute.Tensor,
-               mC: Optional[cute.Tensor], mGroup: Optional[cute.Tensor], total_rows: Int32, max_m: Int32,
+               tma_atom_b_own: cute.CopyAtom, mB_own: cute.Tensor, tma_atom_sfa: cute.CopyAtom, mSFA: cute.Tensor,
+               mSFB: Optional[cute.Tensor], mD: cute.Tensor, mC: Optional[cute.Tensor], mGroup: Optional[cute.Tensor], total_rows: Int32, max_m: Int32,
                num_groups: Int32, num_experts: Int32, tiled_mma: cute.TiledMma, cta_layout_mnk: cute.Layout,
                a_smem_layout: cute.ComposedLayout, b_smem_layout: cute.ComposedLayout, sfa_smem_layout: cute.Layout,
                epi_smem_layout: cute.ComposedLayout):
@@ -213,6 +217,8 @@ class Sm90GroupedGemm:
         if warp_idx == 0:
             cute.nvgpu.cpasync.prefetch_descriptor(tma_atom_a)
             cute.nvgpu.cpasync.prefetch_descriptor(tma_atom_b)
+            if cutlass.const_expr(self.schedule.mixed_clusters):
+                cute.nvgpu.cpasync.prefetch_descriptor(tma_atom_b_own)
             if cutlass.const_expr(self.fp8):
                 cute.nvgpu.cpasync.prefetch_descriptor(tma_atom_sfa)
 
@@ -261,7 +267,8 @@ class Sm90GroupedGemm:
             if warp_idx == 0:
                 a_mcast_mask = cute.make_layout_image_mask(cta_layout_mnk, cluster_coord, mode=1)
                 b_mcast_mask = cute.make_layout_image_mask(cta_layout_mnk, cluster_coord, mode=0)
-                self.producer(tma_atom_a, mA, tma_atom_b, mB, tma_atom_sfa, mSFA, sA, sB, sSFA, mainloop, scheduler,
+                self.producer(tma_atom_a, mA, tma_atom_b, mB, tma_atom_b_own, mB_own, tma_atom_sfa, mSFA, sA, sB,
+                              sSFA, mainloop, scheduler,
                               a_mcast_mask if self.num_mcast_a > 1 else 0,
                               b_mcast_mask if self.num_mcast_b > 1 else 0, cluster_coord[0], cluster_coord[1],
                               cluster_id, max_m)
@@ -272,13 +279,15 @@ class Sm90GroupedGemm:
 
     @cute.jit
     def producer(self, tma_atom_a: cute.CopyAtom, mA: cute.Tensor, tma_atom_b: cute.CopyAtom, mB: cute.Tensor,
-                 tma_atom_sfa: cute.CopyAtom, mSFA: cute.Tensor, sA: cute.Tensor, sB: cute.Tensor,
-                 sSFA: cute.Tensor, mainloop: pipeline.PipelineTmaAsync, scheduler: GroupedTileScheduler,
+                 tma_atom_b_own: cute.CopyAtom, mB_own: cute.Tensor, tma_atom_sfa: cute.CopyAtom, mSFA: cute.Tensor,
+                 sA: cute.Tensor, sB: cute.Tensor, sSFA: cute.Tensor, mainloop: pipeline.PipelineTmaAsync, scheduler: GroupedTileScheduler,
                  a_mcast_mask, b_mcast_mask, cta_m: Int32, cta_n: Int32, cluster_id: Int32, max_m: Int32):
         """TMA producer: for each scheduled tile, stream its k-blocks of A and B into the smem ring.
 
         ``producer_acquire`` waits until every consumer (in every CTA the stage is multicast to) has
-        released the slot; the TMA loads then arrive on the slot's full barrier with their bytes."""
+        released the slot; the TMA loads then arrive on the slot's full barrier with their bytes. A
+        tile whose cluster does not share B (``b_shared`` false: mixed-expert contiguous clusters)
+        loads its whole B block without multicast; the bytes per stage are the same either way."""
         tile_m, tile_n, tile_k = self.tile_shape_mnk
         cluster_m, cluster_n = self.cluster_shape_mn
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
@@ -294,6 +303,12 @@ class Sm90GroupedGemm:
                 tBsB, tBgB = cute.nvgpu.cpasync.tma_partition(
                     tma_atom_b, cta_m, cute.make_layout(cluster_m),
                     cute.group_modes(sB, 0, 2), cute.group_modes(gB, 0, 2))
+                tBsB_own, tBgB_own = tBsB, tBgB
+                if cutlass.const_expr(self.schedule.mixed_clusters):
+                    gB_own = cute.local_tile(mB_own, (tile_n, tile_k), (tile.n_block, None, tile.group))
+                    tBsB_own, tBgB_own = cute.nvgpu.cpasync.tma_partition(
+                        tma_atom_b_own, 0, cute.make_layout(1),
+                        cute.group_modes(sB, 0, 2), cute.group_modes(gB_own, 0, 2))
                 tSsS, tSgS = tAsA, tAgA
                 if cutlass.const_expr(self.fp8):
                     # Scale rows: masked tiles index (local row, group); the others the 2-D row space.
@@ -309,8 +324,16 @@ class Sm90GroupedGemm:
                     barrier = mainloop.producer_get_barrier(state)
                     cute.copy(tma_atom_a, tAgA[(None, k_tile)], tAsA[(None, state.index)],
                               tma_bar_ptr=barrier, mcast_mask=a_mcast_mask)
-                    cute.copy(tma_atom_b, tBgB[(None, k_tile)], tBsB[(None, state.index)],
-                              tma_bar_ptr=barrier, mcast_mask=b_mcast_mask)
+                    if cutlass.const_expr(self.schedule.mixed_clusters):
+                        if tile.b_shared:
+                            cute.copy(tma_atom_b, tBgB[(None, k_tile)], tBsB[(None, state.index)],
+                                      tma_bar_ptr=barrier, mcast_mask=b_mcast_mask)
+                        else:
+                            cute.copy(tma_atom_b_own, tBgB_own[(None, k_tile)], tBsB_own[(None, state.index)],
+                                      tma_bar_ptr=barrier)
+                    else:
+                        cute.copy(tma_atom_b, tBgB[(None, k_tile)], tBsB[(None, state.index)],
+                                  tma_bar_ptr=barrier, mcast_mask=b_mcast_mask)
                     if cutlass.const_expr(self.fp8):
                         cute.copy(tma_atom_sfa, tSgS[(None, k_tile)], tSsS[(None, state.index)], tma_bar_ptr=barrier)
                     mainloop.producer_commit(state)
