@@ -1,0 +1,195 @@
+"""EP combine: one persistent kernel that reduces expert outputs back into their tokens.
+
+Phases (every CTA runs all of them; grid <= SM count, all CTAs co-resident):
+  1. partial  one warp per received (source rank, token): FP32 sum over the token's slots routed to
+              this rank of weight * y[slot_row] (rows from the dispatch handle), rounded once to
+              BF16 and written with 16-byte stores into the source rank's combine staging
+              [parity][this rank][token]. A token with no slot here sends nothing.
+  2. signal   CTA barrier, fence.acq_rel.sys, +1 on every peer's combine arrival word for this rank.
+  3. wait     warp 0 spins (acquire.sys, %globaltimer timeout) until every rank's word reaches
+              (call + 1) * num_ctas; a timeout fills the host-mapped error record.
+  4. reduce   one warp per local token: out[t] = sum, in FP32 over ranks in ascending order, of the
+              partials of the ranks that own one of t's experts (known locally from topk_idx), BF16;
+              zeros for a token with no valid slot.
+Dispatch staging is read at the parity of the latest dispatch (its call counter minus one).
+"""
+
+import cutlass
+import cutlass.cute as cute
+from cutlass.cute.typing import Float32, Int32, Int64
+
+from cute_moe.ep_layout import PARITIES, VECTOR_BYTES, EPGeometry
+
+from .ep_ptx import (bits_to_f32, lane_in_row, lane_vector_batches, ld_b32, ld_b64, ld_v4_pred,
+                     pack_bf16x2, record_timeout, signal_ranks, st_b32, st_v4_pred, sync_threads_and,
+                     unpack_bf16x2, wait_counter, warp_or)
+
+THREADS = 256
+WARPS = THREADS // 32
+OP_COMBINE = 3  # error record op code (cute_moe/ep.py names it)
+WORDS = 4  # b32 words per 16-byte vector = 8 BF16
+LOADS_IN_FLIGHT = 32  # 16-byte loads a lane issues before using them (partial: K per vector; reduce: R)
+MAX_BATCH = 8  # vectors per lane per batch (registers: 8 FP32 accumulators each)
+
+
+def _batch(loads_per_vector: int) -> int:
+    """Vectors per lane per batch so that about LOADS_IN_FLIGHT loads are in flight, 1..MAX_BATCH."""
+    return max(1, min(MAX_BATCH, LOADS_IN_FLIGHT // loads_per_vector))
+
+
+def _store_bf16(addr: Int64, acc: list, inside: Int32) -> None:
+    """Round acc[0:8] to BF16 and store the 16 bytes at ``addr`` if ``inside`` (traced inline)."""
+    st_v4_pred(addr, inside, pack_bf16x2(acc[0], acc[1]), pack_bf16x2(acc[2], acc[3]), pack_bf16x2(acc[4], acc[5]),
+               pack_bf16x2(acc[6], acc[7]))
+
+
+def _accumulate(acc: list, words: tuple, w: Float32) -> None:
+    """acc[0:8] += w * the 8 BF16 of ``words`` (traced inline into the calling kernel)."""
+    for q in range(WORDS):
+        lo, hi = unpack_bf16x2(words[q])
+        acc[2 * q] = acc[2 * q] + w * lo
+        acc[2 * q + 1] = acc[2 * q + 1] + w * hi
+
+
+class EPCombineKernel:
+    """Compiled per (geometry, index width); every tensor is passed as a 64-bit address."""
+
+    def __init__(self, geom: EPGeometry, idx_bytes: int):
+        self.g = geom
+        self.idx_bytes = idx_bytes
+        self.off = geom.offsets()
+
+    @cute.jit
+    def __call__(self, y: Int64, topk_idx: Int64, num_tokens: Int32, peers: Int64, rank: Int32,
+                 calls_tensor: cute.Tensor, dispatch_calls: Int64, slot_row: Int64, err: Int64, out: Int64,
+                 timeout_ns: Int64, stream):
+        # calls_tensor (int32 [num_ctas], on the launch device) tells TVM-FFI the device and stream.
+        calls = Int64(calls_tensor.iterator.toint())
+        self.kernel(y, topk_idx, num_tokens, peers, rank, calls, dispatch_calls, slot_row, err, out,
+                    timeout_ns).launch(grid=(self.g.num_ctas, 1, 1), block=(THREADS, 1, 1), stream=stream)
+
+    @cute.kernel
+    def kernel(self, y: Int64, topk_idx: Int64, num_tokens: Int32, peers: Int64, rank: Int32, calls: Int64,
+               dispatch_calls: Int64, slot_row: Int64, err: Int64, out: Int64, timeout_ns: Int64):
+        g = self.g
+        R, G = g.num_ranks, g.num_ctas
+        tid, _, _ = cute.arch.thread_idx()
+        cta, _, _ = cute.arch.block_idx()
+        lane = tid % 32
+        warp = tid // 32
+        gwarp = cta * WARPS + warp
+        call = ld_b32(calls + Int64(cta) * 4)
+        parity = call % PARITIES
+        dispatch_parity = (ld_b32(dispatch_calls + Int64(cta) * 4) + (PARITIES - 1)) % PARITIES
+        target = Int64(call + 1) * G
+        home = ld_b64(peers + Int64(rank) * 8)
+
+        self.partial(y, peers, rank, home, slot_row, parity, dispatch_parity, gwarp, lane)
+        cute.arch.sync_threads()
+        if tid == 0:
+            signal_ranks(peers, self.off["combine_arrive"], rank, R)
+
+        arrived = Int32(1)
+        if warp == 0:
+            if lane < R:
+                arrived = wait_counter(home + self.off["combine_arrive"] + Int64(lane) * 8, target, timeout_ns, True)
+            missing = cute.arch.vote_ballot_sync(arrived == 0)
+            if lane == 0:
+                if missing != 0:
+                    record_timeout(err, Int32(OP_COMBINE), rank, missing)
+        ok = sync_threads_and(arrived)
+        if ok != 0:
+            self.reduce(topk_idx, num_tokens, home, parity, gwarp, lane, out)
+        cute.arch.sync_threads()
+        if tid == 0:
+            st_b32(calls + Int64(cta) * 4, call + 1)
+
+    @cute.jit
+    def partial(self, y: Int64, peers: Int64, rank: Int32, home: Int64, slot_row: Int64, parity: Int32,
+                dispatch_parity: Int32, gwarp: Int32, lane: Int32):
+        """Phase 1: warp per (source rank, token) received by the last dispatch."""
+        g = self.g
+        R, K, TM, H = g.num_ranks, g.num_topk, g.max_tokens, g.hidden
+        row_bytes = H * 2
+        row_vecs = row_bytes // VECTOR_BYTES
+        tmax = Int32(0)  # loop over the tokens received, not over the buffer's maximum
+        for r in cutlass.range_constexpr(R):
+            tmax = cutlass.max(tmax, ld_b32(home + self.off["dispatch_ntok"] + Int64(dispatch_parity * R + r) * 4))
+        for u in cutlass.range(gwarp, R * tmax, (g.num_ctas * WARPS)):
+            src = u // tmax
+            t = u % tmax
+            ntok = ld_b32(home + self.off["dispatch_ntok"] + Int64(dispatch_parity * R + src) * 4)
+            if t < ntok:
+                local = Int32(-1)
+                row = Int32(-1)
+                wbits = Int32(0)
+                if lane < K:
+                    entry = Int64(src * TM + t) * K + lane
+                    meta = Int64(dispatch_parity) * g.entries + entry
+                    local = ld_b32(home + self.off["meta_idx"] + meta * 4)
+                    row = ld_b32(slot_row + entry * 4)
+                    if local >= 0:
+                        if row >= 0:
+                            wbits = ld_b32(home + self.off["meta_weight"] + meta * 4)
+                if cute.arch.vote_any_sync(local >= 0):
+                    peer = ld_b64(peers + Int64(src) * 8)
+                    dst = peer + self.off["combine_rows"] + Int64((parity * R + rank) * TM + t) * row_bytes
+                    # Shuffles stay outside the vector loop: its trip count differs between lanes.
+                    w_k = [cute.arch.shuffle_sync(wbits, k) for k in range(K)]
+                    row_k = [cute.arch.shuffle_sync(row, k) for k in range(K)]
+                    batches = lane_vector_batches(row_vecs, _batch(K))
+                    for i in cutlass.range_constexpr(len(batches)):
+                        offsets = batches[i]
+                        loaded = []  # every load of the batch is issued before the first use
+                        for j in cutlass.range_constexpr(len(offsets)):
+                            vec_at = Int64(lane + offsets[j]) * VECTOR_BYTES
+                            inside = lane_in_row(lane, offsets[j], row_vecs)
+                            for k in cutlass.range_constexpr(K):
+                                loaded.append(ld_v4_pred(y + Int64(row_k[k]) * row_bytes + vec_at,
+                                                         Int32(w_k[k] != 0) & inside))
+                        for j in cutlass.range_constexpr(len(offsets)):
+                            acc = [Float32(0.0)] * (2 * WORDS)
+                            for k in cutlass.range_constexpr(K):
+                                _accumulate(acc, loaded[j * K + k], bits_to_f32(w_k[k]))
+                            _store_bf16(dst + Int64(lane + offsets[j]) * VECTOR_BYTES, acc,
+                                        lane_in_row(lane, offsets[j], row_vecs))
+
+    @cute.jit
+    def reduce(self, topk_idx: Int64, num_tokens: Int32, home: Int64, parity: Int32, gwarp: Int32, lane: Int32,
+               out: Int64):
+        """Phase 4: warp per local token; sum of the partials of the ranks owning its experts."""
+        g = self.g
+        R, K, TM, H, L, E = g.num_ranks, g.num_topk, g.max_tokens, g.hidden, g.local_experts, g.num_experts
+        row_bytes = H * 2
+        row_vecs = row_bytes // VECTOR_BYTES
+        for t in cutlass.range(gwarp, num_tokens, (g.num_ctas * WARPS)):
+            bit = Int32(0)
+            if lane < K:
+                at = topk_idx + Int64(t * K + lane) * self.idx_bytes
+                if cutlass.const_expr(self.idx_bytes == 8):
+                    raw = ld_b64(at)
+                    if raw >= 0:
+                        if raw < E:
+                            bit = Int32(1) << (Int32(raw) // L)
+                else:
+                    raw32 = ld_b32(at)
+                    if raw32 >= 0:
+                        if raw32 < E:
+                            bit = Int32(1) << (raw32 // L)
+            ranks = warp_or(bit)
+            batches = lane_vector_batches(row_vecs, _batch(R))
+            for i in cutlass.range_constexpr(len(batches)):
+                offsets = batches[i]
+                loaded = []  # every load of the batch is issued before the first use
+                for j in cutlass.range_constexpr(len(offsets)):
+                    vec_at = Int64(lane + offsets[j]) * VECTOR_BYTES
+                    inside = lane_in_row(lane, offsets[j], row_vecs)
+                    for r in cutlass.range_constexpr(R):
+                        staged = home + self.off["combine_rows"] + Int64((parity * R + r) * TM + t) * row_bytes
+                        loaded.append(ld_v4_pred(staged + vec_at, ((ranks >> r) & 1) & inside))
+                for j in cutlass.range_constexpr(len(offsets)):
+                    acc = [Float32(0.0)] * (2 * WORDS)
+                    for r in cutlass.range_constexpr(R):
+                        _accumulate(acc, loaded[j * R + r], Float32(1.0))
+                    _store_bf16(out + Int64(t) * row_bytes + Int64(lane + offsets[j]) * VECTOR_BYTES, acc,
+                                lane_in_row(lane, offsets[j], row_vecs))
