@@ -28,6 +28,7 @@ from .validation import (check_contiguous, check_int_arg, check_multiple, check_
                          check_tensor)
 
 DEBUG_ENV = "CUTE_MOE_DEBUG"
+ROW_ELEMENTS = 8  # BF16 elements of one 16-byte unit: TMA rows and strides are whole units
 OUT_DTYPES = (torch.bfloat16, torch.float32)
 INT32 = (torch.int32,)
 
@@ -130,6 +131,14 @@ def check_nk(n: int, k: int) -> None:
         raise ValueError(f"b: expected non-empty N and K, got N={n}, K={k}")
 
 
+def check_mn(m: int, n: int) -> None:
+    """K-grouped extents: M and N non-empty, whole 16-byte rows of a [sum K, M] and b [sum K, N]."""
+    check_multiple("a", m, ROW_ELEMENTS, "M")
+    check_multiple("b", n, ROW_ELEMENTS, "N")
+    if m == 0 or n == 0:
+        raise ValueError(f"a, b: expected non-empty M and N, got M={m}, N={n}")
+
+
 def check_k_matches(a: torch.Tensor, k: int, b_shape: tuple) -> None:
     """A's K must equal B's; the error names ``a`` and says where the expected K comes from."""
     if a.shape[-1] != k:
@@ -137,7 +146,8 @@ def check_k_matches(a: torch.Tensor, k: int, b_shape: tuple) -> None:
 
 
 class DenseOp(GemmOp):
-    """d = c + a @ b.T: a [M, K], b [N, K], d and c [M, N] (c optional, may be d itself)."""
+    """d = c + a @ b.T: a [M, K], b [N, K], d and c [M, N] (c optional, may be d itself). MN-major
+    operands (DeepGEMM's nn / tn / tt) are given transposed: a [K, M], b [K, N]."""
 
     kind = "dense"
 
@@ -145,7 +155,7 @@ class DenseOp(GemmOp):
         args = (*self.unpack(a, b), d, c)
         a, sfa, b, sfb = args[:4]
         try:
-            m = a.shape[0]
+            m = a.shape[self.a.transposed]
             device = a.get_device()
             key = (self, b.shape, m_bucket(m), d.dtype, c is None, device, forced_config())
         except AttributeError:
@@ -153,10 +163,13 @@ class DenseOp(GemmOp):
             raise
         if m == 0:
             return self.validate(*args)
-        self.run(key, on_device(device, b, d, c, sfa, sfb), args)
+        # An MN-major a's row stride is M: whole 16-byte units, else the full validation refuses it.
+        warm = on_device(device, b, d, c, sfa, sfb) and (not self.a.transposed or m % ROW_ELEMENTS == 0)
+        self.run(key, warm, args)
 
     def facts(self, a, sfa, b, sfb, d, c) -> dict:
-        return dict(kind="dense", n=b.shape[0], k=b.shape[1], num_groups=1, expected_m=a.shape[0], alignment=0,
+        n, k = self.b.logical(b).shape
+        return dict(kind="dense", n=n, k=k, num_groups=1, expected_m=self.a.logical(a).shape[0], alignment=0,
                     d_dtype=dtype_name(d.dtype), has_c=c is not None, device=a.device)
 
     def kernel_args(self, a, sfa, b, sfb, d, c) -> tuple:
@@ -166,13 +179,17 @@ class DenseOp(GemmOp):
         self.a.check(a, 2)
         self.b.check(b, 2)
         check_tensor("d", d, OUT_DTYPES, 2)
-        m = a.shape[0]
-        n, k = b.shape
-        check_k_matches(a, k, b.shape)
+        m, a_k = self.a.logical(a).shape
+        n, k = self.b.logical(b).shape
+        if a_k != k:
+            raise ValueError(f"a: expected K={k} (from b of shape {tuple(b.shape)}{self.b.as_given}), "
+                             f"got a of shape {tuple(a.shape)}{self.a.as_given}")
         check_shape("d", d, (m, n))
         check_nk(n, k)
         for name, t in (("a", a), ("b", b), ("d", d)):
             check_contiguous(name, t)
+        if self.a.transposed:
+            check_multiple("a", m, ROW_ELEMENTS, "M (a [K, M] is read in 16-byte rows)")
         if c is not None:
             check_tensor("c", c, (d.dtype,), 2)
             check_shape("c", c, (m, n))
@@ -207,7 +224,8 @@ class ContiguousOp(GemmOp):
         self.run(key, warm, args)
 
     def facts(self, a, sfa, b, sfb, d, grouped_layout, use_psum_layout, alignment) -> dict:
-        return dict(kind="psum" if use_psum_layout else "contiguous", n=b.shape[1], k=b.shape[2],
+        _, n, k = self.b.logical(b).shape
+        return dict(kind="psum" if use_psum_layout else "contiguous", n=n, k=k,
                     num_groups=b.shape[0], expected_m=0, alignment=alignment, d_dtype=dtype_name(d.dtype),
                     device=a.device)
 
@@ -222,7 +240,7 @@ class ContiguousOp(GemmOp):
         check_tensor("d", d, OUT_DTYPES, 2)
         check_tensor("grouped_layout", grouped_layout, INT32, 1)
         m = a.shape[0]
-        num_groups, n, k = b.shape
+        num_groups, n, k = self.b.logical(b).shape
         check_k_matches(a, k, b.shape)
         check_shape("d", d, (m, n))
         check_shape("grouped_layout", grouped_layout, (num_groups,) if use_psum_layout else (m,))
@@ -293,9 +311,153 @@ class MaskedOp(GemmOp):
         index_checks.check_counts("masked_m", masked_m, a.shape[1])
 
 
+class KGroupedOp(GemmOp):
+    """K-grouped (weight gradients): d[g] = c[g] + a[rows of g].T @ b[rows of g]; a [sum K, M] and
+    b [sum K, N] (the MN-major operand form; a K-major descriptor takes a as [M, sum K]), d and c
+    [G, M, N] fp32 (c optional, may be d); ks: the groups' row counts (host list, or None when only
+    the device knows them: rows past their sum are then ignored), ks_tensor: the same as int32 [G]
+    on the GPU (the kernel reads it; any value stays inside a and b)."""
+
+    kind = "k_grouped"
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, ks, ks_tensor: torch.Tensor,
+                 c: Optional[torch.Tensor] = None) -> None:
+        args = (a, None, b, None, d, ks, ks_tensor, c)
+        try:
+            sum_k = a.shape[1 - self.a.transposed]
+            device = a.get_device()
+            key = (self, a.shape[self.a.transposed], b.shape[1], d.dtype, c is None, device, forced_config())
+            warm = ((ks is None or type(ks) in (list, tuple) and len(ks) == d.shape[0] and sum(ks) == sum_k)
+                    and (sum_k % ROW_ELEMENTS == 0 or self.a.transposed)
+                    and on_device(device, b, d, ks_tensor, c))
+        except (AttributeError, TypeError, IndexError):
+            self.validate(*args)
+            raise
+        if sum_k == 0 or d.numel() == 0:
+            self.validate(*args)
+            return _fill_empty_groups(d, c)
+        self.run(key, warm, args)
+
+    def facts(self, a, sfa, b, sfb, d, ks, ks_tensor, c) -> dict:
+        return dict(kind="k_grouped", n=b.shape[1], k=d.shape[1], num_groups=d.shape[0], expected_m=d.shape[1],
+                    alignment=0, d_dtype=dtype_name(d.dtype), has_c=c is not None, device=a.device)
+
+    def kernel_args(self, a, sfa, b, sfb, d, ks, ks_tensor, c) -> tuple:
+        return self.a.kernel(a), self.b.kernel(b), d, c, None, None, ks_tensor
+
+    def validate(self, a, sfa, b, sfb, d, ks, ks_tensor, c) -> None:
+        check_tensor("d", d, (torch.float32,), 3)
+        self.validate_operands(a, b, d, ks_tensor, c)
+        if ks is not None:
+            check_counts("ks", ks, d.shape[0], self.a.logical(a).shape[1])
+        check_placement(a=a, b=b, d=d, ks_tensor=ks_tensor, c=c)
+
+    def validate_operands(self, a, b, d, ks_tensor, c) -> None:
+        """a, b, d, c and the device group sizes: dtypes, shapes, strides (not the placement)."""
+        self.a.check(a, 2)
+        self.b.check(b, 2)
+        check_tensor("d", d, OUT_DTYPES, 3)
+        check_tensor("ks_tensor", ks_tensor, INT32, 1)
+        m, sum_k = self.a.logical(a).shape
+        num_groups, n = d.shape[0], b.shape[1]
+        if b.shape[0] != sum_k:
+            raise ValueError(f"b: expected {sum_k} rows (sum K, from a of shape {tuple(a.shape)}), "
+                             f"got b of shape {tuple(b.shape)}")
+        check_shape("d", d, (num_groups, m, n))
+        check_shape("ks_tensor", ks_tensor, (num_groups,))
+        check_mn(m, n)
+        self.check_groups("d", num_groups, d.device)
+        for name, t in (("a", a), ("b", b), ("d", d), ("ks_tensor", ks_tensor)):
+            check_contiguous(name, t)
+        if not self.a.transposed:
+            check_multiple("a", sum_k, ROW_ELEMENTS, "sum K (a [M, sum K] is read in 16-byte rows)")
+        if c is not None:
+            check_tensor("c", c, (d.dtype,), 3)
+            check_shape("c", c, tuple(d.shape))
+            check_contiguous("c", c)
+
+    def check_indices(self, a, sfa, b, sfb, d, ks, ks_tensor, c) -> None:
+        sizes = ks_tensor.tolist()
+        if ks is not None and sizes != list(ks):
+            raise ValueError(f"ks_tensor: expected the values of ks {list(ks)}, got {sizes}")
+        if min(sizes) < 0 or sum(sizes) > self.a.logical(a).shape[1]:
+            raise ValueError(f"ks_tensor: expected non-negative sizes summing to at most "
+                             f"{self.a.logical(a).shape[1]} rows, got {sizes}")
+
+
+class RaggedKOp(KGroupedOp):
+    """torch._grouped_mm for 2-D a and 2-D b (weight gradients): a [M, sum K], b [sum K, N] (both
+    row-major), offs int32 [G] cumulative ends along K; returns out [G, M, N] (group g reduces over
+    rows [offs[g-1], offs[g]); rows past offs[-1] are ignored, an empty group gives zeros)."""
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor,
+                 out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        out_dtype = torch.bfloat16 if out_dtype is None else out_dtype
+        try:
+            m, sum_k = a.shape
+            device = a.get_device()
+            key = (self, m, b.shape[1], out_dtype, True, device, forced_config())
+            warm = (key in _launches and sum_k % ROW_ELEMENTS == 0 and b.get_device() == device
+                    and offs.get_device() == device)
+        except (AttributeError, TypeError, ValueError, IndexError):
+            warm = False
+        if not warm:
+            self.validate_offs(a, b, offs, out_dtype)
+        out = torch.empty((offs.shape[0], a.shape[0], b.shape[1]), dtype=out_dtype, device=a.device)
+        if sum_k == 0:
+            return out.zero_()
+        # The kernel reads group sizes: one small device op turns the ends into sizes (no host sync).
+        sizes = torch.diff(offs, prepend=offs.new_zeros(1))
+        self.run(key, True, (a, None, b, None, out, None, sizes, None))
+        return out
+
+    def validate_offs(self, a, b, offs, out_dtype) -> None:
+        check_tensor("offs", offs, INT32, 1)
+        if out_dtype not in OUT_DTYPES:
+            raise TypeError(f"out_dtype: expected bfloat16 or float32, got {out_dtype}")
+        self.a.check(a, 2)
+        self.b.check(b, 2)
+        self.check_groups("offs", offs.shape[0], offs.device)
+        check_contiguous("offs", offs)
+        check_multiple("a", a.shape[1], ROW_ELEMENTS, "sum K (a [M, sum K] is read in 16-byte rows)")
+        if b.shape[0] != a.shape[1]:
+            raise ValueError(f"b: expected {a.shape[1]} rows (sum K, from a of shape {tuple(a.shape)}), "
+                             f"got b of shape {tuple(b.shape)}")
+        check_mn(a.shape[0], b.shape[1])
+        check_contiguous("a", a)
+        check_contiguous("b", b)
+        check_placement(a=a, b=b, offs=offs)
+
+    def validate(self, a, sfa, b, sfb, d, ks, ks_tensor, c) -> None:
+        self.validate_operands(a, b, d, ks_tensor, c)
+        check_placement(a=a, b=b, d=d, ks_tensor=ks_tensor)
+
+    def check_indices(self, a, sfa, b, sfb, d, ks, ks_tensor, c) -> None:
+        if (ks_tensor < 0).any():
+            raise ValueError("offs: expected non-decreasing cumulative ends")
+
+
+def check_counts(name: str, counts, num_groups: int, total: int) -> None:
+    """A host list of ``num_groups`` non-negative ints summing to ``total``."""
+    if not isinstance(counts, (list, tuple)) or not all(type(v) is int for v in counts):
+        raise TypeError(f"{name}: expected a list of ints, got {type(counts).__name__}")
+    if len(counts) != num_groups:
+        raise ValueError(f"{name}: expected {num_groups} group sizes (one per group), got {len(counts)}")
+    if any(v < 0 for v in counts) or sum(counts) != total:
+        raise ValueError(f"{name}: expected non-negative sizes summing to {total}, got {list(counts)}")
+
+
+def _fill_empty_groups(d: torch.Tensor, c: Optional[torch.Tensor]) -> None:
+    """d = c (or 0) when no group has a row: nothing for the kernel to reduce."""
+    if c is None:
+        d.zero_()
+    elif c.data_ptr() != d.data_ptr():
+        d.copy_(c)
+
+
 class RaggedOp(GemmOp):
-    """torch._grouped_mm for 2-D a and 3-D b: a [M, K], b [G, K, N] (K contiguous), offs int32 [G]
-    cumulative ends; returns out [M, N]."""
+    """torch._grouped_mm for 2-D a and 3-D b: a [M, K], b [G, K, N] (K contiguous, or N contiguous for
+    an MN-major descriptor), offs int32 [G] cumulative ends; returns out [M, N]."""
 
     kind = "ragged"
 
@@ -342,7 +504,9 @@ class RaggedOp(GemmOp):
         self.check_groups("b", num_groups, b.device)
         check_contiguous("a", a)
         check_contiguous("offs", offs)
-        if not b.transpose(1, 2).is_contiguous():
+        if self.b.transposed:
+            check_contiguous("b", b)
+        elif not b.transpose(1, 2).is_contiguous():
             raise ValueError(f"b: expected K-contiguous [G, K, N] (strides (N*K, 1, K) = {(n * k, 1, k)}), "
                              f"got strides {b.stride()}")
         check_placement(a=a, b=b, offs=offs)

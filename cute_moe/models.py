@@ -44,6 +44,9 @@ PRESETS: dict[str, MoeModel] = {m.name: m for m in (
     MoeModel("gpt-oss-120b", 2880, 2880, 128, 4),
     MoeModel("Kimi-K2", 7168, 2048, 384, 8),
 )}
+# Presets whose expert weights ship in MXFP4 (E2M1 + UE8M0 per 32 K): gpt-oss publishes them so,
+# DeepSeek-V4 runs FP8 activations x FP4 experts. Their GEMMs run with --dtype fp8xfp4 / bf16xfp4.
+FP4_WEIGHT_MODELS = ("gpt-oss-120b", "DeepSeek-V4-Flash", "DeepSeek-V4-Pro")
 
 
 def get_preset(name: str) -> MoeModel:

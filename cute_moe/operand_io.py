@@ -30,6 +30,8 @@ class OperandIO:
         self.sf_name = sf_name
         self.dtypes = (torch_dtype(operand.dtype),)
         self.recipe = SCALE_RECIPES[operand.scale]
+        # An MN-major operand is given as the row-major [.., K, MN] tensor (DeepGEMM's nn / tn / tt).
+        self.transposed = operand.major == "mn"
 
     def split(self, value) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(tensor, scales or None); a scaled operand must be a pair of tensors."""
@@ -45,8 +47,19 @@ class OperandIO:
     def check(self, t: torch.Tensor, ndim: int) -> None:
         check_tensor(self.name, t, self.dtypes, ndim)
 
+    @property
+    def as_given(self) -> str:
+        """How the operand's shape reads in error messages (MN-major operands are [.., K, MN])."""
+        return " as [.., K, MN]" if self.transposed else ""
+
+    def logical(self, t: torch.Tensor) -> torch.Tensor:
+        """The operand as ``[.., MN, K]`` (a transposed view of an MN-major operand)."""
+        return t.transpose(-2, -1) if self.transposed else t
+
     def kernel(self, t: torch.Tensor) -> torch.Tensor:
-        """The tensor as the kernel takes it (FP8 as a uint8 view)."""
+        """The tensor as the kernel takes it: ``[.., MN, K]`` (MN-major: a transposed view), FP8 as uint8."""
+        if self.transposed:
+            t = t.transpose(-2, -1)
         return t if self.recipe is None else t.view(torch.uint8)
 
     def kernel_scales(self, sf: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

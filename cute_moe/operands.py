@@ -96,11 +96,14 @@ class Operand:
 BF16 = Operand("bf16")
 FP8_PER_TOKEN = Operand("fp8_e4m3", scale="fp32_1x128")
 FP8_PER_BLOCK = Operand("fp8_e4m3", scale="fp32_128x128")
+MXFP4 = Operand("fp4_e2m1", scale="ue8m0_1x32")  # packed E2M1 weights, UE8M0 exponents per 32 K
 
 # Named operand pairs (A, B) of the public ops and of the tools' --dtype option.
 PRECISIONS: dict[str, tuple[Operand, Operand]] = {
     "bf16": (BF16, BF16),
     "fp8": (FP8_PER_TOKEN, FP8_PER_BLOCK),
+    "fp8xfp4": (FP8_PER_TOKEN, MXFP4),
+    "bf16xfp4": (BF16, MXFP4),
 }
 
 

@@ -10,8 +10,11 @@ from dataclasses import asdict, dataclass, field
 from .arch import check_arch, default_arch
 from .operands import BF16, Operand, element_type, operands_label
 
-# Problem kinds: how rows are grouped (see kernels/scheduler.py).
-KINDS = ("dense", "contiguous", "psum", "masked", "ragged")
+# Problem kinds: how rows are grouped (see kernels/scheduler.py); k_grouped groups the reduction
+# dimension instead (weight gradients: D [G, M, N], K rows per group known at launch).
+KINDS = ("dense", "contiguous", "psum", "masked", "ragged", "k_grouped")
+# Kinds whose launches may add C to the product.
+C_KINDS = ("dense", "k_grouped")
 D_DTYPES = ("bf16", "fp32")
 # Kinds whose groups start on multiples of the contiguous-layout alignment.
 ALIGNED_KINDS = ("contiguous", "psum")
@@ -19,7 +22,9 @@ ALIGNED_KINDS = ("contiguous", "psum")
 
 @dataclass(frozen=True)
 class GemmSpec:
-    """Problem kind, operands, output type and the static extents N and K of D = [C +] A . B^T."""
+    """Problem kind, operands (their majors included), output type and the static extents N and K of
+    D = [C +] A . B^T. For ``k_grouped`` the reduction extent is grouped and dynamic: ``k`` holds M,
+    the rows of each group's D block (the static extent besides N)."""
 
     kind: str
     n: int
@@ -45,8 +50,8 @@ class GemmSpec:
             value = getattr(self, name)
             if value <= 0 or value % 8 != 0:
                 raise ValueError(f"{name}: expected a positive multiple of 8 (16-byte rows), got {value}")
-        if self.has_c and self.kind != "dense":
-            raise ValueError(f"has_c: C is supported for the dense kind only, got kind={self.kind!r}")
+        if self.has_c and self.kind not in C_KINDS:
+            raise ValueError(f"has_c: C is supported for the kinds {C_KINDS} only, got kind={self.kind!r}")
         if (self.kind == "psum") != (self.alignment > 0):
             raise ValueError(f"alignment: expected a positive alignment exactly for the psum kind, "
                              f"got kind={self.kind!r}, alignment={self.alignment}")

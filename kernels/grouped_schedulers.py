@@ -21,7 +21,12 @@ a tile read or write outside the row space, or make two groups own one row):
 - ``ragged``: group ``g`` spans ``[start(g), min(ends[g], total_rows))`` with ``start(g)`` the largest
   end of the groups before it (at least 0): an end below an earlier one leaves its group empty.
 - ``psum``: as ragged with ``start(g)`` rounded up to the alignment.
-The per-group values (``masked_m`` or ``ends``) are copied into a shared-memory table once per CTA.
+- ``k_grouped`` (weight gradients): group ``g`` is D's block ``[g * M, (g + 1) * M)`` (``max_m`` = M);
+  its reduction runs over K rows ``[k_start(g), k_start(g) + k_rows(g))`` of A and B, with
+  ``k_rows(g) = clamp(ks[g], 0, total_k - k_start(g))`` and ``k_start(g)`` the clamped sum of the
+  earlier groups' rows: no value of ``ks`` makes a group read outside ``[0, total_k)`` or another
+  group's rows (the kernel zeroes the tail of a group's last k-block).
+The per-group values (``masked_m``, ``ends`` or ``ks``) are copied into a shared-memory table once per CTA.
 """
 
 from dataclasses import dataclass
@@ -36,7 +41,7 @@ from cutlass.cutlass_dsl import extract_mlir_values, new_from_mlir_values
 
 from .scheduler import TileCursor, TileScheduler, WorkTile
 
-TABLE_KINDS = ("masked", "ragged", "psum")  # kinds whose per-group values live in shared memory
+TABLE_KINDS = ("masked", "ragged", "psum", "k_grouped")  # kinds whose per-group values live in shared memory
 ENDS_KINDS = ("ragged", "psum")  # kinds whose per-group values are cumulative ends
 
 
@@ -78,12 +83,14 @@ class GroupedTileScheduler(TileScheduler):
 
     group_values: the shared-memory table (see ``load_group_values``); group_src: grouped_layout
     (contiguous), masked_m (masked) or ends (ragged, psum); num_experts: B's batch count (contiguous
-    ids are checked against it); cta_m / cta_n: this CTA's place in its cluster.
+    ids are checked against it); cta_m / cta_n: this CTA's place in its cluster; total_k (k_grouped
+    only): A's and B's K rows. The cursor's ``rows_before`` holds, for k_grouped, the K rows before
+    the group.
     """
 
     def __init__(self, schedule: GroupedSchedule, group_values: cute.Tensor, group_src, num_groups: Int32,
                  total_rows: Int32, max_m: Int32, num_experts: Int32, num_clusters: Int32, cta_m: Int32,
-                 cta_n: Int32, cluster_n: int):
+                 cta_n: Int32, cluster_n: int, total_k=None):
         self.s = schedule
         self.group_values = group_values
         self.group_src = group_src
@@ -95,10 +102,11 @@ class GroupedTileScheduler(TileScheduler):
         self.cta_m = cta_m
         self.cta_n = cta_n
         self.cluster_n = cluster_n
+        self.total_k = total_k
 
     # The scheduler is used inside the kernel's loops: the DSL carries it as dynamic values.
     DYNAMIC_FIELDS = ("group_values", "group_src", "num_groups", "total_rows", "max_m", "num_experts",
-                      "num_clusters", "cta_m", "cta_n")
+                      "num_clusters", "cta_m", "cta_n", "total_k")
 
     def __extract_mlir_values__(self) -> list:
         self._widths = []
@@ -134,7 +142,7 @@ class GroupedTileScheduler(TileScheduler):
     def _group_start(self, g: Int32, rows_before: Int32) -> Int32:
         """First row of group g in the 2-D row space."""
         start = Int32(0)
-        if cutlass.const_expr(self.s.kind == "masked"):
+        if cutlass.const_expr(self.s.kind in ("masked", "k_grouped")):
             start = g * self.max_m
         if cutlass.const_expr(self.s.kind == "ragged"):
             start = rows_before
@@ -146,6 +154,8 @@ class GroupedTileScheduler(TileScheduler):
     def _group_rows(self, g: Int32, rows_before: Int32) -> Int32:
         """Rows owned by group g (never past the row space, never negative)."""
         rows = self.total_rows
+        if cutlass.const_expr(self.s.kind == "k_grouped"):
+            rows = self.max_m
         if cutlass.const_expr(self.s.kind == "masked"):
             rows = cutlass.min(self._value(g), self.max_m)
         if cutlass.const_expr(self.s.kind in ENDS_KINDS):
@@ -167,6 +177,8 @@ class GroupedTileScheduler(TileScheduler):
             if cutlass.const_expr(self.s.kind in ENDS_KINDS):
                 # Clamped to the row space: a huge end must not overflow the aligned start of psum.
                 rows_before = cutlass.max(rows_before, cutlass.min(self._value(g), self.total_rows))
+            if cutlass.const_expr(self.s.kind == "k_grouped"):
+                rows_before = rows_before + self._k_rows(g, rows_before)
             g = g + 1
             g_tiles = self._group_tiles(g, rows_before)
         return TileCursor(linear, g, g_first, rows_before)
@@ -209,8 +221,17 @@ class GroupedTileScheduler(TileScheduler):
             group = self._expert_at(cluster_row)
             if cutlass.const_expr(self.s.mixed_clusters):
                 group, rows_valid, b_shared = self._mixed_cluster_tile(cluster_row, group, rows_valid)
+        k_start = k_rows = None
+        if cutlass.const_expr(self.s.kind == "k_grouped"):
+            k_start, k_rows = cursor.rows_before, self._k_rows(g, cursor.rows_before)
         return WorkTile(group, row_start, rows_valid, local_row, n_cluster * self.cluster_n + self.cta_n,
-                        b_shared)
+                        b_shared, k_start, k_rows)
+
+    @cute.jit
+    def _k_rows(self, g: Int32, k_start: Int32) -> Int32:
+        """k_grouped: K rows of group g starting at ``k_start`` (<= total_k): ks[g] clamped to
+        [0, total_k - k_start]."""
+        return cutlass.min(cutlass.max(self._value(g), 0), self.total_k - k_start)
 
     @cute.jit
     def _expert_at(self, row: Int32) -> Int32:

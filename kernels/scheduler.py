@@ -51,16 +51,20 @@ class WorkTile:
     the 2-D row space of A and D, the rows that belong to the group (clipped to the row space; may be
     <= 0: compute but store nothing), the first row relative to the group's start, the N block, and
     ``b_shared``: whether every CTA of the cluster multiplies this tile by the same B block (B may be
-    multicast along the cluster's M mode; a scheduler whose clusters always share B returns True)."""
+    multicast along the cluster's M mode; a scheduler whose clusters always share B returns True).
+    K-grouped tiles also carry ``k_start`` and ``k_rows``: the K rows of A and B the tile reduces over
+    (None for the other kinds, whose tiles reduce over all of K)."""
 
     def __init__(self, group: Int32, row_start: Int32, rows_valid: Int32, local_row: Int32, n_block: Int32,
-                 b_shared):
+                 b_shared, k_start=None, k_rows=None):
         self.group = group
         self.row_start = row_start
         self.rows_valid = rows_valid
         self.local_row = local_row
         self.n_block = n_block
         self.b_shared = b_shared
+        self.k_start = k_start
+        self.k_rows = k_rows
 
 
 class TileScheduler:

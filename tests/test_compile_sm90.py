@@ -41,6 +41,9 @@ FP8_VARIANTS = [
     (GemmSpec("dense", 384, 320, **FP8, d_dtype="fp32", has_c=True), KernelConfig(tile_n=64)),
     (GemmSpec("psum", 4096, 7168, alignment=128), KernelConfig()),
     (GemmSpec("contiguous", 4096, 7168, **FP8), KernelConfig(tile_m=128, tile_n=128, cluster_m=2)),
+    # FP8 N tiles of two weight-scale blocks, promoted one block at a time
+    (GemmSpec("contiguous", 4096, 7168, **FP8), KernelConfig(tile_m=128, tile_n=256, cluster_m=2)),
+    (GemmSpec("masked", 384, 320, **FP8), KernelConfig(tile_m=64, tile_n=256)),
     (GemmSpec("ragged", 4096, 7168), KernelConfig(cluster_m=2, panel=4)),
 ]
 

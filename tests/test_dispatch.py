@@ -70,10 +70,11 @@ def test_psum_tiles_divide_the_alignment():
     check_config_fits("psum", KernelConfig(tile_m=64, cluster_m=2), 64)  # groups are tiled one by one
 
 
-def test_fp8_uses_tiles_at_most_128_wide():
+def test_fp8_uses_tiles_of_two_scale_blocks_like_bf16():
     for kind, m in (("masked", 16), ("masked", 0), ("contiguous", 0), ("psum", 0)):
         alignment = 128 if kind in ALIGNED_KINDS else 0
-        assert choose_config(kind, 4096, 7168, 32, m, alignment, a=FP8_PER_TOKEN, b=FP8_PER_BLOCK).tile_n == 128
+        fp8 = choose_config(kind, 4096, 7168, 32, m, alignment, a=FP8_PER_TOKEN, b=FP8_PER_BLOCK)
+        assert fp8.tile_n == 256
 
 
 def test_small_problems_use_narrower_tiles_to_fill_the_sms():

@@ -131,3 +131,45 @@ def test_fp8_rejects_bad_scales():
         cute_moe.fp8_gemm_nt((a_q, sfa), (b_q, sfb[:2]), d)
     with pytest.raises(TypeError, match=r"^a: expected dtype float8_e4m3fn, got bfloat16"):
         cute_moe.fp8_gemm_nt((a, sfa), (b_q, sfb), d)
+
+
+WIDE_N_TILES = cute_moe.KernelConfig(tile_m=128, tile_n=256)  # two weight-scale blocks per N tile
+
+
+@pytest.mark.parametrize("kind", ["dense", "contiguous", "masked"])
+def test_fp8_wide_n_tiles_promote_each_scale_block_with_its_own_scale(kind):
+    """128x256 FP8 tiles run two 128-wide parts with their own B scales; N=384 leaves the second tile's
+    second part outside N. Weight blocks differ in magnitude by up to 2^7, so a part promoted with
+    its neighbour's scale cannot pass; the reference uses the dequantized operands."""
+    g, rows = 3, 256
+    block_gain = torch.tensor([1.0, 8.0, 1 / 16], device="cuda").repeat_interleave(128)[:, None]
+    a = randn(g, rows, K)
+    w = (randn(g, N, K).float() * block_gain).to(bf16)
+    a_q, sfa = quantize_a(a)
+    w_q, sfb = cute_moe.per_block_cast_to_fp8(w)
+    a_deq = cute_moe.per_token_dequant(a_q.view(-1, K), sfa.reshape(-1, sfa.shape[-1])).view(g, rows, K)
+    w_deq = torch.stack([cute_moe.per_block_dequant(w_q[e], sfb[e]) for e in range(g)])
+    refs = [a_deq[e].float() @ w_deq[e].float().T for e in range(g)]
+    with cute_moe.dispatch.force_config(WIDE_N_TILES):
+        if kind == "dense":
+            d = poisoned(rows, N)
+            cute_moe.fp8_gemm_nt((a_q[0], sfa[0]), (w_q[0], sfb[0]), d)
+            outs = [d]
+        elif kind == "contiguous":
+            d = poisoned(g * rows, N)
+            layout = torch.arange(g, device="cuda", dtype=torch.int32).repeat_interleave(rows)
+            cute_moe.m_grouped_fp8_gemm_nt_contiguous(
+                (a_q.view(-1, K), cute_moe.get_mn_major_tma_aligned_tensor(sfa.reshape(g * rows, -1))),
+                (w_q, sfb), d, layout)
+            outs = list(d.view(g, rows, N))
+        else:
+            d = poisoned(g, rows, N)
+            masked_m = torch.tensor([rows, 0, 77], device="cuda", dtype=torch.int32)
+            cute_moe.m_grouped_fp8_gemm_nt_masked((a_q, sfa), (w_q, sfb), d, masked_m, 128)
+            outs = [d[0], None, d[2, :77]]
+            refs[2] = refs[2][:77]
+            assert d[1].isnan().all() and d[2, 77:].isnan().all(), "rows >= masked_m were written"
+    for out, ref in zip(outs, refs):
+        if out is not None:
+            assert not out.isnan().any(), "unwritten (NaN) elements where the kernel must write"
+            assert calc_diff(out, ref) < 1e-5

@@ -105,11 +105,11 @@ def test_masked_rejects_too_many_groups():
         cute_moe.m_grouped_bf16_gemm_nt_masked(a, b, d, torch.zeros(g, dtype=torch.int32), 1)
 
 
-def test_grouped_mm_rejects_n_major_weights_and_bad_offs():
+def test_grouped_mm_rejects_strided_weights_and_bad_offs():
     a = torch.zeros(64, 64, dtype=bf16)
-    w_row_major = torch.zeros(4, 64, 32, dtype=bf16)  # [G, K, N] with N contiguous
+    w_strided = torch.zeros(4, 64, 64, dtype=bf16)[:, :, :32]  # [G, K, N], neither K nor N contiguous
     with pytest.raises(ValueError, match=r"^b: expected K-contiguous"):
-        cute_moe.grouped_mm(a, w_row_major, torch.zeros(4, dtype=torch.int32))
+        cute_moe.grouped_mm(a, w_strided, torch.zeros(4, dtype=torch.int32))
     w = torch.zeros(4, 32, 64, dtype=bf16).transpose(1, 2)
     with pytest.raises(ValueError, match=r"^offs: expected shape \(4,\), got \(5,\)"):
         cute_moe.grouped_mm(a, w, torch.zeros(5, dtype=torch.int32))

@@ -1,4 +1,4 @@
-"""The ``cute-moe`` command: precompile, cache ls|verify|clear, tune, bench."""
+"""The ``cute-moe`` command: precompile, cache ls|verify|clear, tune, bench, bench-fp4."""
 
 import argparse
 import sys
@@ -11,7 +11,7 @@ from cute_moe.dispatch import format_config
 from cute_moe.arch import get_backend
 from cute_moe.specs import GemmSpec
 
-from . import bench, precompile, tune
+from . import bench, bench_fp4, bench_training, precompile, tune
 from .command import OneLineParser, add_debug_flag, call_handler
 
 
@@ -108,6 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
                               description=bench.__doc__.splitlines()[0])
     bench.add_arguments(sub)
     sub.set_defaults(handler=bench.run)
+
+    sub = commands.add_parser("bench-fp4", help="benchmark the MXFP4-weight GEMMs against our FP8/BF16 and torch",
+                              description=bench_fp4.__doc__.splitlines()[0])
+    bench_fp4.add_arguments(sub)
+    sub.set_defaults(handler=bench_fp4.run)
+
+    sub = commands.add_parser("bench-training", help="benchmark the backward GEMMs against torch._grouped_mm",
+                              description=bench_training.__doc__.splitlines()[0])
+    bench_training.add_arguments(sub)
+    sub.set_defaults(handler=bench_training.run)
     return parser
 
 

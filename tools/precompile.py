@@ -47,6 +47,8 @@ class Precision:
 DTYPES = {
     "bf16": Precision(*OPERAND_PAIRS["bf16"], "bf16", ("contiguous", "psum", "masked", "ragged")),
     "fp8": Precision(*OPERAND_PAIRS["fp8"], "bf16", ("contiguous", "psum", "masked")),
+    "fp8xfp4": Precision(*OPERAND_PAIRS["fp8xfp4"], "bf16", ("contiguous", "psum", "masked")),
+    "bf16xfp4": Precision(*OPERAND_PAIRS["bf16xfp4"], "bf16", ("contiguous", "psum", "masked")),
 }
 
 

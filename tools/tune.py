@@ -123,8 +123,13 @@ class Bench:
         self.out = None
 
     def _operand(self, x, weights: bool):
-        """bf16 as is; fp8: (E4M3, scales) with per-token (activations) or 128x128 (weights) scales."""
-        if self.w.dtype == "bf16":
+        """bf16 as is; fp8: (E4M3, scales) with per-token (activations) or 128x128 (weights) scales;
+        fp8xfp4 / bf16xfp4: MXFP4 weights (packed E2M1, UE8M0 exponents) and fp8 / bf16 activations."""
+        if weights and self.w.dtype.endswith("xfp4"):
+            from .bench_fp4 import mxfp4_weights
+
+            return mxfp4_weights(x)[0]
+        if self.w.dtype.startswith("bf16"):
             return x
         import cute_moe
 
@@ -137,10 +142,10 @@ class Bench:
         import cute_moe
         from cute_moe.dispatch import force_config
 
-        w, fp8 = self.w, self.w.dtype == "fp8"
-        masked = cute_moe.m_grouped_fp8_gemm_nt_masked if fp8 else cute_moe.m_grouped_bf16_gemm_nt_masked
-        contiguous = (cute_moe.m_grouped_fp8_gemm_nt_contiguous if fp8
-                      else cute_moe.m_grouped_bf16_gemm_nt_contiguous)
+        w = self.w
+        prefix = {"bf16": "bf16", "fp8": "fp8", "fp8xfp4": "fp8_fp4", "bf16xfp4": "bf16_fp4"}[w.dtype]
+        masked = getattr(cute_moe, f"m_grouped_{prefix}_gemm_nt_masked")
+        contiguous = getattr(cute_moe, f"m_grouped_{prefix}_gemm_nt_contiguous")
 
         def launch(i: int) -> None:
             a, weights, d, aux = self.sets[i % len(self.sets)]

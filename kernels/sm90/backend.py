@@ -10,7 +10,7 @@ from typing import Callable
 
 from cute_moe.arch import KernelFamily
 
-from . import rules
+from . import fp4_rules, rules
 from .config import MAX_GROUPS, Sm90Config
 
 _KERNELS = Path(__file__).resolve().parent.parent
@@ -19,6 +19,15 @@ _PACKAGE = Path(__file__).resolve().parent.parent.parent / "cute_moe"
 GROUPED_GEMM = KernelFamily("sm90_grouped_gemm", tuple(sorted(
     [_KERNELS / "sm90" / name for name in ("grouped_gemm.py", "signature.py", "config.py")]
     + [_KERNELS / name for name in ("scheduler.py", "grouped_schedulers.py")])))
+# The FP4-weight family (B widened on chip) subclasses the grouped GEMM's kernel and reuses its signature helpers.
+FP4_GROUPED_GEMM = KernelFamily("sm90_fp4_grouped_gemm", tuple(sorted(
+    GROUPED_GEMM.sources + tuple(_KERNELS / "sm90" / name
+                                 for name in ("fp4_grouped_gemm.py", "fp4_signature.py", "fp4_widen_bits.py")))))
+
+
+def _rules_for(problem):
+    """The rules module of the family that serves ``problem`` (or spec): FP4 weights or the rest."""
+    return fp4_rules if fp4_rules.is_fp4(problem) else rules
 
 
 class Sm90Backend:
@@ -29,10 +38,21 @@ class Sm90Backend:
     max_groups = MAX_GROUPS
     default_num_sms = 132  # H100/H200 SXM; the dispatcher's assumption when no GPU is present
 
-    check_spec = staticmethod(rules.check_spec)
-    can_implement = staticmethod(rules.can_implement)
-    rule_config = staticmethod(rules.rule_config)
-    candidate_configs = staticmethod(rules.candidate_configs)
+    @staticmethod
+    def check_spec(problem) -> None:
+        _rules_for(problem).check_spec(problem)
+
+    @staticmethod
+    def can_implement(problem, config: Sm90Config) -> None:
+        _rules_for(problem).can_implement(problem, config)
+
+    @staticmethod
+    def rule_config(problem) -> Sm90Config:
+        return _rules_for(problem).rule_config(problem)
+
+    @staticmethod
+    def candidate_configs(problem) -> list[Sm90Config]:
+        return _rules_for(problem).candidate_configs(problem)
 
     def __init__(self) -> None:
         self._clusters: dict[tuple[int, int], int] = {}
@@ -62,10 +82,14 @@ class Sm90Backend:
 
     @staticmethod
     def kernel_family(spec) -> KernelFamily:
-        return GROUPED_GEMM
+        return FP4_GROUPED_GEMM if fp4_rules.is_fp4(spec) else GROUPED_GEMM
 
     @staticmethod
     def compile(spec, config: Sm90Config) -> Callable:
+        if fp4_rules.is_fp4(spec):
+            from .fp4_signature import compile_fp4_gemm
+
+            return compile_fp4_gemm(spec, config)
         from .signature import compile_grouped_gemm
 
         return compile_grouped_gemm(spec, config)

@@ -14,7 +14,8 @@ Roles (one CTA, one warpgroup per role instance, ``128 * (1 + tile_m // 64)`` th
   release). Inside a cluster of ``cluster_m x cluster_n`` CTAs, A is multicast along N, B along M.
 - ``tile_m // 64`` consumer warpgroups (registers raised to 232), 64 rows each: BF16 issues WGMMA
   with one k-block group in flight; FP8 issues a 128-K block's WGMMAs into a block accumulator,
-  waits, and adds it times ``sfa[row] * sfb`` to the main accumulator. The epilogue converts (adding C in
+  waits, and adds it times ``sfa[row] * sfb`` to the main accumulator, one 128-wide N part (one
+  weight-scale block) at a time. The epilogue converts (adding C in
   FP32 when present) and writes D from registers or through a shared-memory stage, predicated on the
   rows and columns that belong to the tile's group, so ragged and masked tiles never touch a
   neighbour's rows.
@@ -53,17 +54,36 @@ PRODUCER_REGS = 40
 CONSUMER_REGS = 232
 # Rows of a WGMMA accumulator fragment: element i of a thread sits on row r0 + ROW_HALF * ((i // 2) % 2).
 ROW_HALF = 8
+TAIL_BARRIER_ID = 2  # k_grouped: consumer warpgroups wait for the zeroed tail of a group's last k-block
+MAJOR_LAYOUTS = {"k": LayoutEnum.ROW_MAJOR, "mn": LayoutEnum.COL_MAJOR}  # in (MN, K) coordinates
+
+
+def _layout(major: str) -> LayoutEnum:
+    """The DSL's layout enum of an operand major mode: ROW_MAJOR = K contiguous, COL_MAJOR = M / N."""
+    return MAJOR_LAYOUTS[major]
 
 
 class Sm90GroupedGemm:
     """Compile-time configuration of one GEMM specialization (see module docstring)."""
 
     def __init__(self, kind: str, fp8: bool, tile_m: int, tile_n: int, cluster_m: int, cluster_n: int,
-                 stages: int, panel: int, n: int, k: int, has_c: bool, alignment: int = 0):
-        """Constraints on these values are checked by the backend (kernels/sm90/rules.can_implement)."""
+                 stages: int, panel: int, n: int, k: int, has_c: bool, alignment: int = 0,
+                 a_major: str = "k", b_major: str = "k"):
+        """Constraints on these values are checked by the backend (kernels/sm90/rules.can_implement).
+
+        ``a_major`` / ``b_major``: "k" (K contiguous) or "mn" (M / N contiguous; BF16 only). The
+        ``k_grouped`` kind takes ``k`` as D's rows per group (M): its reduction extent is grouped and
+        known only at launch."""
         self.kind = kind
+        self.a_major = a_major
+        self.b_major = b_major
         self.fp8 = fp8
         self.tile_shape_mnk = (tile_m, tile_n, TILE_K_BYTES if fp8 else TILE_K_BYTES // 2)
+        # FP8 N tiles wider than a 128 x 128 weight-scale block run as parts of one scale block each,
+        # every part with its own WGMMAs and promotion (one block accumulator of one part's width).
+        self.mma_tile_n = min(tile_n, FP8_SCALE_BLOCK) if fp8 else tile_n
+        self.n_parts = tile_n // self.mma_tile_n
+        self.n_scale_blocks = -(-n // FP8_SCALE_BLOCK)
         self.cluster_shape_mn = (cluster_m, cluster_n)
         self.n = n
         self.k = k
@@ -80,6 +100,7 @@ class Sm90GroupedGemm:
         self.epi_tile = (tile_m, EPI_N)
         self.epilogue_barrier = pipeline.NamedBarrier(barrier_id=EPILOGUE_BARRIER_ID,
                                                       num_threads=self.num_consumer_threads)
+        self.tail_barrier = pipeline.NamedBarrier(barrier_id=TAIL_BARRIER_ID, num_threads=self.num_consumer_threads)
 
     # ------------------------------------------------------------------ host-side (trace time) setup
     def _setup(self, d_dtype: Type[cutlass.Numeric]):
@@ -88,10 +109,10 @@ class Sm90GroupedGemm:
         self.d_dtype = d_dtype
         # C is added in FP32 before rounding, so an epilogue with C stages FP32 values in shared memory.
         self.stage_dtype = self.acc_dtype if self.has_c else d_dtype
-        k_major = cute.nvgpu.OperandMajorMode.K
         self.tiled_mma = sm90_utils.make_trivial_tiled_mma(
-            self.ab_dtype, self.ab_dtype, k_major, k_major, self.acc_dtype,
-            (self.num_consumer_wgs, 1, 1), tiler_mn=(ROWS_PER_CONSUMER_WARPGROUP, tile_n))
+            self.ab_dtype, self.ab_dtype, _layout(self.a_major).sm90_mma_major_mode(),
+            _layout(self.b_major).sm90_mma_major_mode(), self.acc_dtype,
+            (self.num_consumer_wgs, 1, 1), tiler_mn=(ROWS_PER_CONSUMER_WARPGROUP, self.mma_tile_n))
         self.num_mcast_a = self.cluster_shape_mn[1]
         self.num_mcast_b = self.cluster_shape_mn[0]
         self.cta_layout_mnk = cute.make_layout((*self.cluster_shape_mn, 1))
@@ -105,14 +126,21 @@ class Sm90GroupedGemm:
             raise ValueError(f"stages: tile {self.tile_shape_mnk} leaves room for {fit} stages, need 2")
 
         row_major = LayoutEnum.ROW_MAJOR
-        ab_atom = cute.nvgpu.warpgroup.make_smem_layout_atom(
-            sm90_utils.get_smem_layout_atom(row_major, self.ab_dtype, tile_k), self.ab_dtype)
-        self.a_smem_layout = cute.tile_to_shape(ab_atom, (tile_m, tile_k, self.stages), order=(0, 1, 2))
-        self.b_smem_layout = cute.tile_to_shape(ab_atom, (tile_n, tile_k, self.stages), order=(0, 1, 2))
+        self.a_smem_layout = self._operand_smem_layout(self.a_major, tile_m)
+        self.b_smem_layout = self._operand_smem_layout(self.b_major, tile_n)
         self.sfa_smem_layout = cute.make_layout((tile_m, 1, self.stages), stride=(1, tile_m, tile_m))
         epi_atom = cute.nvgpu.warpgroup.make_smem_layout_atom(
             sm90_utils.get_smem_layout_atom(row_major, self.stage_dtype, EPI_N), self.stage_dtype)
         self.epi_smem_layout = cute.tile_to_shape(epi_atom, (*self.epi_tile, EPI_STAGES), order=(0, 1, 2))
+
+    def _operand_smem_layout(self, major: str, tile_mn: int):
+        """Staged (tile_mn, tile_k, stages) smem layout of an operand: the swizzle atom runs along the
+        operand's contiguous mode (K, or M / N), so the TMA box and WGMMA's descriptors follow it."""
+        tile_k = self.tile_shape_mnk[2]
+        atom = cute.nvgpu.warpgroup.make_smem_layout_atom(
+            sm90_utils.get_smem_layout_atom(_layout(major), self.ab_dtype, tile_k if major == "k" else tile_mn),
+            self.ab_dtype)
+        return cute.tile_to_shape(atom, (tile_mn, tile_k, self.stages), order=(0, 1, 2) if major == "k" else (1, 0, 2))
 
     @staticmethod
     def _make_load_atom(tensor: cute.Tensor, smem_layout, tile: tuple, mcast: int):
@@ -134,7 +162,10 @@ class Sm90GroupedGemm:
         """Launch: A/D are ``[rows, K]``/``[rows, N]`` (masked: ``[G, Mmax, K]``/``[G, Mmax, N]``);
         B is ``[N, K]`` (dense) or ``[G, N, K]``; FP8 operands arrive as uint8 with SFA ``[rows, K/128]``
         (masked ``[G, Mmax, K/128]``) MN-major and SFB ``[(G,) N/128, K/128]``; ``mGroup`` is
-        grouped_layout, masked_m, or cumulative ends (ragged, psum)."""
+        grouped_layout, masked_m, or cumulative ends (ragged, psum). MN-major operands arrive as the
+        same (MN, K) views with the MN mode contiguous. k_grouped: A ``[M, sum K]`` and B ``[N, sum K]``
+        (MN-major views of the ``[sum K, M]`` / ``[sum K, N]`` tensors), D and C ``[G, M, N]``,
+        ``mGroup`` the per-group K counts."""
         self._setup(mD.element_type)
         if cutlass.const_expr(self.fp8):
             mA = cute.recast_tensor(mA, self.ab_dtype)
@@ -142,6 +173,15 @@ class Sm90GroupedGemm:
         max_m = Int32(0)
         num_groups = Int32(1)
         num_experts = Int32(1)  # B's batch count (dense: 1)
+        total_k = None
+        if cutlass.const_expr(self.kind == "k_grouped"):
+            # Groups are D's [M, N] blocks; A's rows (M) restart at 0 in every group.
+            max_m = mD.shape[1]
+            num_groups = mD.shape[0]
+            total_k = mA.shape[1]
+            mD = self._rows_2d(mD)
+            if cutlass.const_expr(self.has_c):
+                mC = self._rows_2d(mC)
         if cutlass.const_expr(self.kind == "masked"):
             max_m = mA.shape[1]
             num_groups = mA.shape[0]
@@ -149,12 +189,12 @@ class Sm90GroupedGemm:
             mD = self._rows_2d(mD)
         if cutlass.const_expr(self.kind in ("ragged", "psum")):
             num_groups = mGroup.shape[0]
-        if cutlass.const_expr(self.kind == "dense"):
+        if cutlass.const_expr(self.kind in ("dense", "k_grouped")):
             mB = cute.make_tensor(mB.iterator, cute.append(mB.layout, cute.make_layout(1, stride=0)))
         else:
             num_experts = mB.shape[0]
             mB = cute.make_tensor(mB.iterator, cute.select(mB.layout, mode=[1, 2, 0]))  # (N, K, G)
-        total_rows = mA.shape[0]
+        total_rows = mD.shape[0] if self.kind == "k_grouped" else mA.shape[0]
 
         tile_m, tile_n, tile_k = self.tile_shape_mnk
         tma_atom_a, tma_a = self._make_load_atom(mA, self.a_smem_layout, (tile_m, tile_k), self.num_mcast_a)
@@ -194,9 +234,14 @@ class Sm90GroupedGemm:
         if cutlass.const_expr(self.kind in ("dense", "contiguous")):
             m_clusters = (total_rows + (tile_m * cluster_m - 1)) // (tile_m * cluster_m)
             num_clusters = cutlass.max(cutlass.min(max_clusters, m_clusters * self.num_n_clusters), Int32(1))
+        if cutlass.const_expr(self.kind == "k_grouped"):
+            m_clusters = (max_m + (tile_m * cluster_m - 1)) // (tile_m * cluster_m)
+            num_clusters = cutlass.max(
+                cutlass.min(max_clusters, num_groups * m_clusters * self.num_n_clusters), Int32(1))
         self.kernel(tma_atom_a, tma_a, tma_atom_b, tma_b, tma_atom_b_own, tma_b_own, tma_atom_sfa, tma_sfa, mSFB,
-                    mD, mC, mGroup, total_rows, max_m, num_groups, num_experts, self.tiled_mma, self.cta_layout_mnk, self.a_smem_layout,
-                    self.b_smem_layout, self.sfa_smem_layout, self.epi_smem_layout).launch(
+                    mD, mC, mGroup, total_rows, max_m, num_groups, num_experts, self.tiled_mma, self.cta_layout_mnk,
+                    self.a_smem_layout, self.b_smem_layout, self.sfa_smem_layout, self.epi_smem_layout,
+                    total_k).launch(
             grid=(cluster_m, cluster_n, num_clusters),
             block=[self.threads_per_cta, 1, 1],
             cluster=(cluster_m, cluster_n, 1),
@@ -211,7 +256,7 @@ class Sm90GroupedGemm:
                mSFB: Optional[cute.Tensor], mD: cute.Tensor, mC: Optional[cute.Tensor], mGroup: Optional[cute.Tensor], total_rows: Int32, max_m: Int32,
                num_groups: Int32, num_experts: Int32, tiled_mma: cute.TiledMma, cta_layout_mnk: cute.Layout,
                a_smem_layout: cute.ComposedLayout, b_smem_layout: cute.ComposedLayout, sfa_smem_layout: cute.Layout,
-               epi_smem_layout: cute.ComposedLayout):
+               epi_smem_layout: cute.ComposedLayout, total_k: Optional[Int32]):
         tidx, _, _ = cute.arch.thread_idx()
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         if warp_idx == 0:
@@ -248,7 +293,7 @@ class Sm90GroupedGemm:
         scheduler = GroupedTileScheduler(
             self.schedule, storage.group_values.get_tensor(cute.make_layout(self.table_len)), mGroup, num_groups,
             total_rows, max_m, num_experts, num_clusters, cluster_coord[0], cluster_coord[1],
-            self.cluster_shape_mn[1])
+            self.cluster_shape_mn[1], total_k=total_k)
         scheduler.load_group_values(tidx, self.threads_per_cta)
         # Barrier init becomes visible cluster-wide here; the wait below also orders the group table
         # (written by every thread above) before any thread walks the schedule.
@@ -295,8 +340,18 @@ class Sm90GroupedGemm:
         while scheduler.has_tile(cursor):
             tile = scheduler.tile(cursor)
             if tile.group >= 0:
-                gA = cute.local_tile(cute.domain_offset((tile.row_start, 0), mA), (tile_m, tile_k), (0, None))
-                gB = cute.local_tile(mB, (tile_n, tile_k), (tile.n_block, None, tile.group))
+                if cutlass.const_expr(self.kind == "k_grouped"):
+                    # The group's K rows [k_start, k_start + k_rows); the tail of the last box (rows of
+                    # the next group) is zeroed by the consumers (see mainloop_k_grouped).
+                    k_tiles = (tile.k_rows + (tile_k - 1)) // tile_k
+                    gA = cute.local_tile(cute.domain_offset((tile.local_row, tile.k_start), mA),
+                                         (tile_m, tile_k), (0, None))
+                    gB = cute.local_tile(cute.domain_offset((0, tile.k_start, 0), mB), (tile_n, tile_k),
+                                         (tile.n_block, None, 0))
+                else:
+                    k_tiles = self.k_tiles
+                    gA = cute.local_tile(cute.domain_offset((tile.row_start, 0), mA), (tile_m, tile_k), (0, None))
+                    gB = cute.local_tile(mB, (tile_n, tile_k), (tile.n_block, None, tile.group))
                 tAsA, tAgA = cute.nvgpu.cpasync.tma_partition(
                     tma_atom_a, cta_n, cute.make_layout(cluster_n),
                     cute.group_modes(sA, 0, 2), cute.group_modes(gA, 0, 2))
@@ -319,7 +374,7 @@ class Sm90GroupedGemm:
                     tSsS, tSgS = cute.nvgpu.cpasync.tma_partition(
                         tma_atom_sfa, 0, cute.make_layout(1), cute.group_modes(sSFA, 0, 2),
                         cute.group_modes(gS, 0, 2))
-                for k_tile in cutlass.range(self.k_tiles, unroll=1):
+                for k_tile in cutlass.range(k_tiles, unroll=1):
                     mainloop.producer_acquire(state)
                     barrier = mainloop.producer_get_barrier(state)
                     cute.copy(tma_atom_a, tAgA[(None, k_tile)], tAsA[(None, state.index)],
@@ -354,8 +409,16 @@ class Sm90GroupedGemm:
         thr_c = tiled_mma.get_slice(consumer_tidx)  # this thread's accumulator elements
         tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
         tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sB))
+        # B fragments of each N part (FP8 tiles of two scale blocks; otherwise the whole tile).
+        tCrB_parts = [tCrB]
+        if cutlass.const_expr(self.n_parts > 1):
+            tCrB_parts = [tiled_mma.make_fragment_B(thr_mma.partition_B(
+                cute.local_tile(sB, (self.mma_tile_n, tile_k, self.stages), (part, 0, 0))))
+                for part in range(self.n_parts)]
         accumulators = cute.make_rmem_tensor(thr_mma.partition_shape_C((tile_m, tile_n)), self.acc_dtype)
-        block_acc = cute.make_rmem_tensor(accumulators.shape, self.acc_dtype) if self.fp8 else accumulators
+        block_acc = accumulators
+        if cutlass.const_expr(self.fp8):
+            block_acc = cute.make_rmem_tensor(thr_mma.partition_shape_C((tile_m, self.mma_tile_n)), self.acc_dtype)
         num_k_blocks = cute.size(tCrA, mode=[2])
         # Row of this thread's first accumulator element (see ROW_HALF for the others).
         r0 = thr_c.partition_C(cute.make_identity_tensor((tile_m, tile_n)))[0][0]
@@ -369,9 +432,14 @@ class Sm90GroupedGemm:
             tile = scheduler.tile(cursor)
             if tile.group >= 0:
                 accumulators.fill(0.0)
-                if cutlass.const_expr(self.fp8):
+                if cutlass.const_expr(self.kind == "k_grouped"):
+                    if tile.k_rows > 0:  # an empty group stores zeros (+ C)
+                        state, release_state = self.mainloop_k_grouped(
+                            tiled_mma, tCrA, tCrB, accumulators, num_k_blocks, mainloop, state, release_state,
+                            sA, sB, tile.k_rows, consumer_tidx)
+                elif cutlass.const_expr(self.fp8):
                     state, release_state = self.mainloop_fp8(
-                        tiled_mma, tCrA, tCrB, accumulators, block_acc, num_k_blocks, mainloop, state,
+                        tiled_mma, tCrA, tCrB_parts, accumulators, block_acc, num_k_blocks, mainloop, state,
                         release_state, sSFA, mSFB, r0, tile)
                 else:
                     state, release_state = self.mainloop_bf16(
@@ -412,39 +480,103 @@ class Sm90GroupedGemm:
         return state, release_state
 
     @cute.jit
-    def mainloop_fp8(self, tiled_mma, tCrA, tCrB, accumulators, block_acc, num_k_blocks: cutlass.Constexpr[int],
-                     mainloop, state, release_state, sSFA: cute.Tensor, mSFB: cute.Tensor, r0: Int32,
-                     tile: WorkTile):
-        """Per 128-K block: WGMMAs into ``block_acc``, then ``acc += block_acc * sfa[row] * sfb``.
+    def mainloop_k_grouped(self, tiled_mma, tCrA, tCrB, accumulators, num_k_blocks: cutlass.Constexpr[int],
+                           mainloop, state, release_state, sA: cute.Tensor, sB: cute.Tensor, k_rows: Int32,
+                           consumer_tidx: Int32):
+        """A k_grouped tile: ``ceil(k_rows / tile_k)`` k-blocks (``k_rows`` >= 1), as mainloop_bf16.
 
-        The promotion needs the block's WGMMAs complete (``wait_group(0)``); the stage is released as
-        soon as its A scales are read, before the FMAs. B's scale of the next block is loaded ahead."""
-        expert = tile.group
-        sfb_row = tile.n_block * self.tile_shape_mnk[1] // FP8_SCALE_BLOCK
-        sfb_next = mSFB[(sfb_row, 0, expert)]
-        for k_tile in cutlass.range(self.k_tiles, unroll=1):
-            sfb = sfb_next
-            if k_tile + 1 < self.k_tiles:
-                sfb_next = mSFB[(sfb_row, k_tile + 1, expert)]
+        The TMA boxes of the last k-block run past the group's rows into the next group's (or past
+        the tensor, which TMA fills with zeros): before that block's WGMMAs the consumer threads
+        zero its rows ``>= k_rows % tile_k`` in A and B (so even a non-finite value of another group
+        cannot leak in), fence the generic-proxy writes for the async proxy, and meet at a named
+        barrier."""
+        tile_k = self.tile_shape_mnk[2]
+        k_tiles = (k_rows + (tile_k - 1)) // tile_k
+        tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
+        mainloop.consumer_wait(state)
+        self.zero_tail(sA, sB, state.index, k_rows, consumer_tidx)
+        cute.nvgpu.warpgroup.fence()
+        for kb in cutlass.range_constexpr(num_k_blocks):
+            cute.gemm(tiled_mma, accumulators, tCrA[(None, None, kb, state.index)],
+                      tCrB[(None, None, kb, state.index)], accumulators)
+        cute.nvgpu.warpgroup.commit_group()
+        state.advance()
+        for k_tile in cutlass.range(1, k_tiles, unroll=1):
             mainloop.consumer_wait(state)
-            tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, False)
-            cute.nvgpu.warpgroup.fence()
+            self.zero_tail(sA, sB, state.index, k_rows - k_tile * tile_k, consumer_tidx)
             for kb in cutlass.range_constexpr(num_k_blocks):
-                cute.gemm(tiled_mma, block_acc, tCrA[(None, None, kb, state.index)],
-                          tCrB[(None, None, kb, state.index)], block_acc)
-                tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
+                cute.gemm(tiled_mma, accumulators, tCrA[(None, None, kb, state.index)],
+                          tCrB[(None, None, kb, state.index)], accumulators)
             cute.nvgpu.warpgroup.commit_group()
-            cute.nvgpu.warpgroup.wait_group(0)
-            scale_lo = sSFA[(r0, 0, state.index)] * sfb
-            scale_hi = sSFA[(r0 + ROW_HALF, 0, state.index)] * sfb
+            cute.nvgpu.warpgroup.wait_group(1)
             mainloop.consumer_release(release_state)
             release_state.advance()
             state.advance()
-            # Elements 4j, 4j+1 sit on row r0 and 4j+2, 4j+3 on row r0 + ROW_HALF.
-            for j in cutlass.range_constexpr(cute.size(accumulators) // 4):
-                for r in cutlass.range_constexpr(4):
-                    scale = scale_hi if r >= 2 else scale_lo
-                    accumulators[4 * j + r] = accumulators[4 * j + r] + block_acc[4 * j + r] * scale
+        cute.nvgpu.warpgroup.wait_group(0)
+        mainloop.consumer_release(release_state)
+        release_state.advance()
+        return state, release_state
+
+    @cute.jit
+    def zero_tail(self, sA: cute.Tensor, sB: cute.Tensor, stage: Int32, valid_rows: Int32, consumer_tidx: Int32):
+        """Zero K rows ``[valid_rows, tile_k)`` of stage ``stage`` of A and B when ``valid_rows`` (the
+        group's rows left at this k-block) is below tile_k; every consumer thread takes part."""
+        tile_m, tile_n, tile_k = self.tile_shape_mnk
+        if valid_rows < tile_k:
+            zero = self.ab_dtype(0.0)
+            for i in cutlass.range(consumer_tidx, (tile_k - valid_rows) * tile_m, self.num_consumer_threads):
+                sA[(i % tile_m, valid_rows + i // tile_m, stage)] = zero
+            for i in cutlass.range(consumer_tidx, (tile_k - valid_rows) * tile_n, self.num_consumer_threads):
+                sB[(i % tile_n, valid_rows + i // tile_n, stage)] = zero
+            cute.arch.fence_proxy("async.shared", space="cta")
+            self.tail_barrier.arrive_and_wait()
+
+    @cute.jit
+    def mainloop_fp8(self, tiled_mma, tCrA, tCrB_parts, accumulators, block_acc,
+                     num_k_blocks: cutlass.Constexpr[int], mainloop, state, release_state, sSFA: cute.Tensor,
+                     mSFB: cute.Tensor, r0: Int32, tile: WorkTile):
+        """Per 128-K block and N part: WGMMAs into ``block_acc``, then
+        ``acc[part] += block_acc * sfa[row] * sfb[part]``.
+
+        The promotion needs the part's WGMMAs complete (``wait_group(0)``); the stage is released
+        after the last part's WGMMAs, its A scales read before. B's scales of the next block are
+        loaded ahead (an N part past the last scale block reuses the last one: its columns are never
+        stored)."""
+        expert = tile.group
+        part_values = cute.size(block_acc)
+        tile_n = self.tile_shape_mnk[1]
+        sfb_rows = [cutlass.min((tile.n_block * tile_n + part * self.mma_tile_n) // FP8_SCALE_BLOCK,
+                                self.n_scale_blocks - 1) for part in range(self.n_parts)]
+        sfb_next = [mSFB[(row, 0, expert)] for row in sfb_rows]
+        for k_tile in cutlass.range(self.k_tiles, unroll=1):
+            sfb = [value for value in sfb_next]
+            if k_tile + 1 < self.k_tiles:
+                sfb_next = [mSFB[(row, k_tile + 1, expert)] for row in sfb_rows]
+            mainloop.consumer_wait(state)
+            scale_lo = sSFA[(r0, 0, state.index)]
+            scale_hi = sSFA[(r0 + ROW_HALF, 0, state.index)]
+            for part in cutlass.range_constexpr(self.n_parts):
+                tCrB = tCrB_parts[part]
+                tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, False)
+                cute.nvgpu.warpgroup.fence()
+                for kb in cutlass.range_constexpr(num_k_blocks):
+                    cute.gemm(tiled_mma, block_acc, tCrA[(None, None, kb, state.index)],
+                              tCrB[(None, None, kb, state.index)], block_acc)
+                    tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
+                cute.nvgpu.warpgroup.commit_group()
+                cute.nvgpu.warpgroup.wait_group(0)
+                if cutlass.const_expr(part == self.n_parts - 1):
+                    mainloop.consumer_release(release_state)
+                    release_state.advance()
+                    state.advance()
+                part_lo = scale_lo * sfb[part]
+                part_hi = scale_hi * sfb[part]
+                # Elements 4j, 4j+1 sit on row r0 and 4j+2, 4j+3 on row r0 + ROW_HALF.
+                for j in cutlass.range_constexpr(part_values // 4):
+                    for r in cutlass.range_constexpr(4):
+                        scale = part_hi if r >= 2 else part_lo
+                        index = part * part_values + 4 * j + r
+                        accumulators[index] = accumulators[index] + block_acc[4 * j + r] * scale
         return state, release_state
 
     def make_epilogue(self, tiled_mma, sD: cute.Tensor, consumer_tidx: Int32):

@@ -3,7 +3,9 @@
 Runs on any machine, no GPU and no environment variable needed: the target arch goes to the DSL as
 a compile option. The result is a TVM-FFI callable taking torch tensors,
 ``fn(a, b, d, c, sfa, sfb, group_tensor, max_clusters)``, launched on the caller's current CUDA
-stream; M, G and Mmax are symbolic, N and K static.
+stream; M, G and Mmax are symbolic, N and K static (k_grouped: M static as the spec's ``k``, the
+summed K symbolic). MN-major operands are passed as transposed views (``t.transpose(-2, -1)`` of a
+row-major ``[.., K, MN]`` tensor).
 """
 
 import cutlass
@@ -21,6 +23,15 @@ ALIGN_BYTES = 16  # TMA and the 16-byte epilogue stores need 16-byte aligned bas
 
 def _row_major(dtype, shape: tuple):
     order = tuple(range(len(shape) - 1, -1, -1))
+    return make_fake_compact_tensor(dtype, shape, stride_order=order, assumed_align=ALIGN_BYTES)
+
+
+def _operand(dtype, shape: tuple, major: str):
+    """A ``(.., MN, K)`` operand: row-major (K contiguous), or MN-major (the MN mode contiguous, then
+    K, then the batch mode): the transposed view of a row-major ``(.., K, MN)`` tensor."""
+    if major == "k":
+        return _row_major(dtype, shape)
+    order = (0, 1) if len(shape) == 2 else (2, 0, 1)
     return make_fake_compact_tensor(dtype, shape, stride_order=order, assumed_align=ALIGN_BYTES)
 
 
@@ -42,9 +53,22 @@ def fake_arguments(spec: GemmSpec) -> tuple:
     ab = cutlass.Uint8 if fp8 else dsl_type(spec.a.dtype)
     dd = dsl_type(spec.d_dtype)
     n, k = spec.n, spec.k
-    rows, groups = cute.sym_int(), cute.sym_int()
+    # An MN-major A's K stride is its row count: whole 16-byte units (the op checks it).
+    rows = cute.sym_int(divisibility=ALIGN_BYTES * 8 // ab.width) if spec.a.major == "mn" else cute.sym_int()
+    groups = cute.sym_int()
     k_blocks = -(-k // FP8_SCALE_BLOCK)
     c = group = sfa = sfb = None
+    if spec.kind == "k_grouped":
+        # k holds M; A (M, sum K) and B (N, sum K) in either major, D and C [G, M, N]. A K-major
+        # operand's row stride is sum K: whole 16-byte units (the op checks it).
+        k_major = "k" in (spec.a.major, spec.b.major)
+        sum_k = cute.sym_int(divisibility=ALIGN_BYTES * 8 // ab.width) if k_major else cute.sym_int()
+        a = _operand(ab, (k, sum_k), spec.a.major)
+        b = _operand(ab, (n, sum_k), spec.b.major)
+        d = _row_major(dd, (groups, k, n))
+        c = _row_major(dd, (groups, k, n)) if spec.has_c else None
+        return (a, b, d, c, None, None, _index_table(groups), cutlass.Int32(1),
+                make_fake_stream(use_tvm_ffi_env_stream=True))
     if spec.kind == "masked":
         max_m = cute.sym_int()
         a = _row_major(ab, (groups, max_m, k))
@@ -53,7 +77,7 @@ def fake_arguments(spec: GemmSpec) -> tuple:
         if fp8:
             sfa = _mn_major_scales((groups, max_m, k_blocks))
     else:
-        a = _row_major(ab, (rows, k))
+        a = _operand(ab, (rows, k), spec.a.major)
         d = _row_major(dd, (rows, n))
         if spec.kind == "contiguous":
             group = _index_table(rows)
@@ -61,7 +85,7 @@ def fake_arguments(spec: GemmSpec) -> tuple:
             group = _index_table(groups)
         if fp8:
             sfa = _mn_major_scales((rows, k_blocks))
-    b = _row_major(ab, (n, k)) if spec.kind == "dense" else _row_major(ab, (groups, n, k))
+    b = _operand(ab, (n, k) if spec.kind == "dense" else (groups, n, k), spec.b.major)
     if fp8:
         n_blocks = -(-n // FP8_SCALE_BLOCK)
         sfb = _row_major(cutlass.Float32, (n_blocks, k_blocks) if spec.kind == "dense" else (groups, n_blocks, k_blocks))
@@ -74,5 +98,5 @@ def compile_grouped_gemm(spec: GemmSpec, config: Sm90Config):
     """Compile the SM90 kernel for ``spec`` with ``config``; returns the TVM-FFI compiled function."""
     kernel = Sm90GroupedGemm(spec.kind, spec.a.scaled, config.tile_m, config.tile_n, config.cluster_m,
                              config.cluster_n, config.stages, config.panel, spec.n, spec.k, spec.has_c,
-                             spec.alignment)
+                             spec.alignment, a_major=spec.a.major, b_major=spec.b.major)
     return cute.compile(kernel, *fake_arguments(spec), options=f"--enable-tvm-ffi --gpu-arch {spec.arch}")

@@ -1,0 +1,88 @@
+"""SM90 dispatch of the FP4-weight family (``fp4_grouped_gemm.py``): what it implements, its rules
+and its tuning candidates. Pure functions of a dispatch ``Problem``; no cutlass import.
+
+The family serves the operand pairs whose B is MXFP4 (``fp4_e2m1`` with ``ue8m0_1x32`` exponents):
+A BF16, or A FP8 E4M3 with FP32 scales per row per 128 K. Clusters are 1x1 (the widened B tile is
+private to its CTA), tiles 64 or 128 rows by 64 or 128 columns.
+"""
+
+import itertools
+import math
+
+from .config import MAX_GROUPS, TILE_MS, Sm90Config
+
+FP4_WEIGHTS = ("fp4_e2m1", "k", "ue8m0_1x32")
+SUPPORTED_A = {("bf16", "k", "none"), ("fp8_e4m3", "k", "fp32_1x128")}
+FP4_KINDS = ("dense", "contiguous", "psum", "masked")
+FP4_TILE_NS = (64, 128)
+MX_BLOCK = 32  # K elements per UE8M0 exponent: K must be whole blocks
+
+
+def _descriptor(operand) -> tuple[str, str, str]:
+    return operand.dtype, operand.major, operand.scale
+
+
+def is_fp4(problem) -> bool:
+    """Whether a problem (or spec) belongs to this family: B is an FP4 operand."""
+    return problem.b.dtype == "fp4_e2m1"
+
+
+def check_spec(problem) -> None:
+    """Refuse a problem the FP4 family cannot implement: operands, kinds, K, C, group counts."""
+    a, b = _descriptor(problem.a), _descriptor(problem.b)
+    if b != FP4_WEIGHTS or a not in SUPPORTED_A:
+        raise ValueError(f"operands: the sm_90a FP4 kernels implement A in {sorted(SUPPORTED_A)} with "
+                         f"B={FP4_WEIGHTS}, got A={a}, B={b}")
+    if problem.kind not in FP4_KINDS:
+        raise ValueError(f"kind: FP4 weights support {FP4_KINDS}, got {problem.kind!r}")
+    if problem.k % MX_BLOCK != 0:
+        raise ValueError(f"k: FP4 weights need K a multiple of {MX_BLOCK} (whole MXFP4 blocks), got {problem.k}")
+    if problem.has_c and problem.kind != "dense":
+        raise ValueError(f"has_c: C is supported for the dense kind only, got kind={problem.kind!r}")
+    if not 1 <= problem.num_groups <= MAX_GROUPS:
+        raise ValueError(f"groups: expected between 1 and {MAX_GROUPS} groups, got {problem.num_groups}")
+
+
+def can_implement(problem, config: Sm90Config) -> None:
+    """Raise ValueError when ``config`` does not suit ``problem`` (cluster, tile_n, segment alignment)."""
+    check_spec(problem)
+    if config.cluster_size != 1:
+        raise ValueError(f"config: FP4 kernels run without clusters, got {config.cluster_m}x{config.cluster_n}")
+    if config.tile_n not in FP4_TILE_NS:
+        raise ValueError(f"config: FP4 kernels take tile_n in {FP4_TILE_NS}, got {config.tile_n}")
+    alignment = problem.alignment
+    if problem.kind in ("contiguous", "psum") and alignment and alignment % config.tile_m != 0:
+        raise ValueError(f"config: {problem.kind} layout aligned to {alignment} rows needs tile_m to divide it, "
+                         f"got tile_m={config.tile_m}")
+
+
+DECODE_TILE_M = 64  # one WGMMA M extent: rows past expected_m only cost tensor-core time
+
+
+def rule_config(p) -> Sm90Config:
+    """Rules: 64-row tiles when at most 64 rows per group are expected (decode: the tensor cores run
+    64 x tile_n x K whatever the token count, and with the byte-permute widening overlapped with the
+    WGMMAs a 128-row tile would double that time for nothing), and when the segment alignment is not
+    a multiple of 128; 128-row tiles (two consumer warpgroups) otherwise. 128-column tiles, or 64 when
+    128 would leave SMs idle (known rows)."""
+    m = p.expected_m
+    decode = 0 < m <= DECODE_TILE_M
+    tile_m = 64 if decode or (p.kind in ("contiguous", "psum") and p.alignment % 128 != 0) else 128
+    tile_n = 128
+    m_tiles = math.ceil(m / tile_m) if m else 0
+    if m and p.num_groups * m_tiles * math.ceil(p.n / tile_n) < p.num_sms:
+        tile_n = 64
+    return Sm90Config(tile_m=tile_m, tile_n=tile_n)
+
+
+def candidate_configs(p) -> list[Sm90Config]:
+    """The tuning search space: every tile the problem admits, no cluster."""
+    configs = []
+    for tile_m, tile_n in itertools.product(TILE_MS, FP4_TILE_NS):
+        config = Sm90Config(tile_m=tile_m, tile_n=tile_n)
+        try:
+            can_implement(p, config)
+        except ValueError:
+            continue
+        configs.append(config)
+    return configs

@@ -1,0 +1,70 @@
+"""Launch signature of the SM90 FP4-weight GEMM family and its compilation with fake tensors.
+
+The compiled TVM-FFI function takes torch tensors ``fn(a, b, d, c, sfa, sfb, group_tensor,
+max_clusters)`` like the grouped GEMM family's, with B packed (uint8 ``[(G,) N, K/2]``) and SFB the
+UE8M0 exponents (uint8 ``[(G,) N, ceil(K/32)]``, K contiguous, row stride a multiple of 16 bytes,
+as ``transform_sf_into_required_layout(sf, n, k, (1, 32), G)`` returns them). M, G, Mmax and the
+scale row stride are symbolic; N and K static.
+"""
+
+import cutlass
+import cutlass.cute as cute
+from cutlass.cute.runtime import make_fake_stream, make_fake_tensor
+
+from cute_moe.operands import dsl_type
+from cute_moe.specs import GemmSpec
+
+from .config import FP8_SCALE_BLOCK, Sm90Config
+from .fp4_grouped_gemm import MX_BLOCK, Sm90Fp4GroupedGemm
+from .signature import ALIGN_BYTES, _index_table, _mn_major_scales, _row_major
+
+
+def _k_major_exponents(shape: tuple):
+    """UE8M0 exponents, K contiguous, every other stride symbolic and a multiple of 16 bytes."""
+    stride = [cute.sym_int64(divisibility=ALIGN_BYTES) for _ in shape]
+    stride[-1] = 1
+    return make_fake_tensor(cutlass.Uint8, tuple(shape), stride=tuple(stride), assumed_align=ALIGN_BYTES)
+
+
+def fake_arguments(spec: GemmSpec) -> tuple:
+    """Fake operands of the kernel's __call__ for an FP4-weight ``spec``."""
+    fp8 = spec.a.scaled
+    ab = cutlass.Uint8 if fp8 else dsl_type(spec.a.dtype)
+    dd = dsl_type(spec.d_dtype)
+    n, k = spec.n, spec.k
+    rows, groups = cute.sym_int(), cute.sym_int()
+    k_blocks = -(-k // FP8_SCALE_BLOCK)
+    mx_blocks = -(-k // MX_BLOCK)
+    c = group = sfa = None
+    if spec.kind == "masked":
+        max_m = cute.sym_int()
+        a = _row_major(ab, (groups, max_m, k))
+        d = _row_major(dd, (groups, max_m, n))
+        group = _index_table(groups)
+        if fp8:
+            sfa = _mn_major_scales((groups, max_m, k_blocks))
+    else:
+        a = _row_major(ab, (rows, k))
+        d = _row_major(dd, (rows, n))
+        if spec.kind == "contiguous":
+            group = _index_table(rows)
+        elif spec.kind == "psum":
+            group = _index_table(groups)
+        if fp8:
+            sfa = _mn_major_scales((rows, k_blocks))
+    if spec.kind == "dense":
+        b = _row_major(cutlass.Uint8, (n, k // 2))
+        sfb = _k_major_exponents((n, mx_blocks))
+    else:
+        b = _row_major(cutlass.Uint8, (groups, n, k // 2))
+        sfb = _k_major_exponents((groups, n, mx_blocks))
+    if spec.has_c:
+        c = _row_major(dd, (rows, n))
+    return a, b, d, c, sfa, sfb, group, cutlass.Int32(1), make_fake_stream(use_tvm_ffi_env_stream=True)
+
+
+def compile_fp4_gemm(spec: GemmSpec, config: Sm90Config):
+    """Compile the SM90 FP4-weight kernel for ``spec`` with ``config``; returns the TVM-FFI function."""
+    kernel = Sm90Fp4GroupedGemm(spec.kind, spec.a.scaled, config.tile_m, config.tile_n, config.stages, config.panel,
+                                spec.n, spec.k, spec.has_c, spec.alignment)
+    return cute.compile(kernel, *fake_arguments(spec), options=f"--enable-tvm-ffi --gpu-arch {spec.arch}")
