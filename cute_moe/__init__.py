@@ -7,17 +7,18 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import layouts
 from .layouts import *  # noqa: F401,F403  (DeepGEMM exposes its layout helpers at the top level)
-from .ops import (bf16_gemm_nt, fp8_gemm_nt, grouped_mm, m_grouped_bf16_gemm_nt_contiguous,
-                  m_grouped_bf16_gemm_nt_masked, m_grouped_fp8_gemm_nt_contiguous, m_grouped_fp8_gemm_nt_masked)
-from .ops import (bf16_gemm_nn, bf16_gemm_tn, bf16_gemm_tt, k_grouped_bf16_gemm_tn_contiguous,
-                  m_grouped_bf16_gemm_nn_contiguous)
 from . import library  # noqa: F401  (registers the GEMMs as torch.library custom ops)
-from .moe_layer import moe
+from .ep import EPBuffer
 from .fp4_ops import (fp8_fp4_gemm_nt, m_grouped_bf16_fp4_gemm_nt_contiguous, m_grouped_bf16_fp4_gemm_nt_masked,
                       m_grouped_fp8_fp4_gemm_nt_contiguous, m_grouped_fp8_fp4_gemm_nt_masked)
 from .hc import hc_post, hc_pre, tf32_hc_prenorm_gemm
+from .moe_layer import moe
+from .ops import (bf16_gemm_nn, bf16_gemm_nt, bf16_gemm_tn, bf16_gemm_tt, fp8_gemm_nt, grouped_mm,
+                  k_grouped_bf16_gemm_tn_contiguous, m_grouped_bf16_gemm_nn_contiguous,
+                  m_grouped_bf16_gemm_nt_contiguous, m_grouped_bf16_gemm_nt_masked, m_grouped_fp8_gemm_nt_contiguous,
+                  m_grouped_fp8_gemm_nt_masked)
 from .specs import GemmSpec
-from .ep import EPBuffer
+from . import nn  # cute_moe.nn.MoE, cute_moe.nn.HyperConnection
 
 try:
     __version__ = version("cute-moe")
@@ -25,13 +26,15 @@ except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 
 __all__ = [
-    "EPBuffer", "GemmSpec", "KernelConfig", "bf16_gemm_nt", "fp8_gemm_nt", "grouped_mm", "m_grouped_bf16_gemm_nt_contiguous",
-    "m_grouped_bf16_gemm_nt_masked", "m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked",
+    "EPBuffer", "GemmSpec", "KernelConfig", "nn",
+    # GEMMs (DeepGEMM names)
+    "bf16_gemm_nt", "bf16_gemm_nn", "bf16_gemm_tn", "bf16_gemm_tt", "fp8_gemm_nt", "grouped_mm",
+    "m_grouped_bf16_gemm_nt_contiguous", "m_grouped_bf16_gemm_nt_masked", "m_grouped_bf16_gemm_nn_contiguous",
+    "m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked", "k_grouped_bf16_gemm_tn_contiguous",
     "fp8_fp4_gemm_nt", "m_grouped_fp8_fp4_gemm_nt_contiguous", "m_grouped_fp8_fp4_gemm_nt_masked",
     "m_grouped_bf16_fp4_gemm_nt_contiguous", "m_grouped_bf16_fp4_gemm_nt_masked",
-    "tf32_hc_prenorm_gemm", "hc_pre", "hc_post",
-    "bf16_gemm_nn", "bf16_gemm_tn", "bf16_gemm_tt", "m_grouped_bf16_gemm_nn_contiguous",
-    "k_grouped_bf16_gemm_tn_contiguous", "moe",
+    # HyperConnection, the MoE layer
+    "tf32_hc_prenorm_gemm", "hc_pre", "hc_post", "moe",
     *layouts.__all__,
 ]
 

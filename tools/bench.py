@@ -31,7 +31,7 @@ from cute_moe.testing import calc_diff
 from .bench_common import HEADER, Row, format_row, quantize_rows, randn, rowwise_fp8, sets_for, time_pair
 from .bench_presets import (DECODE_EXPECTED_M, PRESET_KINDS, QUICK_DECODE_EXPECTED_M, QUICK_TOKENS, TOKENS,
                             bench_preset_rows, summary)
-from .command import module_main, require_gpu
+from .command import make_out_dir, module_main, require_gpu
 from .precompile import parse_csv, parse_subset
 
 NK_SHAPES = ((4096, 7168), (7168, 2048))
@@ -327,10 +327,7 @@ def run(args: argparse.Namespace) -> int:
     if args.alignment is not None:
         check_alignment(args.alignment, "--alignment")
     require_gpu("benchmarking")
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"--out: cannot create {args.out}: {e.strerror or e}") from None
+    make_out_dir(args.out)
     if args.alignment is not None:
         cute_moe.set_mk_alignment_for_contiguous_layout(args.alignment)
     torch.manual_seed(0)

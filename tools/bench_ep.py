@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .command import module_main, require_gpu
+from .command import make_out_dir, module_main, require_gpu
 
 HIDDEN, EXPERTS, TOPK = 7168, 256, 8
 LATENCY_TOKENS = (1, 8, 32, 128, 256)
@@ -211,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
     from cute_moe.ep_launch import run_ranks
     require_gpu("bench_ep")
     world = torch.cuda.device_count()
-    os.makedirs(args.out, exist_ok=True)
+    make_out_dir(args.out)
     print(f"[bench_ep] {world} GPU(s), {'quick' if args.quick else 'full'} run", flush=True)
     rows = run_ranks(_bench_rank, world, (args.quick,), timeout_s=RUN_TIMEOUT_S)[0]
     with open(os.path.join(args.out, "ep.json"), "w") as f:

@@ -29,7 +29,7 @@ from cute_moe.models import FP4_WEIGHT_MODELS, PRESETS, expected_rows, expert_ge
 from cute_moe.testing import calc_diff
 
 from .bench_common import HEADER, Row, format_row, quantize_rows, randn, sets_for, time_pair
-from .command import module_main, require_gpu
+from .command import make_out_dir, module_main, require_gpu
 from .precompile import parse_csv
 
 MODELS = ("gpt-oss-120b", "DeepSeek-V4-Flash", "Qwen3-235B-A22B")
@@ -166,10 +166,7 @@ def run(args: argparse.Namespace) -> int:
     for name in models:
         expert_gemms(get_preset(name), args.ep)  # --ep must divide every model's experts
     require_gpu("benchmarking")
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"--out: cannot create {args.out}: {e.strerror or e}") from None
+    make_out_dir(args.out)
     torch.manual_seed(0)
     print(HEADER, flush=True)
     rows = bench_rows(models, args.ep, args.quick, lambda row: print(format_row(row), flush=True))

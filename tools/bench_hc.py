@@ -27,7 +27,7 @@ from cute_moe.hc_reference import hc_post_reference, hc_pre_reference, mix_width
 from cute_moe.testing import calc_diff
 
 from .bench_common import randn, sets_for, time_pair
-from .command import module_main, require_gpu
+from .command import make_out_dir, module_main, require_gpu
 
 N_STREAMS = 4
 HIDDENS = (4096, 7168)
@@ -178,10 +178,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     require_gpu("benchmarking")
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"--out: cannot create {args.out}: {e.strerror or e}") from None
+    make_out_dir(args.out)
     hiddens, tokens = (QUICK_HIDDENS, QUICK_TOKENS) if args.quick else (HIDDENS, TOKENS)
     hc_tokens = QUICK_HC_TOKENS if args.quick else TOKENS
     ks = sorted({N_STREAMS * h for h in hiddens} | {7168})

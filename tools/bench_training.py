@@ -28,7 +28,7 @@ import cute_moe
 from cute_moe.testing import calc_diff
 
 from .bench_common import HEADER, Row, format_row, randn, sets_for, time_pair
-from .command import module_main, require_gpu
+from .command import make_out_dir, module_main, require_gpu
 
 CONTIGUOUS_ALIGNMENT = 128
 K_GROUP_MULTIPLE = 16  # weight-gradient group sizes: multiples of 16 rows, not of the 64-row k-blocks
@@ -153,10 +153,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     require_gpu("benchmarking")
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"--out: cannot create {args.out}: {e.strerror or e}") from None
+    make_out_dir(args.out)
     count = 1 if args.quick else len(K_GROUPED_SHAPES)
     jobs = [(k_grouped_rows, s) for s in K_GROUPED_SHAPES[:count]] + [(nn_rows, s) for s in NN_SHAPES[:count]]
     rows, failures = [], []

@@ -36,6 +36,14 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
+def make_out_dir(path: str) -> None:
+    """Create a benchmark's ``--out`` folder; a folder that cannot be made is a one-line error."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out: cannot create {path}: {e.strerror or e}") from None
+
+
 def one_line(text: str) -> str:
     """``text`` without terminal colours, its whitespace runs (newlines included) as single spaces."""
     return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", text).split())

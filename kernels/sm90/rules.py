@@ -9,7 +9,7 @@ import math
 
 from cute_moe.specs import C_KINDS
 
-from .config import CLUSTERS, FP8_SCALE_BLOCK, MAX_GROUPS, TILE_MS, TILE_NS, Sm90Config
+from .config import CLUSTERS, MAX_GROUPS, TILE_MS, TILE_NS, Sm90Config
 
 # Operand descriptors (dtype, major, scale) the kernel implements, as (A, B) pairs.
 # BF16 operands may be K- or MN-major (WGMMA reads both from shared memory); FP8 WGMMA takes
