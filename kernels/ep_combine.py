@@ -20,9 +20,8 @@ from cutlass.cute.typing import Float32, Int32, Int64
 
 from cute_moe.ep_layout import PARITIES, VECTOR_BYTES, EPGeometry
 
-from .ep_ptx import (bits_to_f32, lane_in_row, lane_vector_batches, ld_b32, ld_b64, ld_v4_pred,
-                     pack_bf16x2, record_timeout, signal_ranks, st_b32, st_v4_pred, sync_threads_and,
-                     unpack_bf16x2, wait_counter, warp_or)
+from .ep_ptx import (bits_to_f32, exchange_arrivals, lane_in_row, lane_vector_batches, ld_b32, ld_b64, ld_v4_pred,
+                     pack_bf16x2, st_b32, st_v4_pred, unpack_bf16x2, warp_or)
 
 THREADS = 256
 WARPS = THREADS // 32
@@ -86,18 +85,8 @@ class EPCombineKernel:
 
         self.partial(y, peers, rank, home, slot_row, parity, dispatch_parity, gwarp, lane)
         cute.arch.sync_threads()
-        if tid == 0:
-            signal_ranks(peers, self.off["combine_arrive"], rank, R)
-
-        arrived = Int32(1)
-        if warp == 0:
-            if lane < R:
-                arrived = wait_counter(home + self.off["combine_arrive"] + Int64(lane) * 8, target, timeout_ns, True)
-            missing = cute.arch.vote_ballot_sync(arrived == 0)
-            if lane == 0:
-                if missing != 0:
-                    record_timeout(err, Int32(OP_COMBINE), rank, missing)
-        ok = sync_threads_and(arrived)
+        ok = exchange_arrivals(peers, home, self.off["combine_arrive"], rank, R, target, timeout_ns, err,
+                               OP_COMBINE, tid, warp, lane)
         if ok != 0:
             self.reduce(topk_idx, num_tokens, home, parity, gwarp, lane, out)
         cute.arch.sync_threads()

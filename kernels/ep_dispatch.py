@@ -26,8 +26,8 @@ from cutlass.cute.typing import Int32, Int64
 
 from cute_moe.ep_layout import PARITIES, VECTOR_BYTES, EPGeometry, align_up
 
-from .ep_ptx import (atomic_add_gpu_u32, copy_vectors, ld_b32, ld_b64, record_timeout,
-                     red_release_gpu_add_u64, signal_ranks, st_b32, sync_threads_and, wait_counter)
+from .ep_ptx import (atomic_add_gpu_u32, copy_vectors, exchange_arrivals, ld_b32, ld_b64, record_timeout,
+                     red_release_gpu_add_u64, st_b32, sync_threads_and, wait_counter)
 
 THREADS = 256
 WARPS = THREADS // 32
@@ -80,18 +80,8 @@ class EPDispatchKernel:
                 peer = ld_b64(peers + Int64(tid) * 8)
                 st_b32(peer + self.off["dispatch_ntok"] + Int64(parity * R + rank) * 4, num_tokens)
         cute.arch.sync_threads()
-        if tid == 0:
-            signal_ranks(peers, self.off["dispatch_arrive"], rank, R)
-
-        arrived = Int32(1)
-        if warp == 0:
-            if lane < R:
-                arrived = wait_counter(home + self.off["dispatch_arrive"] + Int64(lane) * 8, target, timeout_ns, True)
-            missing = cute.arch.vote_ballot_sync(arrived == 0)
-            if lane == 0:
-                if missing != 0:
-                    record_timeout(err, Int32(OP_DISPATCH), rank, missing)
-        ok = sync_threads_and(arrived)
+        ok = exchange_arrivals(peers, home, self.off["dispatch_arrive"], rank, R, target, timeout_ns, err,
+                               OP_DISPATCH, tid, warp, lane)
 
         if ok != 0:
             self.count(home, counters, slot_pos, parity, gthread, cta, tid)

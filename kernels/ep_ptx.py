@@ -223,6 +223,27 @@ def signal_ranks(peers: Int64, word_offset: cutlass.Constexpr[int], index: Int32
 
 
 @cute.jit
+def exchange_arrivals(peers: Int64, home: Int64, word_offset: cutlass.Constexpr[int], rank: Int32,
+                      num_ranks: cutlass.Constexpr[int], target: Int64, timeout_ns: Int64, err_addr: Int64,
+                      op: cutlass.Constexpr[int], tid: Int32, warp: Int32, lane: Int32) -> Int32:
+    """Every thread of the CTA, after a CTA barrier: thread 0 signals this rank's arrival to every
+    rank (``signal_ranks``), warp 0 waits until each rank's counter in this rank's buffer reaches
+    ``target`` (timed; a timeout records op ``op`` and the mask of the missing ranks). Returns 1 to
+    every thread iff every rank arrived."""
+    if tid == 0:
+        signal_ranks(peers, word_offset, rank, num_ranks)
+    arrived = Int32(1)
+    if warp == 0:
+        if lane < num_ranks:
+            arrived = wait_counter(home + word_offset + Int64(lane) * 8, target, timeout_ns, True)
+        missing = cute.arch.vote_ballot_sync(arrived == 0)
+        if lane == 0:
+            if missing != 0:
+                record_timeout(err_addr, Int32(op), rank, missing)
+    return sync_threads_and(arrived)
+
+
+@cute.jit
 def record_timeout(err_addr: Int64, op: Int32, rank: Int32, missing: Int32):
     """Fill the host-mapped error record [flag, op, rank, missing-rank mask]; the flag is written last."""
     st_volatile_sys_b32(err_addr + 4, op)
