@@ -289,13 +289,7 @@ class Sm90Fp4GroupedGemm(Sm90GroupedGemm):
                     tma_atom_b, 0, cute.make_layout(1), cute.group_modes(sP, 0, 2), cute.group_modes(gP, 0, 2))
                 tSsS, tSgS = tAsA, tAgA
                 if cutlass.const_expr(self.fp8):
-                    sfa_origin = (tile.row_start, 0, 0)
-                    if cutlass.const_expr(self.kind == "masked"):
-                        sfa_origin = (tile.local_row, 0, tile.group)
-                    gS = cute.local_tile(cute.domain_offset(sfa_origin, mSFA), (tile_m, 1), (0, None, 0))
-                    tSsS, tSgS = cute.nvgpu.cpasync.tma_partition(
-                        tma_atom_sfa, 0, cute.make_layout(1), cute.group_modes(sSFA, 0, 2),
-                        cute.group_modes(gS, 0, 2))
+                    tSsS, tSgS = self.partition_sfa(tma_atom_sfa, mSFA, sSFA, tile)
                 for k_tile in cutlass.range(self.k_tiles, unroll=1):
                     mainloop.producer_acquire(state)
                     barrier = mainloop.producer_get_barrier(state)

@@ -366,14 +366,7 @@ class Sm90GroupedGemm:
                         cute.group_modes(sB, 0, 2), cute.group_modes(gB_own, 0, 2))
                 tSsS, tSgS = tAsA, tAgA
                 if cutlass.const_expr(self.fp8):
-                    # Scale rows: masked tiles index (local row, group); the others the 2-D row space.
-                    sfa_origin = (tile.row_start, 0, 0)
-                    if cutlass.const_expr(self.kind == "masked"):
-                        sfa_origin = (tile.local_row, 0, tile.group)
-                    gS = cute.local_tile(cute.domain_offset(sfa_origin, mSFA), (tile_m, 1), (0, None, 0))
-                    tSsS, tSgS = cute.nvgpu.cpasync.tma_partition(
-                        tma_atom_sfa, 0, cute.make_layout(1), cute.group_modes(sSFA, 0, 2),
-                        cute.group_modes(gS, 0, 2))
+                    tSsS, tSgS = self.partition_sfa(tma_atom_sfa, mSFA, sSFA, tile)
                 for k_tile in cutlass.range(k_tiles, unroll=1):
                     mainloop.producer_acquire(state)
                     barrier = mainloop.producer_get_barrier(state)
@@ -396,6 +389,16 @@ class Sm90GroupedGemm:
             cursor = scheduler.next(cursor)
         # Wait until the consumers released every slot, so no multicast lands in an exited peer CTA.
         mainloop.producer_tail(state)
+
+    def partition_sfa(self, tma_atom_sfa: cute.CopyAtom, mSFA: cute.Tensor, sSFA: cute.Tensor, tile: WorkTile):
+        """TMA partition (smem, gmem) of this tile's FP8 A scales, one k-block per stage: masked tiles
+        index (local row, group), the others the 2-D row space."""
+        sfa_origin = (tile.row_start, 0, 0)
+        if cutlass.const_expr(self.kind == "masked"):
+            sfa_origin = (tile.local_row, 0, tile.group)
+        gS = cute.local_tile(cute.domain_offset(sfa_origin, mSFA), (self.tile_shape_mnk[0], 1), (0, None, 0))
+        return cute.nvgpu.cpasync.tma_partition(
+            tma_atom_sfa, 0, cute.make_layout(1), cute.group_modes(sSFA, 0, 2), cute.group_modes(gS, 0, 2))
 
     @cute.jit
     def consumer(self, tiled_mma: cute.TiledMma, sA: cute.Tensor, sB: cute.Tensor, sSFA: cute.Tensor,
