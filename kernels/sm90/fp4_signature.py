@@ -14,9 +14,9 @@ from cutlass.cute.runtime import make_fake_stream, make_fake_tensor
 from cute_moe.operands import dsl_type
 from cute_moe.specs import GemmSpec
 
-from .config import FP8_SCALE_BLOCK, Sm90Config
+from .config import Sm90Config
 from .fp4_grouped_gemm import MX_BLOCK, Sm90Fp4GroupedGemm
-from .signature import ALIGN_BYTES, _index_table, _mn_major_scales, _row_major
+from .signature import ALIGN_BYTES, _row_major, row_space_arguments
 
 
 def _k_major_exponents(shape: tuple):
@@ -28,38 +28,17 @@ def _k_major_exponents(shape: tuple):
 
 def fake_arguments(spec: GemmSpec) -> tuple:
     """Fake operands of the kernel's __call__ for an FP4-weight ``spec``."""
-    fp8 = spec.a.scaled
-    ab = cutlass.Uint8 if fp8 else dsl_type(spec.a.dtype)
-    dd = dsl_type(spec.d_dtype)
+    ab = cutlass.Uint8 if spec.a.scaled else dsl_type(spec.a.dtype)
     n, k = spec.n, spec.k
     rows, groups = cute.sym_int(), cute.sym_int()
-    k_blocks = -(-k // FP8_SCALE_BLOCK)
     mx_blocks = -(-k // MX_BLOCK)
-    c = group = sfa = None
-    if spec.kind == "masked":
-        max_m = cute.sym_int()
-        a = _row_major(ab, (groups, max_m, k))
-        d = _row_major(dd, (groups, max_m, n))
-        group = _index_table(groups)
-        if fp8:
-            sfa = _mn_major_scales((groups, max_m, k_blocks))
-    else:
-        a = _row_major(ab, (rows, k))
-        d = _row_major(dd, (rows, n))
-        if spec.kind == "contiguous":
-            group = _index_table(rows)
-        elif spec.kind == "psum":
-            group = _index_table(groups)
-        if fp8:
-            sfa = _mn_major_scales((rows, k_blocks))
+    a, d, c, sfa, group = row_space_arguments(spec, ab, rows, groups)
     if spec.kind == "dense":
         b = _row_major(cutlass.Uint8, (n, k // 2))
         sfb = _k_major_exponents((n, mx_blocks))
     else:
         b = _row_major(cutlass.Uint8, (groups, n, k // 2))
         sfb = _k_major_exponents((groups, n, mx_blocks))
-    if spec.has_c:
-        c = _row_major(dd, (rows, n))
     return a, b, d, c, sfa, sfb, group, cutlass.Int32(1), make_fake_stream(use_tvm_ffi_env_stream=True)
 
 

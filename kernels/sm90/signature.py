@@ -69,12 +69,27 @@ def fake_arguments(spec: GemmSpec) -> tuple:
         c = _row_major(dd, (groups, k, n)) if spec.has_c else None
         return (a, b, d, c, None, None, _index_table(groups), cutlass.Int32(1),
                 make_fake_stream(use_tvm_ffi_env_stream=True))
+    a, d, c, sfa, group = row_space_arguments(spec, ab, rows, groups)
+    b = _operand(ab, (n, k) if spec.kind == "dense" else (groups, n, k), spec.b.major)
+    if fp8:
+        n_blocks = -(-n // FP8_SCALE_BLOCK)
+        sfb = _row_major(cutlass.Float32, (n_blocks, k_blocks) if spec.kind == "dense" else (groups, n_blocks, k_blocks))
+    return a, b, d, c, sfa, sfb, group, cutlass.Int32(1), make_fake_stream(use_tvm_ffi_env_stream=True)
+
+
+def row_space_arguments(spec: GemmSpec, ab, rows, groups) -> tuple:
+    """Fake A, D, C, A's FP8 scales and the group table of the M-grouped kinds (dense, contiguous,
+    psum, ragged: 2-D row spaces of ``rows`` rows; masked: ``[groups, Mmax, ..]``), for any B format."""
+    dd = dsl_type(spec.d_dtype)
+    n, k = spec.n, spec.k
+    k_blocks = -(-k // FP8_SCALE_BLOCK)
+    c = group = sfa = None
     if spec.kind == "masked":
         max_m = cute.sym_int()
         a = _row_major(ab, (groups, max_m, k))
         d = _row_major(dd, (groups, max_m, n))
         group = _index_table(groups)
-        if fp8:
+        if spec.a.scaled:
             sfa = _mn_major_scales((groups, max_m, k_blocks))
     else:
         a = _operand(ab, (rows, k), spec.a.major)
@@ -83,15 +98,11 @@ def fake_arguments(spec: GemmSpec) -> tuple:
             group = _index_table(rows)
         elif spec.kind in ("ragged", "psum"):
             group = _index_table(groups)
-        if fp8:
+        if spec.a.scaled:
             sfa = _mn_major_scales((rows, k_blocks))
-    b = _operand(ab, (n, k) if spec.kind == "dense" else (groups, n, k), spec.b.major)
-    if fp8:
-        n_blocks = -(-n // FP8_SCALE_BLOCK)
-        sfb = _row_major(cutlass.Float32, (n_blocks, k_blocks) if spec.kind == "dense" else (groups, n_blocks, k_blocks))
     if spec.has_c:
         c = _row_major(dd, (rows, n))
-    return a, b, d, c, sfa, sfb, group, cutlass.Int32(1), make_fake_stream(use_tvm_ffi_env_stream=True)
+    return a, d, c, sfa, group
 
 
 def compile_grouped_gemm(spec: GemmSpec, config: Sm90Config):
