@@ -10,6 +10,7 @@ import itertools
 import math
 
 from .config import MAX_GROUPS, TILE_MS, Sm90Config
+from .rules import admitted
 
 FP4_WEIGHTS = ("fp4_e2m1", "k", "ue8m0_1x32")
 SUPPORTED_A = {("bf16", "k", "none"), ("fp8_e4m3", "k", "fp32_1x128")}
@@ -77,12 +78,5 @@ def rule_config(p) -> Sm90Config:
 
 def candidate_configs(p) -> list[Sm90Config]:
     """The tuning search space: every tile the problem admits, no cluster."""
-    configs = []
-    for tile_m, tile_n in itertools.product(TILE_MS, FP4_TILE_NS):
-        config = Sm90Config(tile_m=tile_m, tile_n=tile_n)
-        try:
-            can_implement(p, config)
-        except ValueError:
-            continue
-        configs.append(config)
-    return configs
+    return admitted(p, (Sm90Config(tile_m=tile_m, tile_n=tile_n)
+                        for tile_m, tile_n in itertools.product(TILE_MS, FP4_TILE_NS)), can_implement)

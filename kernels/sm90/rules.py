@@ -120,12 +120,17 @@ def small_m_dense_config(p) -> Sm90Config:
 
 def candidate_configs(p) -> list[Sm90Config]:
     """The tuning search space: tiles and clusters the problem admits; stages and panel default."""
-    configs = []
-    for tile_m, tile_n, cluster in itertools.product(TILE_MS, TILE_NS, CLUSTERS):
-        config = Sm90Config(tile_m=tile_m, tile_n=tile_n, cluster_m=cluster[0], cluster_n=cluster[1])
+    return admitted(p, (Sm90Config(tile_m=tile_m, tile_n=tile_n, cluster_m=cluster[0], cluster_n=cluster[1])
+                        for tile_m, tile_n, cluster in itertools.product(TILE_MS, TILE_NS, CLUSTERS)), can_implement)
+
+
+def admitted(problem, configs, check) -> list[Sm90Config]:
+    """The configs that ``check(problem, config)`` (a family's ``can_implement``) accepts, in order."""
+    accepted = []
+    for config in configs:
         try:
-            can_implement(p, config)
+            check(problem, config)
         except ValueError:
             continue
-        configs.append(config)
-    return configs
+        accepted.append(config)
+    return accepted
