@@ -14,6 +14,8 @@ Phases (every CTA runs all of them; grid <= SM count, all CTAs co-resident):
 Dispatch staging is read at the parity of the latest dispatch (its call counter minus one).
 """
 
+from typing import Callable
+
 import cutlass
 import cutlass.cute as cute
 from cutlass.cute.typing import Float32, Int32, Int64
@@ -40,6 +42,27 @@ def _store_bf16(addr: Int64, acc: list, inside: Int32) -> None:
     """Round acc[0:8] to BF16 and store the 16 bytes at ``addr`` if ``inside`` (traced inline)."""
     st_v4_pred(addr, inside, pack_bf16x2(acc[0], acc[1]), pack_bf16x2(acc[2], acc[3]), pack_bf16x2(acc[4], acc[5]),
                pack_bf16x2(acc[6], acc[7]))
+
+
+def _sum_rows(num_sources: int, source_row: Callable, source_pred: Callable, weight: Callable, dst_row: Int64,
+              row_vecs: int, lane: Int32, batch: int) -> None:
+    """This lane's vectors of ``dst_row`` = BF16 of the FP32 sum over sources s of weight(s) x row s
+    (``source_row(s)``: its address; a source whose ``source_pred(s)`` is 0 reads zeros). Every
+    load of a batch is issued before the first use (traced inline into the calling kernel)."""
+    batches = lane_vector_batches(row_vecs, batch)
+    for i in range(len(batches)):
+        offsets = batches[i]
+        loaded = []
+        for j in range(len(offsets)):
+            vec_at = Int64(lane + offsets[j]) * VECTOR_BYTES
+            inside = lane_in_row(lane, offsets[j], row_vecs)
+            for s in range(num_sources):
+                loaded.append(ld_v4_pred(source_row(s) + vec_at, source_pred(s) & inside))
+        for j in range(len(offsets)):
+            acc = [Float32(0.0)] * (2 * WORDS)
+            for s in range(num_sources):
+                _accumulate(acc, loaded[j * num_sources + s], weight(s))
+            _store_bf16(dst_row + Int64(lane + offsets[j]) * VECTOR_BYTES, acc, lane_in_row(lane, offsets[j], row_vecs))
 
 
 def _accumulate(acc: list, words: tuple, w: Float32) -> None:
@@ -126,22 +149,8 @@ class EPCombineKernel:
                     # Shuffles stay outside the vector loop: its trip count differs between lanes.
                     w_k = [cute.arch.shuffle_sync(wbits, k) for k in range(K)]
                     row_k = [cute.arch.shuffle_sync(row, k) for k in range(K)]
-                    batches = lane_vector_batches(row_vecs, _batch(K))
-                    for i in cutlass.range_constexpr(len(batches)):
-                        offsets = batches[i]
-                        loaded = []  # every load of the batch is issued before the first use
-                        for j in cutlass.range_constexpr(len(offsets)):
-                            vec_at = Int64(lane + offsets[j]) * VECTOR_BYTES
-                            inside = lane_in_row(lane, offsets[j], row_vecs)
-                            for k in cutlass.range_constexpr(K):
-                                loaded.append(ld_v4_pred(y + Int64(row_k[k]) * row_bytes + vec_at,
-                                                         Int32(w_k[k] != 0) & inside))
-                        for j in cutlass.range_constexpr(len(offsets)):
-                            acc = [Float32(0.0)] * (2 * WORDS)
-                            for k in cutlass.range_constexpr(K):
-                                _accumulate(acc, loaded[j * K + k], bits_to_f32(w_k[k]))
-                            _store_bf16(dst + Int64(lane + offsets[j]) * VECTOR_BYTES, acc,
-                                        lane_in_row(lane, offsets[j], row_vecs))
+                    _sum_rows(K, lambda k: y + Int64(row_k[k]) * row_bytes, lambda k: Int32(w_k[k] != 0),
+                              lambda k: bits_to_f32(w_k[k]), dst, row_vecs, lane, _batch(K))
 
     @cute.jit
     def reduce(self, topk_idx: Int64, num_tokens: Int32, home: Int64, parity: Int32, gwarp: Int32, lane: Int32,
@@ -166,19 +175,6 @@ class EPCombineKernel:
                         if raw32 < E:
                             bit = Int32(1) << (raw32 // L)
             ranks = warp_or(bit)
-            batches = lane_vector_batches(row_vecs, _batch(R))
-            for i in cutlass.range_constexpr(len(batches)):
-                offsets = batches[i]
-                loaded = []  # every load of the batch is issued before the first use
-                for j in cutlass.range_constexpr(len(offsets)):
-                    vec_at = Int64(lane + offsets[j]) * VECTOR_BYTES
-                    inside = lane_in_row(lane, offsets[j], row_vecs)
-                    for r in cutlass.range_constexpr(R):
-                        staged = home + self.off["combine_rows"] + Int64((parity * R + r) * TM + t) * row_bytes
-                        loaded.append(ld_v4_pred(staged + vec_at, ((ranks >> r) & 1) & inside))
-                for j in cutlass.range_constexpr(len(offsets)):
-                    acc = [Float32(0.0)] * (2 * WORDS)
-                    for r in cutlass.range_constexpr(R):
-                        _accumulate(acc, loaded[j * R + r], Float32(1.0))
-                    _store_bf16(out + Int64(t) * row_bytes + Int64(lane + offsets[j]) * VECTOR_BYTES, acc,
-                                lane_in_row(lane, offsets[j], row_vecs))
+            _sum_rows(R, lambda r: home + self.off["combine_rows"] + Int64((parity * R + r) * TM + t) * row_bytes,
+                      lambda r: (ranks >> r) & 1, lambda r: Float32(1.0), out + Int64(t) * row_bytes, row_vecs,
+                      lane, _batch(R))
