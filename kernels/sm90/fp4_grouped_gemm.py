@@ -170,11 +170,7 @@ class Sm90Fp4GroupedGemm(Sm90GroupedGemm):
         tma_atom_b, tma_b = self._make_load_atom(mB, self.packed_smem_layout, (tile_n, self.packed_k), 1)
         tma_atom_sfa, tma_sfa = tma_atom_a, tma_a
         if cutlass.const_expr(self.fp8):
-            if cutlass.const_expr(self.kind == "masked"):
-                mSFA = cute.make_tensor(mSFA.iterator, cute.select(mSFA.layout, mode=[1, 2, 0]))
-            else:
-                mSFA = cute.make_tensor(mSFA.iterator, cute.append(mSFA.layout, cute.make_layout(1, stride=0)))
-            tma_atom_sfa, tma_sfa = self._make_load_atom(mSFA, self.sfa_smem_layout, (tile_m, 1), 1)
+            tma_atom_sfa, tma_sfa = self.sfa_load_atom(mSFA)
 
         sfa_len = cute.cosize(self.sfa_smem_layout) if self.fp8 else 1
         row_scale_len = cute.cosize(self.row_scale_layout) if self.fp8 else 1

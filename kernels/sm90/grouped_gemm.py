@@ -149,6 +149,15 @@ class Sm90GroupedGemm:
         return cute.nvgpu.cpasync.make_tiled_tma_atom(
             op, tensor, cute.slice_(smem_layout, (None, None, 0)), tile, num_multicast=mcast)
 
+    def sfa_load_atom(self, mSFA: cute.Tensor):
+        """TMA atom and tensor of the FP8 A scales viewed as (rows, K blocks, L): masked keeps its group
+        mode (rows are padded per group), the other kinds a unit mode; one tile_m x 1 box per stage."""
+        if cutlass.const_expr(self.kind == "masked"):
+            mSFA = cute.make_tensor(mSFA.iterator, cute.select(mSFA.layout, mode=[1, 2, 0]))
+        else:
+            mSFA = cute.make_tensor(mSFA.iterator, cute.append(mSFA.layout, cute.make_layout(1, stride=0)))
+        return self._make_load_atom(mSFA, self.sfa_smem_layout, (self.tile_shape_mnk[0], 1), 1)
+
     @staticmethod
     def _rows_2d(t: cute.Tensor) -> cute.Tensor:
         """View a contiguous [G, Mmax, X] tensor as the 2-D row space [G * Mmax, X]."""
@@ -205,12 +214,7 @@ class Sm90GroupedGemm:
             tma_atom_b_own, tma_b_own = self._make_load_atom(mB, self.b_smem_layout, (tile_n, tile_k), 1)
         tma_atom_sfa, tma_sfa = tma_atom_a, tma_a
         if cutlass.const_expr(self.fp8):
-            # SFA as (rows, K blocks, L): masked keeps its group mode (rows are padded per group).
-            if cutlass.const_expr(self.kind == "masked"):
-                mSFA = cute.make_tensor(mSFA.iterator, cute.select(mSFA.layout, mode=[1, 2, 0]))
-            else:
-                mSFA = cute.make_tensor(mSFA.iterator, cute.append(mSFA.layout, cute.make_layout(1, stride=0)))
-            tma_atom_sfa, tma_sfa = self._make_load_atom(mSFA, self.sfa_smem_layout, (tile_m, 1), 1)
+            tma_atom_sfa, tma_sfa = self.sfa_load_atom(mSFA)
             if cutlass.const_expr(self.kind == "dense"):
                 mSFB = cute.make_tensor(mSFB.iterator, cute.append(mSFB.layout, cute.make_layout(1, stride=0)))
             else:
