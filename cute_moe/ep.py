@@ -28,7 +28,8 @@ from .validation import check_contiguous, check_shape, check_tensor
 DTYPES = ("bf16", "fp8")
 FP8 = torch.float8_e4m3fn
 DEFAULT_TIMEOUT_S = 10.0
-OP_NAMES = {1: "dispatch (waiting for peers' rows)", 2: "dispatch (grid barrier)", 3: "combine (waiting for peers' rows)"}
+OP_NAMES = {1: "dispatch (waiting for peers' rows)", 2: "dispatch (waiting for peers' routing)",
+            3: "combine (waiting for peers' rows)"}
 ERROR_WORDS = 4  # [flag, op, rank, missing-rank mask]
 
 _live_buffers: "weakref.WeakSet[EPBuffer]" = weakref.WeakSet()
@@ -148,8 +149,7 @@ class EPBuffer:
         self.peers = torch.tensor(list(self.symm_handle.buffer_ptrs), dtype=torch.int64, device=self.device)
         zeros = lambda n, dt=torch.int32: torch.zeros(n, dtype=dt, device=self.device)  # noqa: E731
         self.dispatch_calls, self.combine_calls = zeros(g.num_ctas), zeros(g.num_ctas)
-        self.counters, self.grid_bar = zeros(2 * g.local_experts), zeros(1, torch.int64)
-        self.slot_pos, self.slot_row = zeros(g.entries), zeros(g.entries)
+        self.slot_row = zeros(g.entries)
         self.scan = zeros(g.num_ctas * g.local_experts)
         self.error = torch.zeros(ERROR_WORDS, dtype=torch.int32, pin_memory=True)
         self.outputs: dict[str, tuple] = {}
@@ -262,8 +262,8 @@ class EPBuffer:
         fn = _dispatch_fn(g, layout, topk_idx.element_size())
         ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
         fn(ptr(data), ptr(scales), topk_idx.data_ptr(), topk_weights.data_ptr(), data.shape[0],
-           self.peers.data_ptr(), self.rank, self.dispatch_calls, self.counters.data_ptr(), self.grid_bar.data_ptr(),
-           self.slot_pos.data_ptr(), self.slot_row.data_ptr(), self.scan.data_ptr(), self.error.data_ptr(),
+           self.peers.data_ptr(), self.rank, self.dispatch_calls, self.slot_row.data_ptr(), self.scan.data_ptr(),
+           self.error.data_ptr(),
            out_x.data_ptr(), ptr(out_scales), counts.data_ptr(), expert_counts.data_ptr(), src_info.data_ptr(),
            ptr(stats), int(self.timeout_s * 1e9))
         self.sequence += 1

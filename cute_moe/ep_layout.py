@@ -4,10 +4,13 @@ One ``EPGeometry`` fixes everything a compiled EP kernel depends on; docs/ep.md 
 Per rank, the symmetric buffer holds (offsets 128-byte aligned, ``P`` = 2 parities, ``R`` ranks,
 ``Tm`` = num_max_tokens_per_rank, ``K`` = num_topk):
 
-    dispatch_arrive  u64[R]            arrivals from each source rank (monotonic, never reset)
+    dispatch_arrive  u64[R]            row arrivals from each source rank (monotonic, never reset)
+    routing_arrive   u64[R]            routing arrivals (psum layout: counts final before the rows)
     combine_arrive   u64[R]            same for combine
     dispatch_ntok    i32[P][R]         tokens each source sent in the call of that parity
+    expert_counters  i32[P][L]         rows of each local expert, incremented by every source rank
     meta_idx         i32[P][R][Tm][K]  local expert of (source, token, slot) on this rank, -1 if none
+    meta_pos         i32[P][R][Tm][K]  its position inside that expert (the sender's atomic)
     meta_weight      f32[P][R][Tm][K]  its routing weight
     dispatch_rows    u8[P][R][Tm][row_stride]   token rows (payload, then FP32 scales if FP8)
     combine_rows     u8[P][R][Tm][hidden * 2]   BF16 partial sums sent back by each expert rank
@@ -86,9 +89,12 @@ class EPGeometry:
         r, tm, k, p = self.num_ranks, self.max_tokens, self.num_topk, PARITIES
         sizes = [
             ("dispatch_arrive", 8 * r),
+            ("routing_arrive", 8 * r),
             ("combine_arrive", 8 * r),
             ("dispatch_ntok", 4 * p * r),
+            ("expert_counters", 4 * p * self.local_experts),
             ("meta_idx", 4 * p * r * tm * k),
+            ("meta_pos", 4 * p * r * tm * k),
             ("meta_weight", 4 * p * r * tm * k),
             ("dispatch_rows", p * r * tm * self.row_stride),
             ("combine_rows", p * r * tm * self.hidden * 2),

@@ -1,23 +1,39 @@
 """EP dispatch: one persistent kernel that sends token rows to the ranks owning their experts and
 lays the rows this rank receives out for the grouped GEMMs (masked or psum layout).
 
-Roles and phases (every CTA runs all of them; the grid is <= the SM count, so all CTAs are
-co-resident and the grid barrier cannot deadlock):
-  1. send     one warp per (token, destination rank): writes the token's top-k slots that rank owns
-              (local expert id or -1, weight) into the peer's meta staging and, if any slot is owned
-              there, the whole row (16-byte stores; FP8 scales after it) into the peer's row staging,
-              slot = token index (no sender-side compaction).
-  2. signal   CTA barrier, fence.acq_rel.sys, then +1 on every peer's arrival word for this rank.
-  3. wait     warp 0 spins (acquire.sys, %globaltimer timeout) until every source rank's word
-              reaches (call + 1) * num_ctas; a timeout fills the host-mapped error record.
-  4. count    one thread per received (source, token, slot): position inside its local expert from
-              a per-expert atomic counter (counters of parity call % 2; the other parity is zeroed).
-  5. barrier  grid barrier (monotonic counter, GPU scope, with timeout): all counts are final.
-  6. publish  per expert: raw counts, masked_m = min(count, max_m) or psum ends, optional stats.
-  7. copy     one warp per ENTRIES_PER_WARP received entries: staging row -> its row of the layout, scales MN-major,
-              src_info, and slot_row[(source, token, slot)] (the row, -1 if dropped) for combine.
-Each CTA then bumps its own call counter (no cross-CTA race: counter `cta` is touched by CTA
-`cta` only). Row order inside an expert is not deterministic (atomics); src_info names each row.
+Roles (every CTA runs every phase; the grid is <= the SM count, so all CTAs are co-resident):
+  routing  one warp per (token, destination rank): for each top-k slot that rank owns, the slot's
+           position inside its expert comes from a system-scope atomic on that rank's expert
+           counter; the warp writes (local expert or -1, position, weight) into the peer's routing
+           staging. Positions are taken by the sender, so no phase needs a grid barrier.
+  rows     one warp per (token, other rank, chunk of the row) when the token has a slot there:
+           16-byte stores of the chunk into the peer's row staging (FP8 scales with chunk 0). A
+           token is sent once per destination rank, whatever its number of slots there; rows for
+           this rank itself are never staged (the layout copy reads ``x``).
+  signal   CTA barrier, fence.acq_rel.sys, +1 on every rank's arrival word for this rank.
+  expand   one warp per (source, token, chunk): the chunk is loaded once (from ``x`` for this rank's
+           own tokens, from the staging otherwise) and stored into the layout row of each of the
+           token's slots here; chunk 0 also stores the scales (MN-major), src_info and the handle's
+           row map ``slot_row``. Masked layout: a warp per own token does its routing and the
+           whole row at once (``deliver_own``).
+  publish  per local expert: raw count, masked_m = min(count, max_m) or psum end, stats.
+
+Masked layout (low latency), one signal: a warp per own token takes its positions here and copies
+the row from ``x`` straight into its layout rows; meanwhile other warps send rows, then route to the
+other ranks (their remote atomics' round trips overlap the rows on the wire); signal every rank;
+wait for every rank (this one included: its counts are then final); publish; expand the rest.
+Psum layout (throughput): segment starts need every count first, so routing is signalled to every
+rank before any row moves; then SENDER_FRACTION of the CTAs send rows over NVLink while the others
+wait for every rank's routing, scan the counts (each CTA's warp 0, into its own scratch row) and
+expand this rank's own tokens from HBM; signal rows; wait; every CTA expands the other ranks' tokens.
+
+Each arrival word (routing, rows) advances by the grid size on every call of either layout, so the
+layouts can alternate on one buffer.
+Expert counters live in the symmetric buffer, double-buffered by call parity: CTA 0 zeroes the
+other parity's counters before its first signal (every increment of that parity by any rank
+happened before that rank's signals of the previous call, which this rank waited for; the next
+increments come after this call's signals). Each CTA then bumps its own call counter. Row order
+inside an expert is not deterministic (atomics); src_info names each row.
 """
 
 import cutlass
@@ -26,14 +42,22 @@ from cutlass.cute.typing import Int32, Int64
 
 from cute_moe.ep_layout import PARITIES, VECTOR_BYTES, EPGeometry, align_up
 
-from .ep_ptx import (atomic_add_gpu_u32, copy_vectors, exchange_arrivals, ld_b32, ld_b64, record_timeout,
-                     red_release_gpu_add_u64, st_b32, sync_threads_and, wait_counter)
+from .ep_ptx import (COPY_PER_LANE, RANKS_ALL, RANKS_OTHERS, atomic_add_sys_u32, await_ranks, copy_chunks, ld_b32,
+                     ld_b64, load_expert_id, num_chunks, signal_ranks, st_b32)
 
-THREADS = 256
+THREADS = 512  # 16 warps per SM: enough row chunks in flight to cover HBM and NVLink latency
 WARPS = THREADS // 32
-ENTRIES_PER_WARP = 2  # received entries one warp lays out per step (about 1 row at top-8 on 2 ranks)
 OP_DISPATCH = 1  # error record op codes (cute_moe/ep.py names them)
-OP_DISPATCH_GRID = 2
+OP_DISPATCH_ROUTING = 2
+OWN_CHUNKS_IN_FLIGHT = 2  # masked layout: chunks of an own token's row loaded before their stores
+SENDER_FRACTION = 0.5  # psum layout: CTAs sending rows over NVLink while the others lay out own tokens
+
+
+@cute.jit
+def first_worker(worker: Int32, workers: Int32, busy: Int32) -> Int32:
+    """Loop start of ``worker`` (of ``workers``) when the first ``busy`` units of the previous loop
+    went to the same workers in order: the workers they kept busy take the last units instead."""
+    return (worker + workers - busy % workers) % workers
 
 
 class EPDispatchKernel:
@@ -44,25 +68,25 @@ class EPDispatchKernel:
         self.layout = layout
         self.idx_bytes = idx_bytes
         self.off = geom.offsets()
+        self.chunks = num_chunks(geom.payload_bytes // VECTOR_BYTES, COPY_PER_LANE)
 
     @cute.jit
     def __call__(self, x: Int64, x_scales: Int64, topk_idx: Int64, topk_w: Int64, num_tokens: Int32, peers: Int64,
-                 rank: Int32, calls_tensor: cute.Tensor, counters: Int64, grid_bar: Int64, slot_pos: Int64,
-                 slot_row: Int64, scan: Int64, err: Int64, out_x: Int64, out_scales: Int64, out_counts: Int64,
-                 out_raw_counts: Int64, out_src_info: Int64, stats: Int64, timeout_ns: Int64, stream):
+                 rank: Int32, calls_tensor: cute.Tensor, slot_row: Int64, scan: Int64, err: Int64, out_x: Int64,
+                 out_scales: Int64, out_counts: Int64, out_raw_counts: Int64, out_src_info: Int64, stats: Int64,
+                 timeout_ns: Int64, stream):
         # calls_tensor (int32 [num_ctas], on the launch device) tells TVM-FFI the device and stream.
         calls = Int64(calls_tensor.iterator.toint())
-        self.kernel(x, x_scales, topk_idx, topk_w, num_tokens, peers, rank, calls, counters, grid_bar, slot_pos,
-                    slot_row, scan, err, out_x, out_scales, out_counts, out_raw_counts, out_src_info, stats,
+        self.kernel(x, x_scales, topk_idx, topk_w, num_tokens, peers, rank, calls, slot_row, scan, err, out_x,
+                    out_scales, out_counts, out_raw_counts, out_src_info, stats,
                     timeout_ns).launch(grid=(self.g.num_ctas, 1, 1), block=(THREADS, 1, 1), stream=stream)
 
     @cute.kernel
     def kernel(self, x: Int64, x_scales: Int64, topk_idx: Int64, topk_w: Int64, num_tokens: Int32, peers: Int64,
-               rank: Int32, calls: Int64, counters: Int64, grid_bar: Int64, slot_pos: Int64, slot_row: Int64,
-               scan: Int64, err: Int64, out_x: Int64, out_scales: Int64, out_counts: Int64, out_raw_counts: Int64,
-               out_src_info: Int64, stats: Int64, timeout_ns: Int64):
+               rank: Int32, calls: Int64, slot_row: Int64, scan: Int64, err: Int64, out_x: Int64, out_scales: Int64,
+               out_counts: Int64, out_raw_counts: Int64, out_src_info: Int64, stats: Int64, timeout_ns: Int64):
         g = self.g
-        R, G = g.num_ranks, g.num_ctas
+        R, L = g.num_ranks, g.local_experts
         tid, _, _ = cute.arch.thread_idx()
         cta, _, _ = cute.arch.block_idx()
         lane = tid % 32
@@ -71,126 +95,165 @@ class EPDispatchKernel:
         gthread = cta * THREADS + tid
         call = ld_b32(calls + Int64(cta) * 4)
         parity = call % PARITIES
-        target = Int64(call + 1) * G
+        target = Int64(call + 1) * g.num_ctas
         home = ld_b64(peers + Int64(rank) * 8)
+        out = (x, x_scales, slot_row, out_x, out_scales, out_src_info)
+        everyone = g.num_ctas * WARPS
 
-        self.send(x, x_scales, topk_idx, topk_w, num_tokens, peers, rank, parity, gwarp, lane)
         if cta == 0:
+            for e in cutlass.range(tid, L, THREADS):
+                st_b32(home + self.off["expert_counters"] + Int64((1 - parity) * L + e) * 4, Int32(0))
             if tid < R:
                 peer = ld_b64(peers + Int64(tid) * 8)
                 st_b32(peer + self.off["dispatch_ntok"] + Int64(parity * R + rank) * 4, num_tokens)
-        cute.arch.sync_threads()
-        ok = exchange_arrivals(peers, home, self.off["dispatch_arrive"], rank, R, target, timeout_ns, err,
-                               OP_DISPATCH, tid, warp, lane)
-
-        if ok != 0:
-            self.count(home, counters, slot_pos, parity, gthread, cta, tid)
-        cute.arch.sync_threads()
-        passed = Int32(1)
-        if tid == 0:
-            red_release_gpu_add_u64(grid_bar)
-            passed = wait_counter(grid_bar, target, timeout_ns, False)
-            if passed == 0:
-                record_timeout(err, Int32(OP_DISPATCH_GRID), rank, Int32(1) << rank)
-        ok = sync_threads_and(passed) * ok
-
-        if ok != 0:
-            if cutlass.const_expr(self.layout == "psum"):
+        if cutlass.const_expr(self.layout == "masked"):
+            self.deliver_own(x, x_scales, topk_idx, topk_w, num_tokens, home, rank, parity, gwarp, everyone, lane, out)
+            self.send_rows(x, x_scales, topk_idx, num_tokens, peers, rank, parity,
+                           first_worker(gwarp, everyone, num_tokens), everyone, lane)
+            self.route(topk_idx, topk_w, num_tokens, peers, rank, parity, RANKS_OTHERS,
+                       first_worker(gwarp, everyone, num_tokens * (1 + (R - 1) * self.chunks)), everyone, lane)
+            cute.arch.sync_threads()
+            if tid == 0:
+                signal_ranks(peers, rank, R, ((self.off["dispatch_arrive"], RANKS_ALL),
+                                              (self.off["routing_arrive"], RANKS_ALL)))
+            ok = await_ranks(home, self.off["dispatch_arrive"], rank, R, RANKS_ALL, target, timeout_ns, err,
+                             OP_DISPATCH, warp, lane)
+            if ok != 0:
+                self.publish(home, scan, parity, cta, gthread, g.num_ctas * THREADS, out_counts, out_raw_counts,
+                             stats)
+                self.expand(home, num_tokens, rank, parity, cta, scan, gwarp, everyone, lane, out, False)
+        else:
+            senders = int(g.num_ctas * SENDER_FRACTION) if R > 1 else 0
+            self.route(topk_idx, topk_w, num_tokens, peers, rank, parity, RANKS_ALL, gwarp, everyone, lane)
+            cute.arch.sync_threads()
+            if tid == 0:
+                signal_ranks(peers, rank, R, ((self.off["routing_arrive"], RANKS_ALL),))
+            if cta < senders:
+                self.send_rows(x, x_scales, topk_idx, num_tokens, peers, rank, parity, gwarp, senders * WARPS, lane)
+            ok = await_ranks(home, self.off["routing_arrive"], rank, R, RANKS_ALL, target, timeout_ns, err,
+                             OP_DISPATCH_ROUTING, warp, lane)
+            if ok != 0:
                 if warp == 0:
-                    self.scan_segments(counters, scan, parity, cta, lane)
+                    self.scan_segments(home, scan, parity, cta, lane)
                 cute.arch.sync_threads()
-            self.publish(counters, scan, parity, cta, gthread, out_counts, out_raw_counts, stats)
-            self.copy(home, slot_pos, slot_row, scan, parity, cta, gwarp, lane, out_x, out_scales, out_src_info)
+                if cta == g.num_ctas - 1:
+                    self.publish(home, scan, parity, cta, tid, THREADS, out_counts, out_raw_counts, stats)
+                if cta >= senders:
+                    self.expand(home, num_tokens, rank, parity, cta, scan, gwarp - senders * WARPS,
+                                everyone - senders * WARPS, lane, out, True)
+            cute.arch.sync_threads()
+            if tid == 0:
+                signal_ranks(peers, rank, R, ((self.off["dispatch_arrive"], RANKS_ALL),))
+            if ok != 0:
+                ok = await_ranks(home, self.off["dispatch_arrive"], rank, R, RANKS_ALL, target, timeout_ns, err,
+                                 OP_DISPATCH, warp, lane)
+            if ok != 0:
+                self.expand(home, num_tokens, rank, parity, cta, scan, gwarp, everyone, lane, out, False)
         cute.arch.sync_threads()
         if tid == 0:
             st_b32(calls + Int64(cta) * 4, call + 1)
 
     @cute.jit
-    def send(self, x: Int64, x_scales: Int64, topk_idx: Int64, topk_w: Int64, num_tokens: Int32, peers: Int64,
-             rank: Int32, parity: Int32, gwarp: Int32, lane: Int32):
-        """Phase 1: warp per (token, destination rank); meta for every token, the row if owned there."""
+    def owned_by(self, topk_idx: Int64, t: Int32, r: Int32, lane: Int32) -> Int32:
+        """Lane k < K: the local id on rank ``r`` of token ``t``'s slot k if ``r`` owns it, else -1."""
         g = self.g
-        R, L, K, TM, E = g.num_ranks, g.local_experts, g.num_topk, g.max_tokens, g.num_experts
-        payload_vecs = g.payload_bytes // VECTOR_BYTES
-        scale_at = align_up(g.payload_bytes, VECTOR_BYTES)
-        for u in cutlass.range(gwarp, num_tokens * R, (g.num_ctas * WARPS)):
-            t = u // R
-            r = u % R
-            expert = Int32(-1)
-            wbits = Int32(0)
-            if lane < K:
-                at = topk_idx + Int64(t * K + lane) * self.idx_bytes
-                if cutlass.const_expr(self.idx_bytes == 8):
-                    raw = ld_b64(at)
-                    if raw >= 0:
-                        if raw < E:
-                            expert = Int32(raw)
-                else:
-                    raw32 = ld_b32(at)
-                    if raw32 >= 0:
-                        if raw32 < E:
-                            expert = raw32
-                wbits = ld_b32(topk_w + Int64(t * K + lane) * 4)
-            local = Int32(-1)
+        local = Int32(-1)
+        if lane < g.num_topk:
+            expert = load_expert_id(topk_idx, t * g.num_topk + lane, self.idx_bytes, g.num_experts)
             if expert >= 0:
-                if expert // L == r:
-                    local = expert - r * L
-            peer = ld_b64(peers + Int64(r) * 8)
-            entry = Int64((parity * R + rank) * TM + t) * K + lane
-            if lane < K:
-                st_b32(peer + self.off["meta_idx"] + entry * 4, local)
-                st_b32(peer + self.off["meta_weight"] + entry * 4, wbits)
-            if cute.arch.vote_any_sync(local >= 0):
-                src_row = x + Int64(t) * g.payload_bytes
-                dst_row = peer + self.off["dispatch_rows"] + Int64((parity * R + rank) * TM + t) * g.row_stride
-                copy_vectors(src_row, dst_row, lane, payload_vecs)
-                if cutlass.const_expr(g.fp8):
-                    for j in cutlass.range(lane, g.scale_blocks, 32):
-                        s = ld_b32(x_scales + Int64(t * g.scale_blocks + j) * 4)
-                        st_b32(dst_row + scale_at + Int64(j) * 4, s)
+                if expert // g.local_experts == r:
+                    local = expert - r * g.local_experts
+        return local
 
     @cute.jit
-    def received_tokens(self, home: Int64, parity: Int32) -> Int32:
-        """Most tokens any source rank sent in this call (its staged count; read after the arrival wait)."""
-        R = self.g.num_ranks
-        tmax = Int32(0)
-        for src in cutlass.range_constexpr(R):
-            tmax = cutlass.max(tmax, ld_b32(home + self.off["dispatch_ntok"] + Int64(parity * R + src) * 4))
-        return tmax
-
-    @cute.jit
-    def entry(self, j: Int32, tmax: Int32):
-        """Active entry ``j`` of [R][tmax][K] -> (entry index of [R][Tm][K], source rank, token). The
-        count and copy phases loop over the received tokens only, not over the buffer's maximum."""
-        K, TM = self.g.num_topk, self.g.max_tokens
-        span = tmax * K
-        src = j // span
-        t = (j % span) // K
-        return (src * TM + t) * K + j % K, src, t
-
-    @cute.jit
-    def count(self, home: Int64, counters: Int64, slot_pos: Int64, parity: Int32, gthread: Int32, cta: Int32,
-              tid: Int32):
-        """Phase 4: thread per received entry -> position inside its local expert (or -1)."""
+    def route(self, topk_idx: Int64, topk_w: Int64, num_tokens: Int32, peers: Int64, rank: Int32, parity: Int32,
+              dests: cutlass.Constexpr[int], worker: Int32, workers: Int32, lane: Int32):
+        """Routing: warp per (token, destination rank) for the destinations ``dests`` (every rank, or
+        every other rank); lane k < K handles slot k."""
         g = self.g
-        R, L, K, G = g.num_ranks, g.local_experts, g.num_topk, g.num_ctas
-        if cta == 0:
-            for e in cutlass.range(tid, L, THREADS):
-                st_b32(counters + Int64((1 - parity) * L + e) * 4, Int32(0))
-        tmax = self.received_tokens(home, parity)
-        for j in cutlass.range(gthread, R * tmax * K, G * THREADS):
-            i, src, t = self.entry(j, tmax)
-            pos = Int32(-1)
-            ntok = ld_b32(home + self.off["dispatch_ntok"] + Int64(parity * R + src) * 4)
-            if t < ntok:
-                m = ld_b32(home + self.off["meta_idx"] + (Int64(parity) * g.entries + i) * 4)
-                if m >= 0:
-                    if m < L:
-                        pos = atomic_add_gpu_u32(counters + Int64(parity * L + m) * 4, Int32(1))
-            st_b32(slot_pos + Int64(i) * 4, pos)
+        R = g.num_ranks
+        per_token = R - 1 if dests == RANKS_OTHERS else R
+        if cutlass.const_expr(per_token > 0):
+            for u in cutlass.range(worker, num_tokens * per_token, workers):
+                t = u // per_token
+                r = u % per_token
+                if cutlass.const_expr(dests == RANKS_OTHERS):
+                    r = (rank + 1 + u % per_token) % R
+                local = self.owned_by(topk_idx, t, r, lane)
+                self.take_position(topk_w, ld_b64(peers + Int64(r) * 8), rank, parity, t, local, lane)
 
     @cute.jit
-    def scan_segments(self, counters: Int64, scan: Int64, parity: Int32, cta: Int32, lane: Int32):
+    def take_position(self, topk_w: Int64, peer: Int64, rank: Int32, parity: Int32, t: Int32, local: Int32,
+                      lane: Int32) -> Int32:
+        """Lane k < K of the warp routing token ``t`` to the rank whose buffer is ``peer``: position of
+        slot k inside its local expert ``local`` there (system-scope atomic on that rank's counter; -1
+        if the slot is not routed there), stored with the local id and the weight into that rank's
+        routing staging. Returns the position."""
+        g = self.g
+        L, K, TM, R = g.local_experts, g.num_topk, g.max_tokens, g.num_ranks
+        pos = Int32(-1)
+        if local >= 0:
+            pos = atomic_add_sys_u32(peer + self.off["expert_counters"] + Int64(parity * L + local) * 4, Int32(1))
+        if lane < K:
+            entry = (Int64((parity * R + rank) * TM + t) * K + lane) * 4
+            st_b32(peer + self.off["meta_idx"] + entry, local)
+            st_b32(peer + self.off["meta_pos"] + entry, pos)
+            st_b32(peer + self.off["meta_weight"] + entry, ld_b32(topk_w + Int64(t * K + lane) * 4))
+        return pos
+
+    @cute.jit
+    def deliver_own(self, x: Int64, x_scales: Int64, topk_idx: Int64, topk_w: Int64, num_tokens: Int32, home: Int64,
+                    rank: Int32, parity: Int32, worker: Int32, workers: Int32, lane: Int32, out: tuple):
+        """Masked layout, warp per own token: route it to this rank (local positions) and copy the whole
+        row from ``x`` into each of its layout rows here at once (no staging, no wait: the warp that
+        took the positions moves the row)."""
+        g = self.g
+        K, TM, C = g.num_topk, g.max_tokens, self.chunks
+        _, _, slot_row, out_x, out_scales, out_src_info = out
+        for t in cutlass.range(worker, num_tokens, workers):
+            local = self.owned_by(topk_idx, t, rank, lane)
+            pos = self.take_position(topk_w, home, rank, parity, t, local, lane)
+            row = self.layout_row_of(local, pos, Int64(0), Int32(0))
+            if lane < K:
+                entry = Int64(rank * TM + t) * K + lane
+                st_b32(slot_row + entry * 4, row)
+                if row >= 0:
+                    st_b32(out_src_info + Int64(row) * 4, rank * TM + t)
+            rows = [cute.arch.shuffle_sync(row, k) for k in range(K)]
+            dsts = [(out_x + Int64(rows[k]) * g.payload_bytes, Int32(rows[k] >= 0)) for k in range(K)]
+            for c0 in cutlass.range_constexpr(0, C, OWN_CHUNKS_IN_FLIGHT):
+                copy_chunks(x + Int64(t) * g.payload_bytes, dsts, lane, list(range(c0, min(C, c0 + OWN_CHUNKS_IN_FLIGHT))),
+                            g.payload_bytes // VECTOR_BYTES)
+            if cutlass.const_expr(g.fp8):
+                self.expand_scales(x_scales, x, t, rows, out_scales, lane, True)
+
+    @cute.jit
+    def send_rows(self, x: Int64, x_scales: Int64, topk_idx: Int64, num_tokens: Int32, peers: Int64, rank: Int32,
+                  parity: Int32, worker: Int32, workers: Int32, lane: Int32):
+        """Rows: warp per (token, other rank, chunk); the chunk goes to the peer's staging if the peer
+        owns one of the token's slots."""
+        g = self.g
+        R, TM, C = g.num_ranks, g.max_tokens, self.chunks
+        if cutlass.const_expr(R > 1):
+            for u in cutlass.range(worker, num_tokens * (R - 1) * C, workers):
+                c = u % C
+                v = u // C
+                t = v // (R - 1)
+                r = (rank + 1 + v % (R - 1)) % R
+                if cute.arch.vote_any_sync(self.owned_by(topk_idx, t, r, lane) >= 0):
+                    peer = ld_b64(peers + Int64(r) * 8)
+                    dst = peer + self.off["dispatch_rows"] + Int64((parity * R + rank) * TM + t) * g.row_stride
+                    copy_chunks(x + Int64(t) * g.payload_bytes, [(dst, Int32(1))], lane, [c],
+                               g.payload_bytes // VECTOR_BYTES)
+                    if cutlass.const_expr(g.fp8):
+                        if c == 0:
+                            scale_at = align_up(g.payload_bytes, VECTOR_BYTES)
+                            for j in cutlass.range(lane, g.scale_blocks, 32):
+                                s = ld_b32(x_scales + Int64(t * g.scale_blocks + j) * 4)
+                                st_b32(dst + scale_at + Int64(j) * 4, s)
+
+    @cute.jit
+    def scan_segments(self, home: Int64, scan: Int64, parity: Int32, cta: Int32, lane: Int32):
         """Psum layout, warp 0 of each CTA: scan[cta][e] = sum over e' < e of align(count[e'])."""
         g = self.g
         L, A = g.local_experts, g.alignment
@@ -199,7 +262,7 @@ class EPDispatchKernel:
             e = c0 + lane
             aligned = Int32(0)
             if e < L:
-                c = ld_b32(counters + Int64(parity * L + e) * 4)
+                c = ld_b32(home + self.off["expert_counters"] + Int64(parity * L + e) * 4)
                 aligned = (c + (A - 1)) // A * A
             incl = aligned
             for s in cutlass.range_constexpr(5):
@@ -211,13 +274,14 @@ class EPDispatchKernel:
             running = running + cute.arch.shuffle_sync(incl, 31)
 
     @cute.jit
-    def publish(self, counters: Int64, scan: Int64, parity: Int32, cta: Int32, gthread: Int32, out_counts: Int64,
-                out_raw_counts: Int64, stats: Int64):
-        """Phase 6: per local expert, raw count, masked_m or psum end, cumulative stats."""
+    def publish(self, home: Int64, scan: Int64, parity: Int32, cta: Int32, worker: Int32, workers: Int32,
+                out_counts: Int64, out_raw_counts: Int64, stats: Int64):
+        """Thread per local expert (counts are final once every rank's routing arrived): raw count,
+        masked_m or psum end (from this CTA's scan row), cumulative stats."""
         g = self.g
-        L, G = g.local_experts, g.num_ctas
-        for e in cutlass.range(gthread, L, G * THREADS):
-            c = ld_b32(counters + Int64(parity * L + e) * 4)
+        L = g.local_experts
+        for e in cutlass.range(worker, L, workers):
+            c = ld_b32(home + self.off["expert_counters"] + Int64(parity * L + e) * 4)
             st_b32(out_raw_counts + Int64(e) * 4, c)
             if cutlass.const_expr(self.layout == "masked"):
                 st_b32(out_counts + Int64(e) * 4, cutlass.min(c, Int32(g.max_m)))
@@ -227,56 +291,90 @@ class EPDispatchKernel:
                 st_b32(stats + Int64(e) * 4, ld_b32(stats + Int64(e) * 4) + c)
 
     @cute.jit
-    def copy(self, home: Int64, slot_pos: Int64, slot_row: Int64, scan: Int64, parity: Int32, cta: Int32,
-             gwarp: Int32, lane: Int32, out_x: Int64, out_scales: Int64, out_src_info: Int64):
-        """Phase 7: warp per ENTRIES_PER_WARP entries; each kept entry's staging row -> its layout row."""
+    def layout_row(self, home: Int64, scan: Int64, parity: Int32, cta: Int32, entry: Int64) -> Int32:
+        """Layout row of a received (source, token, slot) entry, from its routing staging."""
         g = self.g
-        R, L, K, TM = g.num_ranks, g.local_experts, g.num_topk, g.max_tokens
-        payload_vecs = g.payload_bytes // VECTOR_BYTES
-        scale_at = align_up(g.payload_bytes, VECTOR_BYTES)
-        pitch = g.scale_row_pitch(self.layout)
-        tmax = self.received_tokens(home, parity)
-        active = R * tmax * K
-        for c0 in cutlass.range(gwarp * ENTRIES_PER_WARP, active, (g.num_ctas * WARPS) * ENTRIES_PER_WARP):
-            i, src, t = self.entry(c0 + lane, tmax)
-            mine = Int32(0)
-            if lane < ENTRIES_PER_WARP:
-                if c0 + lane < active:
-                    mine = Int32(1)
-            pos = Int32(-1)
-            if mine != 0:
-                pos = ld_b32(slot_pos + Int64(i) * 4)
-            m = Int32(0)
-            row = Int32(-1)
-            if pos >= 0:
-                m = ld_b32(home + self.off["meta_idx"] + (Int64(parity) * g.entries + i) * 4)
-                if cutlass.const_expr(self.layout == "masked"):
-                    if pos < g.max_m:
-                        row = m * g.max_m + pos
-                else:
-                    row = ld_b32(scan + Int64(cta * L + m) * 4) + pos
-                    if row >= g.psum_rows:
-                        row = Int32(-1)
-            if mine != 0:
-                st_b32(slot_row + Int64(i) * 4, row)
-            if row >= 0:
-                st_b32(out_src_info + Int64(row) * 4, src * TM + t)
-            for j in cutlass.range(ENTRIES_PER_WARP):
-                row_j = cute.arch.shuffle_sync(row, j)
-                if row_j >= 0:
-                    src_j = cute.arch.shuffle_sync(src, j)
-                    t_j = cute.arch.shuffle_sync(t, j)
-                    staged = home + self.off["dispatch_rows"] + Int64((parity * R + src_j) * TM + t_j) * g.row_stride
-                    dst = out_x + Int64(row_j) * g.payload_bytes
-                    copy_vectors(staged, dst, lane, payload_vecs)
-                    if cutlass.const_expr(g.fp8):
-                        m_j = cute.arch.shuffle_sync(m, j)
-                        pos_j = cute.arch.shuffle_sync(pos, j)
-                        for kb in cutlass.range(lane, g.scale_blocks, 32):
-                            s = ld_b32(staged + scale_at + Int64(kb) * 4)
-                            if cutlass.const_expr(self.layout == "masked"):
-                                at = (Int64(m_j) * g.scale_blocks + kb) * pitch + pos_j
-                            else:
-                                at = Int64(kb) * pitch + row_j
-                            st_b32(out_scales + at * 4, s)
+        m = ld_b32(home + self.off["meta_idx"] + (Int64(parity) * g.entries + entry) * 4)
+        pos = ld_b32(home + self.off["meta_pos"] + (Int64(parity) * g.entries + entry) * 4)
+        return self.layout_row_of(m, pos, scan, cta)
 
+    @cute.jit
+    def layout_row_of(self, m: Int32, pos: Int32, scan: Int64, cta: Int32) -> Int32:
+        """Layout row of position ``pos`` of local expert ``m``; -1 if not routed here or dropped
+        (masked: past max_m; psum: past the layout, only possible with duplicate ids)."""
+        g = self.g
+        row = Int32(-1)
+        if m >= 0:
+            if m < g.local_experts:
+                if pos >= 0:
+                    if cutlass.const_expr(self.layout == "masked"):
+                        if pos < g.max_m:
+                            row = m * g.max_m + pos
+                    else:
+                        row = ld_b32(scan + Int64(cta * g.local_experts + m) * 4) + pos
+                        if row >= g.psum_rows:
+                            row = Int32(-1)
+        return row
+
+    @cute.jit
+    def expand(self, home: Int64, num_tokens: Int32, rank: Int32, parity: Int32, cta: Int32, scan: Int64,
+               worker: Int32, workers: Int32, lane: Int32, out: tuple, own: cutlass.Constexpr[bool]):
+        """Expand: warp per (source, token, chunk) of this rank's own tokens (``own``) or of every
+        other rank's; the chunk is loaded once and stored to each of the token's layout rows here."""
+        g = self.g
+        R, K, TM, C = g.num_ranks, g.num_topk, g.max_tokens, self.chunks
+        x, x_scales, slot_row, out_x, out_scales, out_src_info = out
+        sources = 1 if own else R - 1
+        tmax = num_tokens
+        if cutlass.const_expr(not own):
+            tmax = Int32(0)
+            for i in cutlass.range_constexpr(R - 1):
+                src_i = (rank + 1 + i) % R
+                tmax = cutlass.max(tmax, ld_b32(home + self.off["dispatch_ntok"] + Int64(parity * R + src_i) * 4))
+        for u in cutlass.range(worker, sources * tmax * C, workers):
+            c = u % C
+            v = u // C
+            t = v % tmax
+            src = rank
+            ntok = num_tokens
+            if cutlass.const_expr(not own):
+                src = (rank + 1 + v // tmax) % R
+                ntok = ld_b32(home + self.off["dispatch_ntok"] + Int64(parity * R + src) * 4)
+            if t < ntok:
+                entry = Int64(src * TM + t) * K + lane
+                row = Int32(-1)
+                if lane < K:
+                    row = self.layout_row(home, scan, parity, cta, entry)
+                    if c == 0:
+                        st_b32(slot_row + entry * 4, row)
+                        if row >= 0:
+                            st_b32(out_src_info + Int64(row) * 4, src * TM + t)
+                rows = [cute.arch.shuffle_sync(row, k) for k in range(K)]
+                source = x + Int64(t) * g.payload_bytes
+                if cutlass.const_expr(not own):
+                    source = home + self.off["dispatch_rows"] + Int64((parity * R + src) * TM + t) * g.row_stride
+                copy_chunks(source, [(out_x + Int64(rows[k]) * g.payload_bytes, Int32(rows[k] >= 0)) for k in range(K)],
+                            lane, [c], g.payload_bytes // VECTOR_BYTES)
+                if cutlass.const_expr(g.fp8):
+                    if c == 0:
+                        self.expand_scales(x_scales, source, t, rows, out_scales, lane, own)
+
+    @cute.jit
+    def expand_scales(self, x_scales: Int64, source: Int64, t: Int32, rows: list, out_scales: Int64, lane: Int32,
+                      own: cutlass.Constexpr[bool]):
+        """FP8: the token's 1x128 scales into the MN-major scale tensor, once per layout row."""
+        g = self.g
+        SB = g.scale_blocks
+        pitch = g.scale_row_pitch(self.layout)
+        scales_at = x_scales + Int64(t * SB) * 4
+        if cutlass.const_expr(not own):
+            scales_at = source + align_up(g.payload_bytes, VECTOR_BYTES)
+        for kb in cutlass.range(lane, SB, 32):
+            s = ld_b32(scales_at + Int64(kb) * 4)
+            for k in cutlass.range_constexpr(g.num_topk):
+                if rows[k] >= 0:
+                    if cutlass.const_expr(self.layout == "masked"):
+                        at = (Int64(rows[k] // g.max_m) * SB + kb) * pitch + rows[k] % g.max_m
+                    else:
+                        at = Int64(kb) * pitch + rows[k]
+                    st_b32(out_scales + at * 4, s)

@@ -15,7 +15,6 @@ from cutlass.cute.typing import Float32, Int32, Int64
 
 from cute_moe.ep_layout import VECTOR_BYTES
 
-COPY_BATCH = 14  # 16-byte vectors a lane loads before storing them (a BF16 row of 7168: 2 round trips)
 
 
 def _asm(result_type, operands, text: str, constraints: str, loc=None, ip=None):
@@ -28,27 +27,12 @@ def _v(x, loc, ip):
 
 
 @dsl_user_op
-def ld_v4(addr: Int64, *, loc=None, ip=None):
-    """16-byte load (L2-coherent, .cg) of four b32 words at ``addr``."""
-    st = _asm(ir.Type.parse("!llvm.struct<(i32,i32,i32,i32)>"), [_v(Int64(addr), loc, ip)],
-              "ld.global.cg.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", loc, ip)
-    return tuple(Int32(llvm.extractvalue(T.i32(), st, [i], loc=loc, ip=ip)) for i in range(4))
-
-
-@dsl_user_op
 def ld_v4_pred(addr: Int64, pred: Int32, *, loc=None, ip=None):
     """16-byte load at ``addr`` if ``pred`` != 0, else four zero words (no memory access)."""
     st = _asm(ir.Type.parse("!llvm.struct<(i32,i32,i32,i32)>"), [_v(Int64(addr), loc, ip), _v(Int32(pred), loc, ip)],
               "{ .reg .pred p; setp.ne.b32 p, $5, 0; mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0;"
               " @p ld.global.cg.v4.b32 {$0, $1, $2, $3}, [$4]; }", "=r,=r,=r,=r,l,r", loc, ip)
     return tuple(Int32(llvm.extractvalue(T.i32(), st, [i], loc=loc, ip=ip)) for i in range(4))
-
-
-@dsl_user_op
-def st_v4(addr: Int64, a: Int32, b: Int32, c: Int32, d: Int32, *, loc=None, ip=None) -> None:
-    """16-byte weak store (local or peer address)."""
-    _asm(None, [_v(Int64(addr), loc, ip)] + [_v(Int32(x), loc, ip) for x in (a, b, c, d)],
-         "st.global.v4.b32 [$0], {$1, $2, $3, $4};", "l,r,r,r,r,~{memory}", loc, ip)
 
 
 @dsl_user_op
@@ -92,29 +76,16 @@ def ld_acquire_sys_u64(addr: Int64, *, loc=None, ip=None) -> Int64:
 
 
 @dsl_user_op
-def ld_acquire_gpu_u64(addr: Int64, *, loc=None, ip=None) -> Int64:
-    """GPU-scope acquire load of a 64-bit counter."""
-    return Int64(_asm(T.i64(), [_v(Int64(addr), loc, ip)], "ld.acquire.gpu.global.b64 $0, [$1];", "=l,l,~{memory}",
-                      loc, ip))
-
-
-@dsl_user_op
 def red_relaxed_sys_add_u64(addr: Int64, *, loc=None, ip=None) -> None:
     """System-scope relaxed (strong) increment of a 64-bit signal word (local or peer)."""
     _asm(None, [_v(Int64(addr), loc, ip)], "red.relaxed.sys.global.add.u64 [$0], 1;", "l,~{memory}", loc, ip)
 
 
 @dsl_user_op
-def red_release_gpu_add_u64(addr: Int64, *, loc=None, ip=None) -> None:
-    """GPU-scope release increment of a 64-bit counter (grid barrier)."""
-    _asm(None, [_v(Int64(addr), loc, ip)], "red.release.gpu.global.add.u64 [$0], 1;", "l,~{memory}", loc, ip)
-
-
-@dsl_user_op
-def atomic_add_gpu_u32(addr: Int64, x: Int32, *, loc=None, ip=None) -> Int32:
-    """GPU-scope relaxed fetch-and-add; returns the old value."""
+def atomic_add_sys_u32(addr: Int64, x: Int32, *, loc=None, ip=None) -> Int32:
+    """System-scope relaxed fetch-and-add (local or peer address); returns the old value."""
     return Int32(_asm(T.i32(), [_v(Int64(addr), loc, ip), _v(Int32(x), loc, ip)],
-                      "atom.relaxed.gpu.global.add.u32 $0, [$1], $2;", "=r,l,r,~{memory}", loc, ip))
+                      "atom.relaxed.sys.global.add.u32 $0, [$1], $2;", "=r,l,r,~{memory}", loc, ip))
 
 
 @dsl_user_op
@@ -146,43 +117,66 @@ def bits_to_f32(x: Int32, *, loc=None, ip=None) -> Float32:
     return Float32(_asm(T.f32(), [_v(Int32(x), loc, ip)], "mov.b32 $0, $1;", "=f,r", loc, ip))
 
 
-def lane_vector_batches(num_vecs: int, batch: int) -> list[list[int]]:
-    """Unrolled warp-strided schedule of a row of ``num_vecs`` 16-byte vectors: lane ``l`` handles
-    vectors ``offset + l`` for the offsets (multiples of 32) of each batch, ``batch`` per batch.
-    A lane issues every load of a batch before its stores, so it has ``batch`` loads in flight: the
-    loads and stores are opaque inline asm that may alias, so a load->store->load loop would
-    serialize one memory round trip per vector."""
-    offsets = list(range(0, num_vecs, 32))
-    return [offsets[i:i + batch] for i in range(0, len(offsets), batch)]
+COPY_PER_LANE = 7  # 16-byte vectors per lane in one unit of row copying (a chunk of 32 * 7 vectors)
+
+
+def num_chunks(num_vecs: int, per_lane: int) -> int:
+    """Chunks of ``32 * per_lane`` vectors covering a row of ``num_vecs`` 16-byte vectors. Row work
+    is split into chunks so that even a few rows keep every warp of the grid busy: a warp handles one
+    (row, chunk) unit at a time and issues all its loads before their first use (the loads and stores
+    are opaque inline asm that may alias, so a load->store->load loop would serialize one memory
+    round trip per vector)."""
+    return -(-num_vecs // (32 * per_lane))
 
 
 @cute.jit
-def lane_in_row(lane: Int32, offset: cutlass.Constexpr[int], num_vecs: cutlass.Constexpr[int]) -> Int32:
-    """1 if vector ``offset + lane`` lies inside a row of ``num_vecs`` vectors, else 0."""
-    return Int32(lane < num_vecs - offset)
+def chunk_vector(lane: Int32, chunk: Int32, j: cutlass.Constexpr[int], per_lane: cutlass.Constexpr[int]) -> Int32:
+    """Index of the ``j``-th vector this lane handles in chunk ``chunk`` (warp-strided)."""
+    return chunk * (32 * per_lane) + j * 32 + lane
 
 
 @cute.jit
-def copy_vectors(src: Int64, dst: Int64, lane: Int32, num_vecs: cutlass.Constexpr[int]):
-    """Warp-cooperative copy of ``num_vecs`` 16-byte vectors from ``src`` to ``dst`` (local or peer
-    addresses), COPY_BATCH loads in flight per lane (see ``lane_vector_batches``)."""
-    batches = lane_vector_batches(num_vecs, COPY_BATCH)
-    for i in cutlass.range_constexpr(len(batches)):
-        offsets = batches[i]
-        words = []
-        for u in cutlass.range_constexpr(len(offsets)):
-            at = Int64(lane + offsets[u]) * VECTOR_BYTES
-            if cutlass.const_expr(offsets[u] + 32 <= num_vecs):
-                words.append(ld_v4(src + at))
-            else:
-                words.append(ld_v4_pred(src + at, lane_in_row(lane, offsets[u], num_vecs)))
-        for u in cutlass.range_constexpr(len(offsets)):
-            at = Int64(lane + offsets[u]) * VECTOR_BYTES
-            a, b, c, d = words[u]
-            if cutlass.const_expr(offsets[u] + 32 <= num_vecs):
-                st_v4(dst + at, a, b, c, d)
-            else:
-                st_v4_pred(dst + at, lane_in_row(lane, offsets[u], num_vecs), a, b, c, d)
+def vector_inside(index: Int32, num_vecs: cutlass.Constexpr[int]) -> Int32:
+    """1 if vector ``index`` lies inside a row of ``num_vecs`` vectors, else 0."""
+    return Int32(index < num_vecs)
+
+
+def copy_chunks(src: Int64, dsts: list, lane: Int32, chunks: list, num_vecs: int, per_lane: int = COPY_PER_LANE):
+    """Warp-cooperative copy of the chunks ``chunks`` of a row of ``num_vecs`` 16-byte vectors at
+    ``src`` into every destination row of ``dsts`` (pairs (address, predicate); local or peer
+    addresses; a destination whose predicate is 0 is skipped). The chunks are loaded once, every
+    load before the first store (traced inline into the calling kernel)."""
+    words, inside, offsets = [], [], []
+    for chunk in chunks:
+        for j in range(per_lane):
+            index = chunk_vector(lane, Int32(chunk), j, per_lane)
+            inside.append(vector_inside(index, num_vecs))
+            offsets.append(Int64(index) * VECTOR_BYTES)
+            words.append(ld_v4_pred(src + offsets[-1], inside[-1]))
+    for dst, pred in dsts:
+        for j in range(len(words)):
+            a, b, c, d = words[j]
+            st_v4_pred(dst + offsets[j], pred & inside[j], a, b, c, d)
+
+
+@cute.jit
+def load_expert_id(topk_idx: Int64, index: Int32, idx_bytes: cutlass.Constexpr[int],
+                   num_experts: cutlass.Constexpr[int]) -> Int32:
+    """Expert id at position ``index`` of an int32/int64 top-k tensor; -1 for any id outside
+    [0, num_experts) (a dropped slot: never used as an index)."""
+    expert = Int32(-1)
+    at = topk_idx + Int64(index) * idx_bytes
+    if cutlass.const_expr(idx_bytes == 8):
+        raw = ld_b64(at)
+        if raw >= 0:
+            if raw < num_experts:
+                expert = Int32(raw)
+    else:
+        raw32 = ld_b32(at)
+        if raw32 >= 0:
+            if raw32 < num_experts:
+                expert = raw32
+    return expert
 
 
 @cute.jit
@@ -194,14 +188,14 @@ def warp_or(x: Int32) -> Int32:
 
 
 @cute.jit
-def wait_counter(addr: Int64, target: Int64, timeout_ns: Int64, sys_scope: cutlass.Constexpr[bool]) -> Int32:
-    """Spin until the 64-bit counter at ``addr`` reaches ``target`` (acquire); 1 on success, 0 after
-    ``timeout_ns`` of %globaltimer time."""
+def wait_counter(addr: Int64, target: Int64, timeout_ns: Int64) -> Int32:
+    """Spin until the 64-bit counter at ``addr`` reaches ``target`` (acquire, system scope); 1 on
+    success, 0 after ``timeout_ns`` of %globaltimer time."""
     start = cute.arch.globaltimer()
     waiting = Int32(1)
     ok = Int32(0)
     while waiting != 0:
-        value = ld_acquire_sys_u64(addr) if sys_scope else ld_acquire_gpu_u64(addr)
+        value = ld_acquire_sys_u64(addr)
         if value >= target:
             ok = Int32(1)
             waiting = Int32(0)
@@ -210,16 +204,53 @@ def wait_counter(addr: Int64, target: Int64, timeout_ns: Int64, sys_scope: cutla
     return ok
 
 
+RANKS_ALL, RANKS_SELF, RANKS_OTHERS = 0, 1, 2  # which ranks a signal goes to / an await waits for
+
+
 @cute.jit
-def signal_ranks(peers: Int64, word_offset: cutlass.Constexpr[int], index: Int32, num_ranks: cutlass.Constexpr[int]):
-    """One thread, after a CTA barrier: +1 on u64 word ``index`` of the region at ``word_offset`` in
-    every rank's symmetric buffer (``peers``: their base addresses). One fence.acq_rel.sys, then
-    relaxed sys-scope atomics: fence + strong write is a release pattern (PTX memory model), cumulative
-    over the CTA's writes ordered before it by the barrier. A red.release per rank would fence again
-    before each atomic and wait for the previous remote atomic's NVLink round trip."""
+def selected_rank(r: Int32, rank: Int32, ranks: cutlass.Constexpr[int]) -> Int32:
+    """1 if rank ``r`` belongs to the selection ``ranks`` (all, this rank only, every other rank)."""
+    selected = Int32(1)
+    if cutlass.const_expr(ranks == RANKS_SELF):
+        selected = Int32(r == rank)
+    if cutlass.const_expr(ranks == RANKS_OTHERS):
+        selected = Int32(r != rank)
+    return selected
+
+
+@cute.jit
+def signal_ranks(peers: Int64, rank: Int32, num_ranks: cutlass.Constexpr[int], words: cutlass.Constexpr[tuple]):
+    """One thread, after a CTA barrier: for each (word_offset, ranks) of ``words``, +1 on u64 word
+    ``rank`` of the region at ``word_offset`` in the symmetric buffer of each selected rank (``peers``:
+    their base addresses). One fence.acq_rel.sys, then relaxed sys-scope atomics: fence + strong write
+    is a release pattern (PTX memory model), cumulative over the CTA's writes ordered before it by
+    the barrier. A red.release per rank would fence again before each atomic and wait for the
+    previous remote atomic's NVLink round trip."""
     fence_sys()
-    for r in cutlass.range_constexpr(num_ranks):
-        red_relaxed_sys_add_u64(ld_b64(peers + r * 8) + word_offset + Int64(index) * 8)
+    for w in cutlass.range_constexpr(len(words)):
+        for r in cutlass.range_constexpr(num_ranks):
+            if selected_rank(Int32(r), rank, words[w][1]) != 0:
+                red_relaxed_sys_add_u64(ld_b64(peers + r * 8) + words[w][0] + Int64(rank) * 8)
+
+
+@cute.jit
+def await_ranks(home: Int64, word_offset: cutlass.Constexpr[int], rank: Int32, num_ranks: cutlass.Constexpr[int],
+                ranks: cutlass.Constexpr[int], target: Int64, timeout_ns: Int64, err_addr: Int64,
+                op: cutlass.Constexpr[int], warp: Int32, lane: Int32) -> Int32:
+    """Every thread of the CTA: warp 0 waits until the arrival counter of each selected rank (all,
+    this rank only, or every other rank) in this rank's buffer reaches ``target`` (timed; a timeout
+    records op ``op`` and the mask of the missing ranks). Returns 1 to every thread iff they all
+    arrived (a CTA barrier)."""
+    arrived = Int32(1)
+    if warp == 0:
+        if lane < num_ranks:
+            if selected_rank(lane, rank, ranks) != 0:
+                arrived = wait_counter(home + word_offset + Int64(lane) * 8, target, timeout_ns)
+        missing = cute.arch.vote_ballot_sync(arrived == 0)
+        if lane == 0:
+            if missing != 0:
+                record_timeout(err_addr, Int32(op), rank, missing)
+    return sync_threads_and(arrived)
 
 
 @cute.jit
@@ -227,20 +258,11 @@ def exchange_arrivals(peers: Int64, home: Int64, word_offset: cutlass.Constexpr[
                       num_ranks: cutlass.Constexpr[int], target: Int64, timeout_ns: Int64, err_addr: Int64,
                       op: cutlass.Constexpr[int], tid: Int32, warp: Int32, lane: Int32) -> Int32:
     """Every thread of the CTA, after a CTA barrier: thread 0 signals this rank's arrival to every
-    rank (``signal_ranks``), warp 0 waits until each rank's counter in this rank's buffer reaches
-    ``target`` (timed; a timeout records op ``op`` and the mask of the missing ranks). Returns 1 to
-    every thread iff every rank arrived."""
+    rank (``signal_ranks``), then ``await_ranks`` for all ranks. Returns 1 to every thread iff every
+    rank arrived."""
     if tid == 0:
-        signal_ranks(peers, word_offset, rank, num_ranks)
-    arrived = Int32(1)
-    if warp == 0:
-        if lane < num_ranks:
-            arrived = wait_counter(home + word_offset + Int64(lane) * 8, target, timeout_ns, True)
-        missing = cute.arch.vote_ballot_sync(arrived == 0)
-        if lane == 0:
-            if missing != 0:
-                record_timeout(err_addr, Int32(op), rank, missing)
-    return sync_threads_and(arrived)
+        signal_ranks(peers, rank, num_ranks, ((word_offset, RANKS_ALL),))
+    return await_ranks(home, word_offset, rank, num_ranks, RANKS_ALL, target, timeout_ns, err_addr, op, warp, lane)
 
 
 @cute.jit

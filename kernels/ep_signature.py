@@ -4,9 +4,8 @@ Every buffer crosses as a 64-bit address (Int64); the one tensor argument, the C
 (int32 [num_ctas] on the launch device), gives TVM-FFI the device, and the kernel runs on the caller's
 current CUDA stream (so it is captured by CUDA graphs). The token count is a runtime Int32.
 
-    dispatch(x, x_scales, topk_idx, topk_w, num_tokens, peers, rank, calls, counters, grid_bar,
-             slot_pos, slot_row, scan, err, out_x, out_scales, out_counts, out_raw_counts,
-             out_src_info, stats, timeout_ns)
+    dispatch(x, x_scales, topk_idx, topk_w, num_tokens, peers, rank, calls, slot_row, scan, err,
+             out_x, out_scales, out_counts, out_raw_counts, out_src_info, stats, timeout_ns)
     combine(y, topk_idx, num_tokens, peers, rank, calls, dispatch_calls, slot_row, err, out, timeout_ns)
 """
 
@@ -21,7 +20,7 @@ from .ep_combine import EPCombineKernel
 from .ep_dispatch import EPDispatchKernel
 
 DISPATCH_ADDRESSES_BEFORE_COUNT = 4  # x, x_scales, topk_idx, topk_w
-DISPATCH_ADDRESSES_AFTER_CALLS = 12  # counters ... stats
+DISPATCH_ADDRESSES_AFTER_CALLS = 9  # slot_row ... stats
 COMBINE_ADDRESSES_AFTER_CALLS = 4  # dispatch_calls, slot_row, err, out
 
 

@@ -19,8 +19,10 @@ GEOMS = [
 def test_regions_are_aligned_disjoint_and_sized(g):
     off = g.offsets()
     r, tm, k = g.num_ranks, g.max_tokens, g.num_topk
-    sizes = {"dispatch_arrive": 8 * r, "combine_arrive": 8 * r, "dispatch_ntok": 4 * PARITIES * r,
-             "meta_idx": 4 * PARITIES * r * tm * k, "meta_weight": 4 * PARITIES * r * tm * k,
+    sizes = {"dispatch_arrive": 8 * r, "routing_arrive": 8 * r, "combine_arrive": 8 * r,
+             "dispatch_ntok": 4 * PARITIES * r, "expert_counters": 4 * PARITIES * g.local_experts,
+             "meta_idx": 4 * PARITIES * r * tm * k, "meta_pos": 4 * PARITIES * r * tm * k,
+             "meta_weight": 4 * PARITIES * r * tm * k,
              "dispatch_rows": PARITIES * r * tm * g.row_stride, "combine_rows": PARITIES * r * tm * g.hidden * 2}
     spans = sorted((off[name], off[name] + size) for name, size in sizes.items())
     for (a0, a1), (b0, _) in zip(spans, spans[1:]):
