@@ -42,8 +42,8 @@ from cutlass.cute.typing import Int32, Int64
 
 from cute_moe.ep_layout import PARITIES, VECTOR_BYTES, EPGeometry, align_up
 
-from .ep_ptx import (COPY_PER_LANE, RANKS_ALL, RANKS_OTHERS, atomic_add_sys_u32, await_ranks, copy_chunks, ld_b32,
-                     ld_b64, load_expert_id, num_chunks, signal_ranks, st_b32)
+from .ep_ptx import (COPY_PER_LANE, RANKS_ALL, RANKS_OTHERS, atomic_add_sys_u32, await_ranks, ld_b32, ld_b64,
+                     load_chunks, load_expert_id, num_chunks, signal_ranks, st_b32, store_chunks)
 
 THREADS = 512  # 16 warps per SM: enough row chunks in flight to cover HBM and NVLink latency
 WARPS = THREADS // 32
@@ -210,7 +210,11 @@ class EPDispatchKernel:
         g = self.g
         K, TM, C = g.num_topk, g.max_tokens, self.chunks
         _, _, slot_row, out_x, out_scales, out_src_info = out
+        vecs = g.payload_bytes // VECTOR_BYTES
+        groups = [list(range(c0, min(C, c0 + OWN_CHUNKS_IN_FLIGHT))) for c0 in range(0, C, OWN_CHUNKS_IN_FLIGHT)]
         for t in cutlass.range(worker, num_tokens, workers):
+            src = x + Int64(t) * g.payload_bytes
+            first = load_chunks(src, lane, groups[0], vecs)  # in flight while the positions are taken
             local = self.owned_by(topk_idx, t, rank, lane)
             pos = self.take_position(topk_w, home, rank, parity, t, local, lane)
             row = self.layout_row_of(local, pos, Int64(0), Int32(0))
@@ -221,9 +225,9 @@ class EPDispatchKernel:
                     st_b32(out_src_info + Int64(row) * 4, rank * TM + t)
             rows = [cute.arch.shuffle_sync(row, k) for k in range(K)]
             dsts = [(out_x + Int64(rows[k]) * g.payload_bytes, Int32(rows[k] >= 0)) for k in range(K)]
-            for c0 in cutlass.range_constexpr(0, C, OWN_CHUNKS_IN_FLIGHT):
-                copy_chunks(x + Int64(t) * g.payload_bytes, dsts, lane, list(range(c0, min(C, c0 + OWN_CHUNKS_IN_FLIGHT))),
-                            g.payload_bytes // VECTOR_BYTES)
+            store_chunks(first, dsts)
+            for i in cutlass.range_constexpr(1, len(groups)):
+                store_chunks(load_chunks(src, lane, groups[i], vecs), dsts)
             if cutlass.const_expr(g.fp8):
                 self.expand_scales(x_scales, x, t, rows, out_scales, lane, True)
 
@@ -240,11 +244,11 @@ class EPDispatchKernel:
                 v = u // C
                 t = v // (R - 1)
                 r = (rank + 1 + v % (R - 1)) % R
+                chunk = load_chunks(x + Int64(t) * g.payload_bytes, lane, [c], g.payload_bytes // VECTOR_BYTES)
                 if cute.arch.vote_any_sync(self.owned_by(topk_idx, t, r, lane) >= 0):
                     peer = ld_b64(peers + Int64(r) * 8)
                     dst = peer + self.off["dispatch_rows"] + Int64((parity * R + rank) * TM + t) * g.row_stride
-                    copy_chunks(x + Int64(t) * g.payload_bytes, [(dst, Int32(1))], lane, [c],
-                               g.payload_bytes // VECTOR_BYTES)
+                    store_chunks(chunk, [(dst, Int32(1))])
                     if cutlass.const_expr(g.fp8):
                         if c == 0:
                             scale_at = align_up(g.payload_bytes, VECTOR_BYTES)
@@ -341,6 +345,10 @@ class EPDispatchKernel:
                 src = (rank + 1 + v // tmax) % R
                 ntok = ld_b32(home + self.off["dispatch_ntok"] + Int64(parity * R + src) * 4)
             if t < ntok:
+                source = x + Int64(t) * g.payload_bytes
+                if cutlass.const_expr(not own):
+                    source = home + self.off["dispatch_rows"] + Int64((parity * R + src) * TM + t) * g.row_stride
+                chunk = load_chunks(source, lane, [c], g.payload_bytes // VECTOR_BYTES)  # overlaps the routing loads
                 entry = Int64(src * TM + t) * K + lane
                 row = Int32(-1)
                 if lane < K:
@@ -350,11 +358,7 @@ class EPDispatchKernel:
                         if row >= 0:
                             st_b32(out_src_info + Int64(row) * 4, src * TM + t)
                 rows = [cute.arch.shuffle_sync(row, k) for k in range(K)]
-                source = x + Int64(t) * g.payload_bytes
-                if cutlass.const_expr(not own):
-                    source = home + self.off["dispatch_rows"] + Int64((parity * R + src) * TM + t) * g.row_stride
-                copy_chunks(source, [(out_x + Int64(rows[k]) * g.payload_bytes, Int32(rows[k] >= 0)) for k in range(K)],
-                            lane, [c], g.payload_bytes // VECTOR_BYTES)
+                store_chunks(chunk, [(out_x + Int64(rows[k]) * g.payload_bytes, Int32(rows[k] >= 0)) for k in range(K)])
                 if cutlass.const_expr(g.fp8):
                     if c == 0:
                         self.expand_scales(x_scales, source, t, rows, out_scales, lane, own)
