@@ -111,7 +111,8 @@ class EPDispatchKernel:
             self.send_rows(x, x_scales, topk_idx, num_tokens, peers, rank, parity,
                            first_worker(gwarp, everyone, num_tokens), everyone, lane)
             self.route(topk_idx, topk_w, num_tokens, peers, rank, parity, RANKS_OTHERS,
-                       first_worker(gwarp, everyone, num_tokens * (1 + (R - 1) * self.chunks)), everyone, lane)
+                       first_worker(gwarp, everyone, num_tokens * (1 + (R - 1) * self.chunks)) * 32 + lane,
+                       everyone * 32)
             cute.arch.sync_threads()
             if tid == 0:
                 signal_ranks(peers, rank, R, ((self.off["dispatch_arrive"], RANKS_ALL),
@@ -124,7 +125,7 @@ class EPDispatchKernel:
                 self.expand(home, num_tokens, rank, parity, cta, scan, gwarp, everyone, lane, out, False)
         else:
             senders = int(g.num_ctas * SENDER_FRACTION) if R > 1 else 0
-            self.route(topk_idx, topk_w, num_tokens, peers, rank, parity, RANKS_ALL, gwarp, everyone, lane)
+            self.route(topk_idx, topk_w, num_tokens, peers, rank, parity, RANKS_ALL, gthread, everyone * 32)
             cute.arch.sync_threads()
             if tid == 0:
                 signal_ranks(peers, rank, R, ((self.off["routing_arrive"], RANKS_ALL),))
@@ -167,38 +168,42 @@ class EPDispatchKernel:
 
     @cute.jit
     def route(self, topk_idx: Int64, topk_w: Int64, num_tokens: Int32, peers: Int64, rank: Int32, parity: Int32,
-              dests: cutlass.Constexpr[int], worker: Int32, workers: Int32, lane: Int32):
-        """Routing: warp per (token, destination rank) for the destinations ``dests`` (every rank, or
-        every other rank); lane k < K handles slot k."""
+              dests: cutlass.Constexpr[int], worker: Int32, workers: Int32):
+        """Routing: thread per (token, destination rank, slot) for the destinations ``dests`` (every
+        rank, or every other rank)."""
         g = self.g
-        R = g.num_ranks
+        R, K, L = g.num_ranks, g.num_topk, g.local_experts
         per_token = R - 1 if dests == RANKS_OTHERS else R
         if cutlass.const_expr(per_token > 0):
-            for u in cutlass.range(worker, num_tokens * per_token, workers):
-                t = u // per_token
-                r = u % per_token
+            for j in cutlass.range(worker, num_tokens * per_token * K, workers):
+                k = j % K
+                t = j // K // per_token
+                r = j // K % per_token
                 if cutlass.const_expr(dests == RANKS_OTHERS):
-                    r = (rank + 1 + u % per_token) % R
-                local = self.owned_by(topk_idx, t, r, lane)
-                self.take_position(topk_w, ld_b64(peers + Int64(r) * 8), rank, parity, t, local, lane)
+                    r = (rank + 1 + r) % R
+                expert = load_expert_id(topk_idx, t * K + k, self.idx_bytes, g.num_experts)
+                local = Int32(-1)
+                if expert >= 0:
+                    if expert // L == r:
+                        local = expert - r * L
+                self.take_position(topk_w, ld_b64(peers + Int64(r) * 8), rank, parity, t, k, local)
 
     @cute.jit
-    def take_position(self, topk_w: Int64, peer: Int64, rank: Int32, parity: Int32, t: Int32, local: Int32,
-                      lane: Int32) -> Int32:
-        """Lane k < K of the warp routing token ``t`` to the rank whose buffer is ``peer``: position of
-        slot k inside its local expert ``local`` there (system-scope atomic on that rank's counter; -1
-        if the slot is not routed there), stored with the local id and the weight into that rank's
-        routing staging. Returns the position."""
+    def take_position(self, topk_w: Int64, peer: Int64, rank: Int32, parity: Int32, t: Int32, k: Int32,
+                      local: Int32) -> Int32:
+        """Slot k of token ``t`` routed to the rank whose buffer is ``peer``: its position inside its
+        local expert ``local`` there (system-scope atomic on that rank's counter; -1 if the slot is not
+        routed there), stored with the local id and the weight into that rank's routing staging.
+        Returns the position."""
         g = self.g
         L, K, TM, R = g.local_experts, g.num_topk, g.max_tokens, g.num_ranks
         pos = Int32(-1)
         if local >= 0:
             pos = atomic_add_sys_u32(peer + self.off["expert_counters"] + Int64(parity * L + local) * 4, Int32(1))
-        if lane < K:
-            entry = (Int64((parity * R + rank) * TM + t) * K + lane) * 4
-            st_b32(peer + self.off["meta_idx"] + entry, local)
-            st_b32(peer + self.off["meta_pos"] + entry, pos)
-            st_b32(peer + self.off["meta_weight"] + entry, ld_b32(topk_w + Int64(t * K + lane) * 4))
+        entry = (Int64((parity * R + rank) * TM + t) * K + k) * 4
+        st_b32(peer + self.off["meta_idx"] + entry, local)
+        st_b32(peer + self.off["meta_pos"] + entry, pos)
+        st_b32(peer + self.off["meta_weight"] + entry, ld_b32(topk_w + Int64(t * K + k) * 4))
         return pos
 
     @cute.jit
@@ -216,9 +221,10 @@ class EPDispatchKernel:
             src = x + Int64(t) * g.payload_bytes
             first = load_chunks(src, lane, groups[0], vecs)  # in flight while the positions are taken
             local = self.owned_by(topk_idx, t, rank, lane)
-            pos = self.take_position(topk_w, home, rank, parity, t, local, lane)
-            row = self.layout_row_of(local, pos, Int64(0), Int32(0))
+            row = Int32(-1)
             if lane < K:
+                pos = self.take_position(topk_w, home, rank, parity, t, lane, local)
+                row = self.layout_row_of(local, pos, Int64(0), Int32(0))
                 entry = Int64(rank * TM + t) * K + lane
                 st_b32(slot_row + entry * 4, row)
                 if row >= 0:
