@@ -14,14 +14,14 @@ Roles (every CTA runs every phase; the grid is <= the SM count, so all CTAs are 
   expand   one warp per (source, token, chunk): the chunk is loaded once (from ``x`` for this rank's
            own tokens, from the staging otherwise) and stored into the layout row of each of the
            token's slots here; chunk 0 also stores the scales (MN-major), src_info and the handle's
-           row map ``slot_row``. Masked layout: a warp per own token does its routing and the
-           whole row at once (``deliver_own``).
+           row map ``slot_row``.
   publish  per local expert: raw count, masked_m = min(count, max_m) or psum end, stats.
 
-Masked layout (low latency), one signal: a warp per own token takes its positions here and copies
-the row from ``x`` straight into its layout rows; meanwhile other warps send rows, then route to the
-other ranks (their remote atomics' round trips overlap the rows on the wire); signal every rank;
-wait for every rank (this one included: its counts are then final); publish; expand the rest.
+Masked layout (low latency): route to this rank; signal this rank only (a fence over local
+writes: cheap); send rows, then route to the others (their remote atomics' round trips overlap the
+rows on the wire); wait for this rank's own routing signal (every CTA of this rank has routed, so its
+positions are visible) and expand its own tokens while the rows are on the wire; signal every rank
+(rows, and routing to the others); wait for the others; publish; expand their tokens.
 Psum layout (throughput): segment starts need every count first, so routing is signalled to every
 rank before any row moves; then SENDER_FRACTION of the CTAs send rows over NVLink while the others
 wait for every rank's routing, scan the counts (each CTA's warp 0, into its own scratch row) and
@@ -42,14 +42,13 @@ from cutlass.cute.typing import Int32, Int64
 
 from cute_moe.ep_layout import PARITIES, VECTOR_BYTES, EPGeometry, align_up
 
-from .ep_ptx import (COPY_PER_LANE, RANKS_ALL, RANKS_OTHERS, atomic_add_sys_u32, await_ranks, ld_b32, ld_b64,
-                     load_chunks, load_expert_id, num_chunks, signal_ranks, st_b32, store_chunks)
+from .ep_ptx import (COPY_PER_LANE, RANKS_ALL, RANKS_OTHERS, RANKS_SELF, atomic_add_sys_u32, await_ranks, copy_chunks,
+                     ld_b32, ld_b64, load_expert_id, num_chunks, signal_ranks, st_b32)
 
-THREADS = 512  # 16 warps per SM: enough row chunks in flight to cover HBM and NVLink latency
+THREADS = 256
 WARPS = THREADS // 32
 OP_DISPATCH = 1  # error record op codes (cute_moe/ep.py names them)
 OP_DISPATCH_ROUTING = 2
-OWN_CHUNKS_IN_FLIGHT = 2  # masked layout: chunks of an own token's row loaded before their stores
 SENDER_FRACTION = 0.5  # psum layout: CTAs sending rows over NVLink while the others lay out own tokens
 
 
@@ -107,25 +106,31 @@ class EPDispatchKernel:
                 peer = ld_b64(peers + Int64(tid) * 8)
                 st_b32(peer + self.off["dispatch_ntok"] + Int64(parity * R + rank) * 4, num_tokens)
         if cutlass.const_expr(self.layout == "masked"):
-            self.deliver_own(x, x_scales, topk_idx, topk_w, num_tokens, home, rank, parity, gwarp, everyone, lane, out)
-            self.send_rows(x, x_scales, topk_idx, num_tokens, peers, rank, parity,
-                           first_worker(gwarp, everyone, num_tokens), everyone, lane)
-            self.route(topk_idx, topk_w, num_tokens, peers, rank, parity, RANKS_OTHERS,
-                       first_worker(gwarp, everyone, num_tokens * (1 + (R - 1) * self.chunks)) * 32 + lane,
-                       everyone * 32)
+            self.route(topk_idx, topk_w, num_tokens, peers, rank, parity, RANKS_SELF, gwarp, everyone, lane, 0)
+            cute.arch.sync_threads()
+            if tid == 0:
+                signal_ranks(peers, rank, R, ((self.off["routing_arrive"], RANKS_SELF),))
+            self.send_rows(x, x_scales, topk_idx, num_tokens, peers, rank, parity, gwarp, everyone, lane)
+            self.route(topk_idx, topk_w, num_tokens, peers, rank, parity, RANKS_OTHERS, gwarp, everyone, lane,
+                       num_tokens * (R - 1) * self.chunks)
+            ok = await_ranks(home, self.off["routing_arrive"], rank, R, RANKS_SELF, target, timeout_ns, err,
+                             OP_DISPATCH_ROUTING, warp, lane)
+            if ok != 0:
+                self.expand(home, num_tokens, rank, parity, cta, scan, gwarp, everyone, lane, out, True)
             cute.arch.sync_threads()
             if tid == 0:
                 signal_ranks(peers, rank, R, ((self.off["dispatch_arrive"], RANKS_ALL),
-                                              (self.off["routing_arrive"], RANKS_ALL)))
-            ok = await_ranks(home, self.off["dispatch_arrive"], rank, R, RANKS_ALL, target, timeout_ns, err,
-                             OP_DISPATCH, warp, lane)
+                                              (self.off["routing_arrive"], RANKS_OTHERS)))
+            if ok != 0:
+                ok = await_ranks(home, self.off["dispatch_arrive"], rank, R, RANKS_OTHERS, target, timeout_ns, err,
+                                 OP_DISPATCH, warp, lane)
             if ok != 0:
                 self.publish(home, scan, parity, cta, gthread, g.num_ctas * THREADS, out_counts, out_raw_counts,
                              stats)
                 self.expand(home, num_tokens, rank, parity, cta, scan, gwarp, everyone, lane, out, False)
         else:
             senders = int(g.num_ctas * SENDER_FRACTION) if R > 1 else 0
-            self.route(topk_idx, topk_w, num_tokens, peers, rank, parity, RANKS_ALL, gthread, everyone * 32)
+            self.route(topk_idx, topk_w, num_tokens, peers, rank, parity, RANKS_ALL, gwarp, everyone, lane, 0)
             cute.arch.sync_threads()
             if tid == 0:
                 signal_ranks(peers, rank, R, ((self.off["routing_arrive"], RANKS_ALL),))
@@ -168,74 +173,35 @@ class EPDispatchKernel:
 
     @cute.jit
     def route(self, topk_idx: Int64, topk_w: Int64, num_tokens: Int32, peers: Int64, rank: Int32, parity: Int32,
-              dests: cutlass.Constexpr[int], worker: Int32, workers: Int32):
-        """Routing: thread per (token, destination rank, slot) for the destinations ``dests`` (every
-        rank, or every other rank)."""
+              dests: cutlass.Constexpr[int], worker: Int32, workers: Int32, lane: Int32, busy: Int32):
+        """Routing: warp per (token, destination rank) for the destinations ``dests`` (this rank, the
+        others, all); lane k < K handles slot k. The first ``busy`` workers (still sending) start last."""
         g = self.g
-        R, K, L = g.num_ranks, g.num_topk, g.local_experts
-        per_token = R - 1 if dests == RANKS_OTHERS else R
+        R, L, K, TM = g.num_ranks, g.local_experts, g.num_topk, g.max_tokens
+        per_token = R
+        if cutlass.const_expr(dests == RANKS_SELF):
+            per_token = 1
+        if cutlass.const_expr(dests == RANKS_OTHERS):
+            per_token = R - 1
         if cutlass.const_expr(per_token > 0):
-            for j in cutlass.range(worker, num_tokens * per_token * K, workers):
-                k = j % K
-                t = j // K // per_token
-                r = j // K % per_token
+            for u in cutlass.range(first_worker(worker, workers, busy), num_tokens * per_token, workers):
+                t = u // per_token
+                r = u % per_token
+                if cutlass.const_expr(dests == RANKS_SELF):
+                    r = rank
                 if cutlass.const_expr(dests == RANKS_OTHERS):
-                    r = (rank + 1 + r) % R
-                expert = load_expert_id(topk_idx, t * K + k, self.idx_bytes, g.num_experts)
-                local = Int32(-1)
-                if expert >= 0:
-                    if expert // L == r:
-                        local = expert - r * L
-                self.take_position(topk_w, ld_b64(peers + Int64(r) * 8), rank, parity, t, k, local)
-
-    @cute.jit
-    def take_position(self, topk_w: Int64, peer: Int64, rank: Int32, parity: Int32, t: Int32, k: Int32,
-                      local: Int32) -> Int32:
-        """Slot k of token ``t`` routed to the rank whose buffer is ``peer``: its position inside its
-        local expert ``local`` there (system-scope atomic on that rank's counter; -1 if the slot is not
-        routed there), stored with the local id and the weight into that rank's routing staging.
-        Returns the position."""
-        g = self.g
-        L, K, TM, R = g.local_experts, g.num_topk, g.max_tokens, g.num_ranks
-        pos = Int32(-1)
-        if local >= 0:
-            pos = atomic_add_sys_u32(peer + self.off["expert_counters"] + Int64(parity * L + local) * 4, Int32(1))
-        entry = (Int64((parity * R + rank) * TM + t) * K + k) * 4
-        st_b32(peer + self.off["meta_idx"] + entry, local)
-        st_b32(peer + self.off["meta_pos"] + entry, pos)
-        st_b32(peer + self.off["meta_weight"] + entry, ld_b32(topk_w + Int64(t * K + k) * 4))
-        return pos
-
-    @cute.jit
-    def deliver_own(self, x: Int64, x_scales: Int64, topk_idx: Int64, topk_w: Int64, num_tokens: Int32, home: Int64,
-                    rank: Int32, parity: Int32, worker: Int32, workers: Int32, lane: Int32, out: tuple):
-        """Masked layout, warp per own token: route it to this rank (local positions) and copy the whole
-        row from ``x`` into each of its layout rows here at once (no staging, no wait: the warp that
-        took the positions moves the row)."""
-        g = self.g
-        K, TM, C = g.num_topk, g.max_tokens, self.chunks
-        _, _, slot_row, out_x, out_scales, out_src_info = out
-        vecs = g.payload_bytes // VECTOR_BYTES
-        groups = [list(range(c0, min(C, c0 + OWN_CHUNKS_IN_FLIGHT))) for c0 in range(0, C, OWN_CHUNKS_IN_FLIGHT)]
-        for t in cutlass.range(worker, num_tokens, workers):
-            src = x + Int64(t) * g.payload_bytes
-            first = load_chunks(src, lane, groups[0], vecs)  # in flight while the positions are taken
-            local = self.owned_by(topk_idx, t, rank, lane)
-            row = Int32(-1)
-            if lane < K:
-                pos = self.take_position(topk_w, home, rank, parity, t, lane, local)
-                row = self.layout_row_of(local, pos, Int64(0), Int32(0))
-                entry = Int64(rank * TM + t) * K + lane
-                st_b32(slot_row + entry * 4, row)
-                if row >= 0:
-                    st_b32(out_src_info + Int64(row) * 4, rank * TM + t)
-            rows = [cute.arch.shuffle_sync(row, k) for k in range(K)]
-            dsts = [(out_x + Int64(rows[k]) * g.payload_bytes, Int32(rows[k] >= 0)) for k in range(K)]
-            store_chunks(first, dsts)
-            for i in cutlass.range_constexpr(1, len(groups)):
-                store_chunks(load_chunks(src, lane, groups[i], vecs), dsts)
-            if cutlass.const_expr(g.fp8):
-                self.expand_scales(x_scales, x, t, rows, out_scales, lane, True)
+                    r = (rank + 1 + u % per_token) % R
+                local = self.owned_by(topk_idx, t, r, lane)
+                peer = ld_b64(peers + Int64(r) * 8)
+                pos = Int32(-1)
+                if local >= 0:
+                    pos = atomic_add_sys_u32(peer + self.off["expert_counters"] + Int64(parity * L + local) * 4,
+                                             Int32(1))
+                if lane < K:
+                    entry = (Int64((parity * R + rank) * TM + t) * K + lane) * 4
+                    st_b32(peer + self.off["meta_idx"] + entry, local)
+                    st_b32(peer + self.off["meta_pos"] + entry, pos)
+                    st_b32(peer + self.off["meta_weight"] + entry, ld_b32(topk_w + Int64(t * K + lane) * 4))
 
     @cute.jit
     def send_rows(self, x: Int64, x_scales: Int64, topk_idx: Int64, num_tokens: Int32, peers: Int64, rank: Int32,
@@ -250,11 +216,11 @@ class EPDispatchKernel:
                 v = u // C
                 t = v // (R - 1)
                 r = (rank + 1 + v % (R - 1)) % R
-                chunk = load_chunks(x + Int64(t) * g.payload_bytes, lane, [c], g.payload_bytes // VECTOR_BYTES)
                 if cute.arch.vote_any_sync(self.owned_by(topk_idx, t, r, lane) >= 0):
                     peer = ld_b64(peers + Int64(r) * 8)
                     dst = peer + self.off["dispatch_rows"] + Int64((parity * R + rank) * TM + t) * g.row_stride
-                    store_chunks(chunk, [(dst, Int32(1))])
+                    copy_chunks(x + Int64(t) * g.payload_bytes, [(dst, Int32(1))], lane, [c],
+                                g.payload_bytes // VECTOR_BYTES)
                     if cutlass.const_expr(g.fp8):
                         if c == 0:
                             scale_at = align_up(g.payload_bytes, VECTOR_BYTES)
@@ -302,18 +268,12 @@ class EPDispatchKernel:
 
     @cute.jit
     def layout_row(self, home: Int64, scan: Int64, parity: Int32, cta: Int32, entry: Int64) -> Int32:
-        """Layout row of a received (source, token, slot) entry, from its routing staging."""
-        g = self.g
-        m = ld_b32(home + self.off["meta_idx"] + (Int64(parity) * g.entries + entry) * 4)
-        pos = ld_b32(home + self.off["meta_pos"] + (Int64(parity) * g.entries + entry) * 4)
-        return self.layout_row_of(m, pos, scan, cta)
-
-    @cute.jit
-    def layout_row_of(self, m: Int32, pos: Int32, scan: Int64, cta: Int32) -> Int32:
-        """Layout row of position ``pos`` of local expert ``m``; -1 if not routed here or dropped
+        """Layout row of a received (source, token, slot) entry, -1 if not routed here or dropped
         (masked: past max_m; psum: past the layout, only possible with duplicate ids)."""
         g = self.g
         row = Int32(-1)
+        m = ld_b32(home + self.off["meta_idx"] + (Int64(parity) * g.entries + entry) * 4)
+        pos = ld_b32(home + self.off["meta_pos"] + (Int64(parity) * g.entries + entry) * 4)
         if m >= 0:
             if m < g.local_experts:
                 if pos >= 0:
@@ -351,10 +311,6 @@ class EPDispatchKernel:
                 src = (rank + 1 + v // tmax) % R
                 ntok = ld_b32(home + self.off["dispatch_ntok"] + Int64(parity * R + src) * 4)
             if t < ntok:
-                source = x + Int64(t) * g.payload_bytes
-                if cutlass.const_expr(not own):
-                    source = home + self.off["dispatch_rows"] + Int64((parity * R + src) * TM + t) * g.row_stride
-                chunk = load_chunks(source, lane, [c], g.payload_bytes // VECTOR_BYTES)  # overlaps the routing loads
                 entry = Int64(src * TM + t) * K + lane
                 row = Int32(-1)
                 if lane < K:
@@ -364,7 +320,11 @@ class EPDispatchKernel:
                         if row >= 0:
                             st_b32(out_src_info + Int64(row) * 4, src * TM + t)
                 rows = [cute.arch.shuffle_sync(row, k) for k in range(K)]
-                store_chunks(chunk, [(out_x + Int64(rows[k]) * g.payload_bytes, Int32(rows[k] >= 0)) for k in range(K)])
+                source = x + Int64(t) * g.payload_bytes
+                if cutlass.const_expr(not own):
+                    source = home + self.off["dispatch_rows"] + Int64((parity * R + src) * TM + t) * g.row_stride
+                copy_chunks(source, [(out_x + Int64(rows[k]) * g.payload_bytes, Int32(rows[k] >= 0)) for k in range(K)],
+                            lane, [c], g.payload_bytes // VECTOR_BYTES)
                 if cutlass.const_expr(g.fp8):
                     if c == 0:
                         self.expand_scales(x_scales, source, t, rows, out_scales, lane, own)

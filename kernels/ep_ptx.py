@@ -141,26 +141,22 @@ def vector_inside(index: Int32, num_vecs: cutlass.Constexpr[int]) -> Int32:
     return Int32(index < num_vecs)
 
 
-def load_chunks(src: Int64, lane: Int32, chunks: list, num_vecs: int, per_lane: int = COPY_PER_LANE) -> list:
-    """This lane's 16-byte vectors of the chunks ``chunks`` of a row of ``num_vecs`` vectors at ``src``
-    (zeros past the row), as (offset, inside, words) triples for ``store_chunks``. Every load is issued
-    here, before any use, so a caller can overlap them with other loads (e.g. the routing of the row)."""
-    loaded = []
+def copy_chunks(src: Int64, dsts: list, lane: Int32, chunks: list, num_vecs: int, per_lane: int = COPY_PER_LANE):
+    """Warp-cooperative copy of the chunks ``chunks`` of a row of ``num_vecs`` 16-byte vectors at
+    ``src`` into every destination row of ``dsts`` (pairs (address, predicate); local or peer
+    addresses; a destination whose predicate is 0 is skipped). The chunks are loaded once, every
+    load before the first store (traced inline into the calling kernel)."""
+    words, inside, offsets = [], [], []
     for chunk in chunks:
         for j in range(per_lane):
             index = chunk_vector(lane, Int32(chunk), j, per_lane)
-            inside = vector_inside(index, num_vecs)
-            offset = Int64(index) * VECTOR_BYTES
-            loaded.append((offset, inside, ld_v4_pred(src + offset, inside)))
-    return loaded
-
-
-def store_chunks(loaded: list, dsts: list) -> None:
-    """Store the vectors of ``load_chunks`` into every destination row of ``dsts`` (pairs (address,
-    predicate); local or peer addresses; a destination whose predicate is 0 is skipped)."""
+            inside.append(vector_inside(index, num_vecs))
+            offsets.append(Int64(index) * VECTOR_BYTES)
+            words.append(ld_v4_pred(src + offsets[-1], inside[-1]))
     for dst, pred in dsts:
-        for offset, inside, (a, b, c, d) in loaded:
-            st_v4_pred(dst + offset, pred & inside, a, b, c, d)
+        for j in range(len(words)):
+            a, b, c, d = words[j]
+            st_v4_pred(dst + offsets[j], pred & inside[j], a, b, c, d)
 
 
 @cute.jit
