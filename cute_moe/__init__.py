@@ -9,6 +9,8 @@ from . import layouts
 from .layouts import *  # noqa: F401,F403  (DeepGEMM exposes its layout helpers at the top level)
 from . import library  # noqa: F401  (registers the GEMMs as torch.library custom ops)
 from .ep import EPBuffer
+from .fp8_backward import (fp8_gemm_nn, fp8_gemm_tn, fp8_gemm_tt, k_grouped_fp8_gemm_nt_contiguous,
+                           k_grouped_fp8_gemm_tn_contiguous, m_grouped_fp8_gemm_nn_contiguous)
 from .fp4_ops import (fp8_fp4_gemm_nt, m_grouped_bf16_fp4_gemm_nt_contiguous, m_grouped_bf16_fp4_gemm_nt_masked,
                       m_grouped_fp8_fp4_gemm_nt_contiguous, m_grouped_fp8_fp4_gemm_nt_masked)
 from .hc import hc_post, hc_pre, tf32_hc_prenorm_gemm
@@ -31,6 +33,8 @@ __all__ = [
     "bf16_gemm_nt", "bf16_gemm_nn", "bf16_gemm_tn", "bf16_gemm_tt", "fp8_gemm_nt", "grouped_mm",
     "m_grouped_bf16_gemm_nt_contiguous", "m_grouped_bf16_gemm_nt_masked", "m_grouped_bf16_gemm_nn_contiguous",
     "m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked", "k_grouped_bf16_gemm_tn_contiguous",
+    "fp8_gemm_nn", "fp8_gemm_tn", "fp8_gemm_tt", "m_grouped_fp8_gemm_nn_contiguous",
+    "k_grouped_fp8_gemm_nt_contiguous", "k_grouped_fp8_gemm_tn_contiguous",
     "fp8_fp4_gemm_nt", "m_grouped_fp8_fp4_gemm_nt_contiguous", "m_grouped_fp8_fp4_gemm_nt_masked",
     "m_grouped_bf16_fp4_gemm_nt_contiguous", "m_grouped_bf16_fp4_gemm_nt_masked",
     # HyperConnection, the MoE layer

@@ -9,7 +9,8 @@ another layout is copied into it on every call. K must be a multiple of 32. FP8 
 ``(a, sfa)`` with FP32 scales per row per 128 K, as for ``m_grouped_fp8_gemm_nt_*``.
 
 Each op is one problem kind's launcher signature (cute_moe.launcher) with the FP4 operand's
-handling below; the kernels are kernels/sm90/fp4_grouped_gemm.py (docs/fp4.md).
+handling below; the kernels are kernels/sm90/fp4_swap_gemm.py (masked, contiguous, psum) and
+kernels/sm90/fp4_grouped_gemm.py (dense), see docs/fp4.md.
 """
 
 from typing import Optional

@@ -32,8 +32,8 @@ OPS: dict[str, GemmOp] = {op.name: op for op in (
     MaskedOp("m_grouped_fp8_gemm_nt_masked", *FP8),
     # Training (backward) GEMMs: DeepGEMM's nn / tn / tt suffixes give the operands' majors.
     DenseOp("bf16_gemm_nn", BF16_K, BF16_MN),
-    DenseOp("bf16_gemm_tn", BF16_MN, BF16_K),
-    DenseOp("bf16_gemm_tt", BF16_MN, BF16_MN),
+    DenseOp("bf16_gemm_tn", BF16_MN, BF16_MN),
+    DenseOp("bf16_gemm_tt", BF16_MN, BF16_K),
     ContiguousOp("m_grouped_bf16_gemm_nn_contiguous", BF16_K, BF16_MN),
     KGroupedOp("k_grouped_bf16_gemm_tn_contiguous", BF16_MN, BF16_MN),
     # grouped_mm's other operand forms: B N-major (row-major [G, K, N]); 2-D x 2-D with offs along K.
@@ -117,14 +117,16 @@ def bf16_gemm_nn(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: Optional[
 
 
 def bf16_gemm_tn(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: Optional[torch.Tensor] = None) -> None:
-    """d = c + a.T @ b.T: a [K, M] (M contiguous, M a multiple of 8), b [N, K]; d and c [M, N]."""
+    """d = c + a.T @ b: a [K, M] (M contiguous, M a multiple of 8), b [K, N] (N contiguous, a multiple
+    of 8); d and c [M, N]. DeepGEMM's letters: A 't' = MN-major, B 'n' = MN-major."""
     if torch.compiler.is_compiling():  # torch.compile traces the custom op (cute_moe/library.py)
         return torch.ops.cute_moe.bf16_gemm_tn(a, b, d, c)
     OPS["bf16_gemm_tn"](a, b, d, c)
 
 
 def bf16_gemm_tt(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: Optional[torch.Tensor] = None) -> None:
-    """d = c + a.T @ b: a [K, M] (M a multiple of 8), b [K, N]; d and c [M, N]."""
+    """d = c + a.T @ b.T: a [K, M] (M contiguous, a multiple of 8), b [N, K]; d and c [M, N].
+    DeepGEMM's letters: A 't' = MN-major, B 't' = K-major."""
     if torch.compiler.is_compiling():  # torch.compile traces the custom op (cute_moe/library.py)
         return torch.ops.cute_moe.bf16_gemm_tt(a, b, d, c)
     OPS["bf16_gemm_tt"](a, b, d, c)

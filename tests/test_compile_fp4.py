@@ -31,11 +31,57 @@ VARIANTS = [
     (_spec("masked", pair, 512, 96), KernelConfig(tile_m=64, tile_n=64, stages=2, panel=4)) for pair in PAIRS
 ]  # K = 96: a single k-block (the FP8 mainloop's widen-ahead loop runs zero times)
 
+# The swap-AB kernel (weights as WGMMA's register-sourced A): every token tile, both weight-row tiles,
+# K = 2880 (23 k-blocks: odd, partial last), 32 and 96 (1 k-block), 160 (2: no middle k-blocks, partial
+# last) and 4096 (32: an even middle count); every kind it runs (no C).
+SWAP_VARIANTS = [
+    (_spec("masked", pair), KernelConfig(tile_m=token_tile, tile_n=tile_n, swap_ab=1))
+    for pair in PAIRS for token_tile, tile_n in ((8, 64), (16, 128), (32, 128), (64, 64), (128, 128))
+] + [
+    (_spec("masked", pair, 512, k, d_dtype="fp32"), KernelConfig(tile_m=16, tile_n=64, swap_ab=1, stages=2))
+    for pair in PAIRS for k in (32, 96, 160, 4096)
+] + [
+    (_spec(kind, pair, 4096, 7168), KernelConfig(tile_m=128, tile_n=128, swap_ab=1))
+    for pair in PAIRS for kind in ("contiguous", "psum", "dense")
+]
 
-@pytest.mark.parametrize("spec,config", VARIANTS, ids=[f"{s.key()}|{c.key()}" for s, c in VARIANTS])
+
+@pytest.mark.parametrize("spec,config", VARIANTS + SWAP_VARIANTS,
+                         ids=[f"{s.key()}|{c.key()}" for s, c in VARIANTS + SWAP_VARIANTS])
 def test_fp4_variant_compiles(spec, config):
     fn = compile_gemm(spec, config)
     assert fn.__class__.__name__.startswith("TVMFFI")
+
+
+def test_swap_ab_fragment_layout_is_the_one_the_gather_assumes():
+    """The RMEM A fragment of the DSL's WGMMA atoms orders (a0, a1, a2, a3) per instruction as
+    kernels/sm90/fp4_fragment_bits.py (and its CPU test) assume: thread t's value v of instruction i
+    sits at (row, k) = tests/test_fp4_fragment_bits.expected_position."""
+    import cutlass
+    import cutlass.cute as cute
+    import cutlass.utils.hopper_helpers as sm90_utils
+
+    from test_fp4_fragment_bits import expected_position
+
+    layouts = {}
+
+    @cute.jit
+    def trace():
+        k_major = cute.nvgpu.OperandMajorMode.K
+        for name, dtype in (("fp8", cutlass.Float8E4M3FN), ("bf16", cutlass.BFloat16)):
+            mma = sm90_utils.make_trivial_tiled_mma(dtype, dtype, k_major, k_major, cutlass.Float32, (1, 1, 1),
+                                                    tiler_mn=(64, 16), a_source=cute.nvgpu.warpgroup.OperandSource.RMEM)
+            tv = mma.tv_layout_A  # (thread, value) -> column-major (64 x K) index in the atom
+            layouts[name] = [[int(tv((thread, value))) for value in range(cute.size(tv, mode=[1]))]
+                             for thread in range(128)]
+
+    cute.compile(trace, options="--gpu-arch sm_90a")
+    for name, per_word in (("fp8", 4), ("bf16", 2)):
+        for thread, offsets in enumerate(layouts[name]):
+            assert len(offsets) == 4 * per_word
+            for value, offset in enumerate(offsets):
+                row, k = offset % 64, offset // 64
+                assert (row, k) == expected_position(thread, value // per_word, value % per_word, name == "fp8")
 
 
 def test_fp4_specs_belong_to_their_own_kernel_family():
@@ -43,7 +89,8 @@ def test_fp4_specs_belong_to_their_own_kernel_family():
     assert backend.kernel_family(_spec("masked", "fp8xfp4")) is FP4_GROUPED_GEMM
     assert backend.kernel_family(GemmSpec("masked", 256, 256, arch="sm_90a")) is GROUPED_GEMM
     names = {path.name for path in FP4_GROUPED_GEMM.sources}
-    assert {"fp4_grouped_gemm.py", "fp4_signature.py", "grouped_gemm.py"} <= names
+    assert {"fp4_grouped_gemm.py", "fp4_signature.py", "grouped_gemm.py", "fp4_swap_gemm.py",
+            "fp4_fragment_bits.py"} <= names
 
 
 @pytest.mark.parametrize("config,match", [

@@ -103,19 +103,44 @@ def _problem(kind="masked", pair="bf16xfp4", n=2880, k=2880, groups=16, m=8, ali
     return problem_of(kind, n, k, groups, m, alignment, a=a, b=b, arch="sm_90a", num_sms=132)
 
 
-def test_rules_pick_decode_and_prefill_tiles():
+def test_the_switch_keeps_the_swap_ab_kernel_out_of_the_rules(monkeypatch):
+    monkeypatch.delenv(fp4_rules.SWAP_AB_ENV, raising=False)
+    assert fp4_rules.rule_config(_problem(m=8)).swap_ab == 1  # on by default
+    monkeypatch.setenv(fp4_rules.SWAP_AB_ENV, "0")
+    for p in (_problem(m=8), _problem("contiguous", "fp8xfp4", m=0, alignment=128), _problem(m=4096)):
+        assert fp4_rules.rule_config(p).swap_ab == 0
+    assert not any(c.swap_ab for c in fp4_rules.candidate_configs(_problem()))
     decode = fp4_rules.rule_config(_problem(m=8))
-    assert (decode.tile_m, decode.cluster_size) == (64, 1)  # one WGMMA M extent covers the tokens
-    assert fp4_rules.rule_config(_problem(m=65)).tile_m == 128
-    assert fp4_rules.rule_config(_problem("contiguous", m=0, alignment=64)).tile_m == 64
+    assert (decode.tile_m, decode.tile_n) == (64, 128)  # the widen-in-shared-memory kernel's decode tile
+    fp4_rules.can_implement(_problem(m=8), Sm90Config(tile_m=16, tile_n=128, swap_ab=1))  # forcing still works
+
+
+def test_rules_pick_decode_and_prefill_tiles(monkeypatch):
+    monkeypatch.setenv(fp4_rules.SWAP_AB_ENV, "1")
+    # Masked decode (expected_m <= 64): the swap-AB kernel, token tile = expected_m's bucket (>= 16).
+    for m, token_tile in ((1, 16), (8, 16), (16, 16), (17, 32), (33, 64), (64, 64)):
+        for pair in ("bf16xfp4", "fp8xfp4"):
+            decode = fp4_rules.rule_config(_problem(pair=pair, m=m))
+            assert (decode.swap_ab, decode.tile_m, decode.tile_n, decode.cluster_size) == (1, token_tile, 128, 1)
     assert fp4_rules.rule_config(_problem(m=8, n=256, groups=2)).tile_n == 64  # too few tiles for 132 SMs
-    prefill = fp4_rules.rule_config(_problem("contiguous", "fp8xfp4", m=0, alignment=128))
-    assert (prefill.tile_m, prefill.tile_n) == (128, 128)
-    for p in (_problem(m=8), _problem("psum", "fp8xfp4", m=0, alignment=128)):
+    for m in (65, 4096, 0):  # larger and unknown hints: 128-token tiles
+        masked_prefill = fp4_rules.rule_config(_problem(m=m))
+        assert (masked_prefill.swap_ab, masked_prefill.tile_m) == (1, 128)
+    # Contiguous / psum: the swap-AB kernel with the largest token tile that divides the alignment.
+    for kind, alignment, token_tile in (("contiguous", 128, 128), ("contiguous", 64, 64), ("psum", 256, 128),
+                                        ("psum", 64, 64)):
+        prefill = fp4_rules.rule_config(_problem(kind, "fp8xfp4", m=0, alignment=alignment))
+        assert (prefill.swap_ab, prefill.tile_m, prefill.tile_n) == (1, token_tile, 128)
+    assert fp4_rules.rule_config(_problem("psum", m=0, alignment=32)).tile_m == 32
+    assert fp4_rules.rule_config(_problem("psum", m=0, alignment=12)).swap_ab == 0  # the other kernel
+    dense = fp4_rules.rule_config(_problem("dense", m=77, groups=1))
+    assert (dense.swap_ab, dense.tile_m) == (0, 128)
+    for p in (_problem(m=8), _problem("psum", "fp8xfp4", m=0, alignment=128), _problem("psum", m=0, alignment=32)):
         fp4_rules.can_implement(p, fp4_rules.rule_config(p))
 
 
-def test_rules_refuse_what_the_kernel_cannot_do():
+def test_rules_refuse_what_the_kernel_cannot_do(monkeypatch):
+    monkeypatch.setenv(fp4_rules.SWAP_AB_ENV, "1")
     with pytest.raises(ValueError, match="kind"):
         fp4_rules.check_spec(_problem("ragged"))
     with pytest.raises(ValueError, match="multiple of 32"):
@@ -123,6 +148,30 @@ def test_rules_refuse_what_the_kernel_cannot_do():
     with pytest.raises(ValueError, match="tile_m to divide"):
         fp4_rules.can_implement(_problem("contiguous", m=0, alignment=64), Sm90Config(tile_m=128, tile_n=128))
     assert all(c.cluster_size == 1 and c.tile_n <= 128 for c in fp4_rules.candidate_configs(_problem()))
+    assert any(c.swap_ab for c in fp4_rules.candidate_configs(_problem()))
+    with_c = problem_of("dense", 2880, 2880, 1, 64, 0, a=PRECISIONS["bf16xfp4"][0], b=PRECISIONS["bf16xfp4"][1],
+                        arch="sm_90a", num_sms=132, has_c=True)
+    with pytest.raises(ValueError, match="does not add C"):
+        fp4_rules.can_implement(with_c, Sm90Config(tile_m=16, tile_n=128, swap_ab=1))
+    assert not any(c.swap_ab for c in fp4_rules.candidate_configs(with_c))
+    with pytest.raises(ValueError, match="tile_m to divide"):
+        fp4_rules.can_implement(_problem("psum", m=0, alignment=64), Sm90Config(tile_m=128, tile_n=128, swap_ab=1))
+
+
+def test_swap_ab_configs_are_refused_for_other_weights():
+    from cute_moe.arch import get_backend
+
+    p = problem_of("masked", 2880, 2880, 16, 8, 0, arch="sm_90a", num_sms=132)  # BF16 x BF16
+    with pytest.raises(ValueError, match="swap_ab=1 selects the FP4-weight"):
+        get_backend("sm_90a").can_implement(p, Sm90Config(tile_m=64, tile_n=128, swap_ab=1))
+
+
+def test_swap_ab_config_takes_token_tiles():
+    assert Sm90Config(tile_m=8, tile_n=64, swap_ab=1).key() != Sm90Config(tile_m=64, tile_n=64).key()
+    with pytest.raises(ValueError, match="tile_m"):
+        Sm90Config(tile_m=16, tile_n=128)  # token tiles below 64 exist only for the swap-AB kernel
+    with pytest.raises(ValueError, match="swap_ab"):
+        Sm90Config(tile_m=64, tile_n=128, swap_ab=2)
 
 
 def test_tools_and_presets_know_the_fp4_precisions():

@@ -70,3 +70,24 @@ def test_signed_zero_widens_to_negative_zero():
     tables = tuple(t & WORD_MASK for t in bits.e4m3_tables(0))
     assert bits.e4m3_words(word, tables, prmt) == (0x80808080, 0x80808080)
     assert bits.bf16_words(word, bits.bf16_tables(127, prmt), prmt) == (0x80008000,) * 4
+
+
+def test_bf16_unit_tables_times_the_block_scale_give_the_exact_values():
+    """The swap-AB kernel's BF16 path: constant tables (exponent 127), then a BF16x2 multiply by
+    2^(e - 127) (emulated here with torch's BF16 multiply, which rounds to nearest as mul.rn.bf16x2)."""
+    assert tuple(t & WORD_MASK for t in bits.BF16_UNIT_TABLES) == tuple(
+        t & WORD_MASK for t in bits.bf16_tables(bits.UE8M0_UNIT, prmt))
+    rng = random.Random(3)
+    for exponent in (bits.BF16_MIN_EXP, 3, 64, 126, 127, 128, 200, bits.BF16_MAX_EXP):
+        scale_word = bits.bf16x2_scale(exponent)
+        assert scale_word & 0xFFFF == scale_word >> 16
+        scale = torch.tensor([scale_word & 0xFFFF], dtype=torch.int16).view(torch.bfloat16)
+        assert scale.double().item() == 2.0 ** (exponent - 127)
+        for word in words_with_every_code(rng, 8):
+            unit = [(w >> (16 * i)) & 0xFFFF for w in bits.bf16_words(word, bits.BF16_UNIT_TABLES, prmt)
+                    for i in range(2)]
+            unit = torch.tensor([u - (1 << 16) if u >= 1 << 15 else u for u in unit], dtype=torch.int16)
+            got = unit.view(torch.bfloat16) * scale
+            values = e2m1_decode(codes_of(word)).double() * 2.0 ** (exponent - 127)
+            assert got.double().equal(values), f"word {word:#010x} exponent {exponent}"
+            assert (got.view(torch.int16) == values.to(torch.bfloat16).view(torch.int16)).all()  # signed zeros too

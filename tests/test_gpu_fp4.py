@@ -6,14 +6,19 @@ above the thresholds: calc_diff <= 1e-5. Weights get a different power-of-two ma
 FP8 x FP4 folds the four exponents of a 128-K block into E4M3 weights: exact while they lie within 8
 binades of the block's largest (checked here against the dequantized weights); wider spreads are
 checked against an emulation of the documented rounding and the bound of docs/fp4.md.
-Outputs are NaN-poisoned: rows a kernel must not write stay NaN.
+Outputs are NaN-poisoned: rows a kernel must not write stay NaN. Two kernels serve these ops: the
+rules send masked, contiguous and psum launches to the swap-AB kernel (kernels/sm90/fp4_swap_gemm.py)
+and dense ones to the widen-in-shared-memory kernel; tests marked BOTH_KERNELS also force the latter.
 """
+
+import contextlib
 
 import pytest
 import torch
 
 import cute_moe
 from cute_moe.dispatch import force_config
+from cute_moe.kernels.sm90 import fp4_rules
 from cute_moe.kernels.sm90.config import Sm90Config as KernelConfig
 from cute_moe.layouts.alignment import align
 from cute_moe.testing import calc_diff
@@ -91,17 +96,49 @@ def check_masked(d, ref, counts):
         assert d[i, rows:].isnan().all(), f"group {i}: rows >= masked_m were written"
 
 
+def run_masked(pair, x, weights, d, counts, expected_m):
+    """Launch the pair's masked op on float32 activations ``x``; returns the activations the reference
+    multiplies (BF16 values, or the FP8 cast's dequantization)."""
+    if pair == "bf16xfp4":
+        a = x.to(bf16)
+        cute_moe.m_grouped_bf16_fp4_gemm_nt_masked(a, weights, d, counts, expected_m)
+        return a.float()
+    a8, a = fp8_activations(x)
+    cute_moe.m_grouped_fp8_fp4_gemm_nt_masked(a8, weights, d, counts, expected_m)
+    return a
+
+
+def check_masked_op(pair, counts, max_m, k=K, out_dtype=torch.float32, expected_m=16):
+    """Launch the pair's masked op (rules, or the forced config) on G = len(counts) groups of ``max_m``
+    rows with weights in the FP8 exact-fold range (checked), and check the rows below masked_m against
+    the reference and the rows past it still NaN."""
+    g = len(counts)
+    x = randn(g, max_m, k)
+    packed, sfb, exponents, w = mx_weights(g, N, k, spread=FOLD_EXACT_SPREAD)
+    if pair == "fp8xfp4":
+        assert torch.equal(folded_fp8_weights(packed, exponents), w), "the fold is exact in this exponent range"
+    d = poisoned(g, max_m, N, dtype=out_dtype)
+    a = run_masked(pair, x, (packed, sfb), d, counts.cuda(), expected_m)
+    check_masked(d, reference(a, w), counts)
+
+
+# Both kernels: None = the rules (masked, contiguous, psum: the swap-AB kernel when
+# on, the default; the widen-in-shared-memory one with CUTE_MOE_FP4_SWAP_AB=0), and the latter forced.
+BOTH_KERNELS = pytest.mark.parametrize("config", [None, KernelConfig(tile_m=64, tile_n=128)],
+                                       ids=["rules", "shared-widen"])
+
+
+def maybe_forced(config):
+    return contextlib.nullcontext() if config is None else force_config(config)
+
+
 # ------------------------------------------------------------------ BF16 x FP4
 @pytest.mark.parametrize("max_m,expected_m", [(8, 8), (64, 16), (200, 128)])
-@pytest.mark.parametrize("out_dtype", [bf16, torch.float32])
-def test_bf16_fp4_masked(max_m, expected_m, out_dtype):
-    g = 5
-    a = randn(g, max_m, K).to(bf16)
-    packed, sfb, _, w = mx_weights(g, N, K)
-    counts = masked_counts(g, max_m)
-    d = poisoned(g, max_m, N, dtype=out_dtype)
-    cute_moe.m_grouped_bf16_fp4_gemm_nt_masked(a, (packed, sfb), d, counts.cuda(), expected_m)
-    check_masked(d, reference(a.float(), w), counts)
+@pytest.mark.parametrize("pair,out_dtype", [("bf16xfp4", bf16), ("bf16xfp4", torch.float32),
+                                            ("fp8xfp4", torch.float32)])
+def test_fp4_masked(pair, out_dtype, max_m, expected_m):
+    """Through the rules: odd G, an empty first group and a full last one, the other counts random."""
+    check_masked_op(pair, masked_counts(5, max_m), max_m, out_dtype=out_dtype, expected_m=expected_m)
 
 
 def contiguous_problem(g, counts):
@@ -133,39 +170,60 @@ def check_contiguous_untouched(d, starts, counts, experts_end, use_psum_layout):
             assert d[s + cnt:align(s + cnt, 128)].isnan().all(), f"expert {e}: psum padding rows were written"
 
 
-@pytest.mark.parametrize("use_psum_layout", [False, True])
-def test_bf16_fp4_contiguous(use_psum_layout):
-    g = 7
-    counts = torch.randint(1, 400, (g,)).tolist()
-    counts[1], counts[4] = 0, cute_moe.get_mk_alignment_for_contiguous_layout()
-    total, starts, layout, ends, experts_end = contiguous_problem(g, counts)
-    a = randn(total, K).to(bf16)
-    packed, sfb, _, w = mx_weights(g, N, K)
+def check_contiguous_op(pair, counts, use_psum_layout, k=K):
+    """Launch the pair's contiguous op (rules, or the forced config) on aligned expert segments of
+    ``counts`` rows (``contiguous_problem``) and check every expert's rows and the rows left alone."""
+    total, starts, layout, ends, experts_end = contiguous_problem(len(counts), counts)
+    x = randn(total, k)
+    packed, sfb, _, w = mx_weights(len(counts), N, k, spread=FOLD_EXACT_SPREAD if pair == "fp8xfp4" else (-4, 4))
     d = poisoned(total, N)
-    groups = ends if use_psum_layout else layout
-    cute_moe.m_grouped_bf16_fp4_gemm_nt_contiguous(a, (packed, sfb), d, groups.cuda(), use_psum_layout=use_psum_layout)
+    groups = (ends if use_psum_layout else layout).cuda()
+    if pair == "bf16xfp4":
+        a = x.to(bf16)
+        cute_moe.m_grouped_bf16_fp4_gemm_nt_contiguous(a, (packed, sfb), d, groups, use_psum_layout=use_psum_layout)
+        a = a.float()
+    else:
+        a8, a = fp8_activations(x)
+        cute_moe.m_grouped_fp8_fp4_gemm_nt_contiguous(a8, (packed, sfb), d, groups, use_psum_layout=use_psum_layout)
     for e, (s, cnt) in enumerate(zip(starts, counts)):
         if cnt:
-            assert_rows(d[s:s + cnt], reference(a[s:s + cnt].float(), w[e]), f"expert {e}")
+            assert_rows(d[s:s + cnt], reference(a[s:s + cnt], w[e]), f"expert {e}")
     check_contiguous_untouched(d, starts, counts, experts_end, use_psum_layout)
 
 
-def test_bf16_fp4_extreme_block_exponents_are_exact():
+def contiguous_counts(g):
+    """Random segment sizes of G experts, one empty and one of exactly one alignment."""
+    counts = torch.randint(1, 400, (g,)).tolist()
+    counts[1], counts[-2] = 0, cute_moe.get_mk_alignment_for_contiguous_layout()
+    return counts
+
+
+@BOTH_KERNELS
+@pytest.mark.parametrize("use_psum_layout", [False, True])
+@pytest.mark.parametrize("pair", ["bf16xfp4", "fp8xfp4"])
+def test_fp4_contiguous(pair, use_psum_layout, config):
+    with maybe_forced(config):
+        check_contiguous_op(pair, contiguous_counts(7 if pair == "bf16xfp4" else 5), use_psum_layout)
+
+
+def test_bf16_fp4_extreme_block_exponents_are_exact(config):
     """Exponents from 2^-40 to 2^40 in one row: BF16 keeps FP32's range, so the widening stays exact."""
     g, max_m = 3, 16
     a = randn(g, max_m, K).to(bf16)
     packed, sfb, _, w = mx_weights(g, N, K, spread=(-40, 40))
     counts = torch.tensor([16, 5, 9], dtype=torch.int32)
     d = poisoned(g, max_m, N, dtype=torch.float32)
-    cute_moe.m_grouped_bf16_fp4_gemm_nt_masked(a, (packed, sfb), d, counts.cuda(), 16)
+    with maybe_forced(config):
+        cute_moe.m_grouped_bf16_fp4_gemm_nt_masked(a, (packed, sfb), d, counts.cuda(), 16)
     check_masked(d, reference(a.float(), w), counts)
 
 
+@BOTH_KERNELS
 @pytest.mark.parametrize("exponents,max_magnitude,a_scale", [
     ((0, 1, 2, 3, 4), 7, 2.0 ** 120),  # 0 and 1: subnormal BF16 weights (the exact FP32 path)
     ((250, 251, 252, 253, 254), 3, 2.0 ** -120),  # 253, 254: past the byte-permute path's range
 ])
-def test_bf16_fp4_edge_exponents_take_the_exact_path(exponents, max_magnitude, a_scale):
+def test_bf16_fp4_edge_exponents_take_the_exact_path(exponents, max_magnitude, a_scale, config):
     """UE8M0 exponents at both ends of the range, mixed with fast-path ones in every row (the kernel
     widens them on its exact FP32 path); codes up to ``max_magnitude`` keep the weights finite."""
     g, max_m = 3, 16
@@ -180,57 +238,31 @@ def test_bf16_fp4_edge_exponents_take_the_exact_path(exponents, max_magnitude, a
     sfb = cute_moe.transform_sf_into_required_layout(plain, N, K, (1, MX), g)
     counts = torch.tensor([16, 7, 11], dtype=torch.int32)
     d = poisoned(g, max_m, N, dtype=torch.float32)
-    cute_moe.m_grouped_bf16_fp4_gemm_nt_masked(a, (packed, sfb), d, counts.cuda(), 16)
+    with maybe_forced(config):
+        cute_moe.m_grouped_bf16_fp4_gemm_nt_masked(a, (packed, sfb), d, counts.cuda(), 16)
     check_masked(d, reference(a.float(), w), counts)
 
 
 # ------------------------------------------------------------------ FP8 x FP4
-@pytest.mark.parametrize("max_m,expected_m", [(8, 8), (64, 16), (200, 128)])
-def test_fp8_fp4_masked_matches_dequantized_operands(max_m, expected_m):
-    g = 5
-    (a_q, sfa), a = fp8_activations(randn(g, max_m, K))
-    packed, sfb, exponents, w = mx_weights(g, N, K, spread=FOLD_EXACT_SPREAD)
-    assert torch.equal(folded_fp8_weights(packed, exponents), w), "the fold is exact in this exponent range"
-    counts = masked_counts(g, max_m)
-    d = poisoned(g, max_m, N, dtype=torch.float32)
-    cute_moe.m_grouped_fp8_fp4_gemm_nt_masked((a_q, sfa), (packed, sfb), d, counts.cuda(), expected_m)
-    check_masked(d, reference(a, w), counts)
-
-
-def test_fp8_fp4_wide_exponent_spread_follows_the_documented_rounding():
+@pytest.mark.parametrize("config,k", [(None, K), (KernelConfig(tile_m=32, tile_n=128, swap_ab=1), 2880)],
+                         ids=["rules", "swap-ab-forced"])
+def test_fp8_fp4_wide_exponent_spread_follows_the_documented_rounding(config, k):
     g, max_m = 3, 32
-    (a_q, sfa), a = fp8_activations(randn(g, max_m, K))
-    packed, sfb, exponents, w = mx_weights(g, N, K, spread=WIDE_SPREAD)
+    x = randn(g, max_m, k)
+    packed, sfb, exponents, w = mx_weights(g, N, k, spread=WIDE_SPREAD)
     folded = folded_fp8_weights(packed, exponents)
     assert not torch.equal(folded, w), "the spread must be wide enough to exercise the rounding"
     # The documented bound: |folded - w| <= 2^-10 * 2^(e_max - 127) per weight (half E4M3's smallest step).
     e = exponents.int()
     e_max = torch.nn.functional.pad(e, (0, (-e.shape[-1]) % 4)).view(g, N, -1, 4).amax(-1)
-    bound = torch.exp2((e_max - 127 - 10).float()).repeat_interleave(128, dim=-1)[..., :K]
+    bound = torch.exp2((e_max - 127 - 10).float()).repeat_interleave(128, dim=-1)[..., :k]
     assert ((folded - w).abs() <= bound).all()
     counts = torch.tensor([32, 7, 19], dtype=torch.int32)
     d = poisoned(g, max_m, N, dtype=torch.float32)
-    cute_moe.m_grouped_fp8_fp4_gemm_nt_masked((a_q, sfa), (packed, sfb), d, counts.cuda(), 32)
+    with maybe_forced(config):
+        a = run_masked("fp8xfp4", x, (packed, sfb), d, counts.cuda(), 32)
     check_masked(d, reference(a, folded), counts)
     check_masked(d, reference(a, w), counts)  # and still within the threshold of the dequantized operands
-
-
-@pytest.mark.parametrize("use_psum_layout", [False, True])
-def test_fp8_fp4_contiguous(use_psum_layout):
-    g = 5
-    counts = torch.randint(1, 300, (g,)).tolist()
-    counts[2] = 0
-    total, starts, layout, ends, experts_end = contiguous_problem(g, counts)
-    (a_q, sfa), a = fp8_activations(randn(total, K))
-    packed, sfb, _, w = mx_weights(g, N, K, spread=FOLD_EXACT_SPREAD)
-    d = poisoned(total, N)
-    groups = ends if use_psum_layout else layout
-    cute_moe.m_grouped_fp8_fp4_gemm_nt_contiguous((a_q, sfa), (packed, sfb), d, groups.cuda(),
-                                                  use_psum_layout=use_psum_layout)
-    for e, (s, cnt) in enumerate(zip(starts, counts)):
-        if cnt:
-            assert_rows(d[s:s + cnt], reference(a[s:s + cnt], w[e]), f"expert {e}")
-    check_contiguous_untouched(d, starts, counts, experts_end, use_psum_layout)
 
 
 def test_fp8_fp4_dense_with_c():
@@ -248,25 +280,14 @@ def test_fp8_fp4_dense_with_c():
 def test_masked_every_tile_shape(pair, tile_m, tile_n):
     """The rules pick 128-row tiles; 64-row tiles (one consumer warpgroup widens alone) and both N tiles
     are forced here."""
-    g, max_m = 3, 24
-    x = randn(g, max_m, K)
-    packed, sfb, _, w = mx_weights(g, N, K, spread=FOLD_EXACT_SPREAD)
-    counts = torch.tensor([24, 0, 13], dtype=torch.int32)
-    d = poisoned(g, max_m, N, dtype=torch.float32)
     with force_config(KernelConfig(tile_m=tile_m, tile_n=tile_n)):
-        if pair == "bf16xfp4":
-            a = x.to(bf16)
-            cute_moe.m_grouped_bf16_fp4_gemm_nt_masked(a, (packed, sfb), d, counts.cuda(), 16)
-            a = a.float()
-        else:
-            a8, a = fp8_activations(x)
-            cute_moe.m_grouped_fp8_fp4_gemm_nt_masked(a8, (packed, sfb), d, counts.cuda(), 16)
-    check_masked(d, reference(a, w), counts)
+        check_masked_op(pair, torch.tensor([24, 0, 13], dtype=torch.int32), 24)
 
 
 # ------------------------------------------------------------------ CUDA graphs
+@BOTH_KERNELS
 @pytest.mark.parametrize("pair", ["bf16xfp4", "fp8xfp4"])
-def test_masked_cuda_graph_replays_follow_masked_m(pair):
+def test_masked_cuda_graph_replays_follow_masked_m(pair, config):
     g, max_m = 3, 64
     x = randn(g, max_m, K)
     packed, sfb, _, w = mx_weights(g, N, K, spread=FOLD_EXACT_SPREAD)
@@ -284,11 +305,12 @@ def test_masked_cuda_graph_replays_follow_masked_m(pair):
             cute_moe.m_grouped_fp8_fp4_gemm_nt_masked((a_q, sfa), (packed, sfb), out, counts, 16)
     masked_m = torch.tensor([5, 0, 64], dtype=torch.int32, device="cuda")
     d = poisoned(g, max_m, N, dtype=torch.float32)
-    op(d, masked_m)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with maybe_forced(config):
         op(d, masked_m)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            op(d, masked_m)
     ref = reference(a_ref, w)
     for new_counts in ([64, 1, 0], [0, 33, 17], [8, 8, 8]):
         masked_m.copy_(torch.tensor(new_counts, dtype=torch.int32))
@@ -353,3 +375,89 @@ def test_unaligned_exponent_rows_are_re_laid_out():
     assert exponents.stride(-2) % 16 != 0
     cute_moe.m_grouped_bf16_fp4_gemm_nt_masked(a, (packed, exponents), d, counts.cuda(), 8)
     check_masked(d, reference(a.float(), w), counts)
+
+
+# ------------------------------------------------------------------ swap-AB kernel (weights: register-sourced A)
+SWAP_K = 2880  # gpt-oss: 90 MXFP4 blocks, not a multiple of 128 (FP8: 23 k-blocks, the last half full)
+SWAP_TILES = [(8, 64), (16, 128), (32, 64), (64, 128), (128, 128)]  # (tokens, weight rows) per tile
+
+
+def swap_config(token_tile, tile_n):
+    return KernelConfig(tile_m=token_tile, tile_n=tile_n, swap_ab=1)
+
+
+def test_rules_route_to_the_swap_ab_kernel_as_the_switch_says():
+    """By default the tests marked BOTH_KERNELS "rules" run the swap-AB kernel, with
+    CUTE_MOE_FP4_SWAP_AB=0 the other one (tests/test_fp4_ops.py pins the rule itself)."""
+    from cute_moe.dispatch import choose_config
+    from cute_moe.operands import PRECISIONS
+
+    for pair in ("bf16xfp4", "fp8xfp4"):
+        a, b = PRECISIONS[pair]
+        for m in (1, 16, 64):
+            config = choose_config("masked", N, SWAP_K, 5, m, 0, a=a, b=b)
+            assert config.swap_ab == int(fp4_rules.swap_ab_enabled())
+
+
+def swap_rule_config(monkeypatch, kind, pair, g, expected_m, alignment=0):
+    """The config the "swap-AB" rule picks for this problem (whatever the switch says in this process)."""
+    from cute_moe.dispatch import problem_of
+    from cute_moe.operands import PRECISIONS
+
+    monkeypatch.setenv(fp4_rules.SWAP_AB_ENV, "1")
+    a, b = PRECISIONS[pair]
+    config = fp4_rules.rule_config(problem_of(kind, N, SWAP_K, g, expected_m, alignment, a=a, b=b))
+    assert config.swap_ab == 1
+    return config
+
+
+@pytest.mark.parametrize("expected_m", [1, 8, 16, 40, 64])
+@pytest.mark.parametrize("pair", ["bf16xfp4", "fp8xfp4"])
+def test_swap_ab_masked_decode(pair, expected_m, monkeypatch):
+    """Decode with the swap-AB rule's tiles (token tile 16 / 64): odd G with an empty first expert,
+    K = 2880, N = 320 (ends mid 128-row tile), masked_m up to twice expected_m (several token tiles)."""
+    g, max_m = 5, 2 * expected_m
+    with force_config(swap_rule_config(monkeypatch, "masked", pair, g, expected_m)):
+        check_masked_op(pair, masked_counts(g, max_m), max_m, SWAP_K, expected_m=expected_m)
+
+
+@pytest.mark.parametrize("use_psum_layout", [False, True])
+@pytest.mark.parametrize("pair", ["bf16xfp4", "fp8xfp4"])
+def test_swap_ab_contiguous_rule_tiles(pair, use_psum_layout, monkeypatch):
+    """Contiguous / psum with the swap-AB rule's tiles (128 tokens x 128 weight rows, two consumer
+    warpgroups), K = 2880; empty and full-alignment experts, bad-id and padding rows left NaN."""
+    kind = "psum" if use_psum_layout else "contiguous"
+    alignment = cute_moe.get_mk_alignment_for_contiguous_layout()
+    with force_config(swap_rule_config(monkeypatch, kind, pair, 5, 0, alignment)):
+        check_contiguous_op(pair, contiguous_counts(5), use_psum_layout, SWAP_K)
+
+
+@pytest.mark.parametrize("token_tile,tile_n", SWAP_TILES)
+@pytest.mark.parametrize("pair", ["bf16xfp4", "fp8xfp4"])
+def test_swap_ab_masked_every_tile(pair, token_tile, tile_n):
+    """Every token tile and weight-row tile, forced; bf16 output; groups of 0, 1, a full tile + 3 rows
+    and Mmax rows."""
+    max_m = 2 * token_tile + 5
+    counts = torch.tensor([0, 1, token_tile + 3, max_m], dtype=torch.int32)
+    with force_config(swap_config(token_tile, tile_n)):
+        check_masked_op(pair, counts, max_m, SWAP_K, out_dtype=bf16, expected_m=token_tile)
+
+
+@pytest.mark.parametrize("k", [32, 96, 160, 4096])
+@pytest.mark.parametrize("pair", ["bf16xfp4", "fp8xfp4"])
+def test_swap_ab_masked_k_block_counts(pair, k):
+    """K = 32 (one partial k-block), 96 (one k-block), 160 (two, the last partial), 4096 (32: an even
+    count of middle k-blocks), against K = 2880 elsewhere (23: odd):
+    the peeled first / last k-blocks and the pair loop of every parity."""
+    with force_config(swap_config(16, 64)):
+        check_masked_op(pair, torch.tensor([16, 0, 9], dtype=torch.int32), 16, k)
+
+
+def test_swap_ab_fp8_dense():
+    m = 77
+    (a_q, sfa), a = fp8_activations(randn(m, SWAP_K))
+    packed, sfb, _, w = mx_weights(N, SWAP_K, spread=FOLD_EXACT_SPREAD)
+    d = poisoned(m, N, dtype=torch.float32)
+    with force_config(swap_config(32, 64)):
+        cute_moe.fp8_fp4_gemm_nt((a_q, sfa), (packed, sfb), d)
+    assert_rows(d, reference(a, w), "dense")

@@ -31,8 +31,8 @@ def assert_close(out, ref, diff=1e-5):
 
 DENSE = {  # op -> (a as given, b as given) from the logical a [M, K] and b [N, K]
     "bf16_gemm_nn": lambda a, b: (a, b.t().contiguous()),
-    "bf16_gemm_tn": lambda a, b: (a.t().contiguous(), b),
-    "bf16_gemm_tt": lambda a, b: (a.t().contiguous(), b.t().contiguous()),
+    "bf16_gemm_tn": lambda a, b: (a.t().contiguous(), b.t().contiguous()),
+    "bf16_gemm_tt": lambda a, b: (a.t().contiguous(), b),
 }
 
 

@@ -20,8 +20,8 @@ def z(*shape, dtype=bf16):
 @pytest.mark.parametrize("fn,a,b,match", [
     (cute_moe.bf16_gemm_nn, z(8, 64), z(48, 32),
      r"^a: expected K=48 \(from b of shape \(48, 32\) as \[\.\., K, MN\]\)"),
-    (cute_moe.bf16_gemm_tn, z(64, 8), z(32, 48), r"^a: expected K=48 .* got a of shape \(64, 8\) as \[\.\., K, MN\]"),
-    (cute_moe.bf16_gemm_tt, z(64, 8), z(48, 32), r"^a: expected K=48"),
+    (cute_moe.bf16_gemm_tn, z(64, 8), z(48, 32), r"^a: expected K=48 .* got a of shape \(64, 8\) as \[\.\., K, MN\]"),
+    (cute_moe.bf16_gemm_tt, z(64, 8), z(32, 48), r"^a: expected K=48"),
 ])
 def test_transposed_dense_k_mismatch_names_a(fn, a, b, match):
     with pytest.raises(ValueError, match=match):
@@ -31,7 +31,7 @@ def test_transposed_dense_k_mismatch_names_a(fn, a, b, match):
 def test_tn_needs_m_in_whole_16_byte_units():
     match = r"^a: expected M \(a \[K, M\] is read in 16-byte rows\) to be a multiple of 8, got 12"
     with pytest.raises(ValueError, match=match):
-        cute_moe.bf16_gemm_tn(z(64, 12), z(32, 64), z(12, 32))
+        cute_moe.bf16_gemm_tn(z(64, 12), z(64, 32), z(12, 32))
 
 
 def test_nn_output_shape_and_cpu_device_are_refused():
@@ -147,7 +147,7 @@ def _mock_launches(monkeypatch):
 
     monkeypatch.setitem(ops.OPS, "bf16_gemm_nt", dense(False, False))
     monkeypatch.setitem(ops.OPS, "bf16_gemm_nn", dense(False, True))
-    monkeypatch.setitem(ops.OPS, "bf16_gemm_tn", dense(True, False))
+    monkeypatch.setitem(ops.OPS, "bf16_gemm_tn", dense(True, True))
     monkeypatch.setitem(ops.OPS, "k_grouped_bf16_gemm_tn_contiguous", k_grouped)
     monkeypatch.setitem(ops.OPS, "grouped_mm_k_offs", grouped_mm_k)
 
@@ -161,7 +161,7 @@ def _weight_and_input_grads(x, dy, w, ks, ks_tensor, offs):
     cute_moe.k_grouped_bf16_gemm_tn_contiguous(x, dy, dw, ks, ks_tensor)
     dw2 = cute_moe.grouped_mm(x.t().contiguous(), dy, offs, torch.float32)
     xtx = torch.empty(x.shape[1], x.shape[1], dtype=torch.float32)
-    cute_moe.bf16_gemm_tn(x, x.t().contiguous(), xtx)
+    cute_moe.bf16_gemm_tn(x, x, xtx)
     return dx, dw, dw2, xtx
 
 

@@ -1,8 +1,11 @@
 """Measurement pieces shared by the benchmark's sections: rows, interleaved CUDA-graph timing, inputs."""
 
+import json
 import math
+import os
 import statistics
-from dataclasses import dataclass
+import sys
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
@@ -97,3 +100,41 @@ HEADER = ("| kind | shape | ours us | baseline us | TFLOPS | GB/s | ours/baselin
 def format_row(r: Row) -> str:
     return (f"| {r.kind} | {r.shape} | {r.ours_us:.1f} | {r.base_us:.1f} | {r.tflops:.0f} | {r.gbps:.0f} | "
             f"{r.ratio:.3f}x | {r.diff:.1e} | {r.baseline} | {r.note} |")
+
+
+def add_arguments(parser, stem: str, quick: str) -> None:
+    """A benchmark's options: ``--quick`` (help ``quick``) and ``--out`` (the folder for <stem>.md/.json)."""
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--out", default="bench_results", help=f"folder for {stem}.md and .json")
+
+
+def run_jobs(jobs: list[tuple[Callable[..., list[Row]], tuple]]) -> tuple[list[Row], list[str]]:
+    """Run each ``(rows function, shape arguments)`` job, printing the table as its rows come; a job
+    that raises is reported in one line on stderr and listed as a failure, the others still run."""
+    rows, failures = [], []
+    print(HEADER, flush=True)
+    for fn, shape in jobs:
+        print(f"{fn.__name__} {shape}", file=sys.stderr, flush=True)
+        try:
+            for row in fn(*shape):
+                rows.append(row)
+                print(format_row(row), flush=True)
+        except Exception as e:  # noqa: BLE001 - one failed row is reported, the others still run
+            print(f"  skipped: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                  file=sys.stderr, flush=True)
+            failures.append(f"{fn.__name__} {shape}: {type(e).__name__}")
+        torch.cuda.empty_cache()
+    return rows, failures
+
+
+def write_report(out: str, stem: str, title: str, rows: list[Row], failures: list[str]) -> None:
+    """``<out>/<stem>.md`` (the title, the table, the failed jobs) and ``<out>/<stem>.json`` (rows,
+    failures, device name)."""
+    lines = [f"# {title}", "", HEADER, *map(format_row, rows)]
+    if failures:
+        lines += ["", "Failed rows: " + "; ".join(failures)]
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
+        json.dump({"rows": [asdict(r) for r in rows], "failures": failures,
+                   "device": torch.cuda.get_device_name()}, f, indent=1)

@@ -16,10 +16,7 @@ N=2048 over 8 experts of uneven 128-aligned token counts; the full run adds 64 g
 """
 
 import argparse
-import json
-import os
 import sys
-from dataclasses import asdict
 from typing import Optional
 
 import torch
@@ -27,7 +24,8 @@ import torch
 import cute_moe
 from cute_moe.testing import calc_diff
 
-from .bench_common import HEADER, Row, format_row, randn, sets_for, time_pair
+from . import bench_common
+from .bench_common import Row, randn, run_jobs, sets_for, time_pair, write_report
 from .command import make_out_dir, module_main, require_gpu
 
 CONTIGUOUS_ALIGNMENT = 128
@@ -135,20 +133,8 @@ def nn_rows(experts: int, tokens: int, k: int, n: int) -> list[Row]:
     return rows
 
 
-def write_report(out: str, rows: list[Row], failures: list[str]) -> None:
-    lines = ["# Training GEMMs against torch._grouped_mm", "", HEADER, *map(format_row, rows)]
-    if failures:
-        lines += ["", "Failed rows: " + "; ".join(failures)]
-    with open(os.path.join(out, "training_bench.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(out, "training_bench.json"), "w") as f:
-        json.dump({"rows": [asdict(r) for r in rows], "failures": failures,
-                   "device": torch.cuda.get_device_name()}, f, indent=1)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="the issue's shapes only (well under a minute)")
-    parser.add_argument("--out", default="bench_results", help="folder for training_bench.md and .json")
+    bench_common.add_arguments(parser, "training_bench", "the issue's shapes only (well under a minute)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -156,20 +142,8 @@ def run(args: argparse.Namespace) -> int:
     make_out_dir(args.out)
     count = 1 if args.quick else len(K_GROUPED_SHAPES)
     jobs = [(k_grouped_rows, s) for s in K_GROUPED_SHAPES[:count]] + [(nn_rows, s) for s in NN_SHAPES[:count]]
-    rows, failures = [], []
-    print(HEADER, flush=True)
-    for fn, shape in jobs:
-        print(f"{fn.__name__} {shape}", file=sys.stderr, flush=True)
-        try:
-            for row in fn(*shape):
-                rows.append(row)
-                print(format_row(row), flush=True)
-        except Exception as e:  # noqa: BLE001 - one failed row is reported, the others still run
-            print(f"  skipped: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                  file=sys.stderr, flush=True)
-            failures.append(f"{fn.__name__} {shape}: {type(e).__name__}")
-        torch.cuda.empty_cache()
-    write_report(args.out, rows, failures)
+    rows, failures = run_jobs(jobs)
+    write_report(args.out, "training_bench", "Training GEMMs against torch._grouped_mm", rows, failures)
     return 1 if failures else 0
 
 

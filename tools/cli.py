@@ -11,7 +11,7 @@ from cute_moe.dispatch import format_config
 from cute_moe.arch import get_backend
 from cute_moe.specs import GemmSpec
 
-from . import bench, bench_fp4, bench_training, precompile, tune
+from . import bench, bench_fp4, bench_fp8_backward, bench_training, precompile, tune
 from .command import OneLineParser, add_debug_flag, call_handler
 
 
@@ -118,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
                               description=bench_training.__doc__.splitlines()[0])
     bench_training.add_arguments(sub)
     sub.set_defaults(handler=bench_training.run)
+
+    sub = commands.add_parser("bench-fp8-backward",
+                              help="benchmark the FP8 backward GEMMs against torch, our BF16 and K-major FP8 ones",
+                              description=bench_fp8_backward.__doc__.splitlines()[0])
+    bench_fp8_backward.add_arguments(sub)
+    sub.set_defaults(handler=bench_fp8_backward.run)
     return parser
 
 

@@ -10,7 +10,7 @@ from typing import Callable
 
 from cute_moe.arch import KernelFamily
 
-from . import fp4_rules, rules
+from . import fp4_rules, fp8_k_grouped_rules, rules
 from .config import MAX_GROUPS, Sm90Config
 
 _KERNELS = Path(__file__).resolve().parent.parent
@@ -22,12 +22,20 @@ GROUPED_GEMM = KernelFamily("sm90_grouped_gemm", tuple(sorted(
 # The FP4-weight family (B widened on chip) subclasses the grouped GEMM's kernel and reuses its signature helpers.
 FP4_GROUPED_GEMM = KernelFamily("sm90_fp4_grouped_gemm", tuple(sorted(
     GROUPED_GEMM.sources + tuple(_KERNELS / "sm90" / name
-                                 for name in ("fp4_grouped_gemm.py", "fp4_signature.py", "fp4_widen_bits.py")))))
+                                 for name in ("fp4_grouped_gemm.py", "fp4_signature.py", "fp4_widen_bits.py",
+                                              "fp4_swap_gemm.py", "fp4_fragment_bits.py")))))
+# The K-grouped FP8 family (1 x 128 scales on both operands) subclasses the grouped GEMM's kernel too.
+FP8_K_GROUPED_GEMM = KernelFamily("sm90_fp8_k_grouped_gemm", tuple(sorted(
+    GROUPED_GEMM.sources + tuple(_KERNELS / "sm90" / name
+                                 for name in ("fp8_k_grouped_gemm.py", "fp8_k_grouped_signature.py")))))
 
 
 def _rules_for(problem):
-    """The rules module of the family that serves ``problem`` (or spec): FP4 weights or the rest."""
-    return fp4_rules if fp4_rules.is_fp4(problem) else rules
+    """The rules module of the family that serves ``problem`` (or spec): FP4 weights, K-grouped FP8
+    or the rest."""
+    if fp4_rules.is_fp4(problem):
+        return fp4_rules
+    return fp8_k_grouped_rules if fp8_k_grouped_rules.is_fp8_k_grouped(problem) else rules
 
 
 class Sm90Backend:
@@ -44,6 +52,9 @@ class Sm90Backend:
 
     @staticmethod
     def can_implement(problem, config: Sm90Config) -> None:
+        if config.swap_ab and not fp4_rules.is_fp4(problem):
+            raise ValueError(f"config: swap_ab=1 selects the FP4-weight swap-AB kernel; B is "
+                             f"{problem.b.dtype}, not fp4_e2m1")
         _rules_for(problem).can_implement(problem, config)
 
     @staticmethod
@@ -82,7 +93,9 @@ class Sm90Backend:
 
     @staticmethod
     def kernel_family(spec) -> KernelFamily:
-        return FP4_GROUPED_GEMM if fp4_rules.is_fp4(spec) else GROUPED_GEMM
+        if fp4_rules.is_fp4(spec):
+            return FP4_GROUPED_GEMM
+        return FP8_K_GROUPED_GEMM if fp8_k_grouped_rules.is_fp8_k_grouped(spec) else GROUPED_GEMM
 
     @staticmethod
     def compile(spec, config: Sm90Config) -> Callable:
@@ -90,6 +103,10 @@ class Sm90Backend:
             from .fp4_signature import compile_fp4_gemm
 
             return compile_fp4_gemm(spec, config)
+        if fp8_k_grouped_rules.is_fp8_k_grouped(spec):
+            from .fp8_k_grouped_signature import compile_fp8_k_grouped_gemm
+
+            return compile_fp8_k_grouped_gemm(spec, config)
         from .signature import compile_grouped_gemm
 
         return compile_grouped_gemm(spec, config)

@@ -72,6 +72,7 @@ FP32_MANTISSA_BITS = 23
 FP32_BIAS = 127
 FP32_SUBNORMAL_2_POW_M127 = 1 << 22  # 2^-127, UE8M0 exponent 0
 FP32_MIN_NORMAL_EXP = 1
+SWIZZLE_ALIGN_BYTES = 1024  # a 128-byte swizzle pattern repeats every 1024 bytes
 
 
 @dsl_user_op
@@ -116,15 +117,10 @@ class Sm90Fp4GroupedGemm(Sm90GroupedGemm):
         stage_bytes += tile_m * SFA_BYTES if self.fp8 else 0
         wide_bytes = WIDE_BUFFERS * tile_n * (tile_k * self.ab_dtype.width // 8 + (4 if self.fp8 else 0))
         epi_bytes = tile_m * EPI_N * self.stage_dtype.width // 8 * EPI_STAGES
-        table_bytes = self.table_len * 4
-        fit = (SMEM_CAPACITY - SMEM_RESERVED_BYTES - epi_bytes - table_bytes - wide_bytes) // stage_bytes
-        self.stages = fit if self.requested_stages == 0 else min(self.requested_stages, fit)
-        if self.stages < 2:
-            raise ValueError(f"stages: tile {self.tile_shape_mnk} leaves room for {fit} stages, need 2")
+        self.stages = self.stage_count(stage_bytes, epi_bytes + wide_bytes)
 
         row_major = LayoutEnum.ROW_MAJOR
-        ab_atom = cute.nvgpu.warpgroup.make_smem_layout_atom(
-            sm90_utils.get_smem_layout_atom(row_major, self.ab_dtype, tile_k), self.ab_dtype)
+        ab_atom = self.k_major_atom()
         self.a_smem_layout = cute.tile_to_shape(ab_atom, (tile_m, tile_k, self.stages), order=(0, 1, 2))
         self.wide_smem_layout = cute.tile_to_shape(ab_atom, (tile_n, tile_k, WIDE_BUFFERS), order=(0, 1, 2))
         self.packed_smem_layout = cute.make_layout(
@@ -135,6 +131,21 @@ class Sm90Fp4GroupedGemm(Sm90GroupedGemm):
             sm90_utils.get_smem_layout_atom(row_major, self.stage_dtype, EPI_N), self.stage_dtype)
         self.epi_smem_layout = cute.tile_to_shape(epi_atom, (*self.epi_tile, EPI_STAGES), order=(0, 1, 2))
 
+    def stage_count(self, stage_bytes: int, fixed_bytes: int) -> int:
+        """Stages of ``stage_bytes`` that fit in shared memory beside ``fixed_bytes``, the group table and
+        the barriers (the requested count when smaller); at least 2."""
+        fit = (SMEM_CAPACITY - SMEM_RESERVED_BYTES - self.table_len * 4 - fixed_bytes) // stage_bytes
+        stages = fit if self.requested_stages == 0 else min(self.requested_stages, fit)
+        if stages < 2:
+            raise ValueError(f"stages: tile {self.tile_shape_mnk} leaves room for {fit} stages, need 2")
+        return stages
+
+    def k_major_atom(self):
+        """The swizzled K-major shared-memory atom of one ``tile_k`` row of ``ab_dtype`` (128 bytes)."""
+        return cute.nvgpu.warpgroup.make_smem_layout_atom(
+            sm90_utils.get_smem_layout_atom(LayoutEnum.ROW_MAJOR, self.ab_dtype, self.tile_shape_mnk[2]),
+            self.ab_dtype)
+
     @cute.jit
     def __call__(self, mA: cute.Tensor, mB: cute.Tensor, mD: cute.Tensor, mC: Optional[cute.Tensor],
                  mSFA: Optional[cute.Tensor], mSFB: cute.Tensor, mGroup: Optional[cute.Tensor],
@@ -143,6 +154,36 @@ class Sm90Fp4GroupedGemm(Sm90GroupedGemm):
         uint8 with SFA MN-major ``[rows, K/128]`` (masked ``[G, Mmax, K/128]``); B packed uint8
         ``[(G,) N, K/2]``; SFB UE8M0 uint8 ``[(G,) N, ceil(K/32)]`` K-major; ``mGroup`` as the grouped
         GEMM's."""
+        mD, mSFB, rows, atoms = self.launch_operands(mA, mB, mD, mSFA, mSFB, mGroup)
+        self.shared_storage = self.storage_struct(
+            sA=(self.ab_dtype, cute.cosize(self.a_smem_layout), SWIZZLE_ALIGN_BYTES),
+            sW=(self.ab_dtype, cute.cosize(self.wide_smem_layout), SWIZZLE_ALIGN_BYTES),
+            sP=(cutlass.Uint8, cute.cosize(self.packed_smem_layout), TMA_ALIGN_BYTES),
+            sSFA=(Float32, cute.cosize(self.sfa_smem_layout) if self.fp8 else 1, TMA_ALIGN_BYTES),
+            sRS=(Float32, cute.cosize(self.row_scale_layout) if self.fp8 else 1, TMA_ALIGN_BYTES),
+            sD=(self.stage_dtype, cute.cosize(self.epi_smem_layout), SWIZZLE_ALIGN_BYTES))
+        self.launch_persistent(
+            self.kernel(*atoms, mSFB, mD, mC, mGroup, rows, self.tiled_mma, self.first_mma, self.a_smem_layout,
+                        self.wide_smem_layout, self.packed_smem_layout, self.sfa_smem_layout, self.row_scale_layout,
+                        self.epi_smem_layout),
+            max_clusters, rows, stream)
+
+    # ------------------------------------------------------------------ launch helpers (both FP4 kernels)
+    def storage_struct(self, **buffers):
+        """The CTA's shared-memory struct: the stage ring's mbarriers, the scheduler's group table, then
+        ``buffers`` in order (name -> (element type, count, alignment in bytes))."""
+        fields = {"mainloop_barriers": cute.struct.MemRange[cutlass.Int64, self.stages * 2],
+                  "group_values": cute.struct.MemRange[Int32, self.table_len]}
+        for name, (dtype, count, alignment) in buffers.items():
+            fields[name] = cute.struct.Align[cute.struct.MemRange[dtype, count], alignment]
+        return cute.struct(type("SharedStorage", (), {"__annotations__": fields}))
+
+    def launch_operands(self, mA: cute.Tensor, mB: cute.Tensor, mD: cute.Tensor, mSFA: Optional[cute.Tensor],
+                        mSFB: cute.Tensor, mGroup: Optional[cute.Tensor]):
+        """``_setup`` for D's type, then the kernels' views of the launch operands (FP8 A as E4M3; masked
+        A and D as 2-D row spaces; B and SFB as (N, K/2 | K/32, G), dense with a unit G mode). Returns
+        D, SFB, the row-space facts ``(max_m, num_groups, num_experts, total_rows)`` and the TMA atoms
+        (``load_atoms``)."""
         self._setup(mD.element_type)
         if cutlass.const_expr(self.fp8):
             mA = cute.recast_tensor(mA, self.ab_dtype)
@@ -163,70 +204,56 @@ class Sm90Fp4GroupedGemm(Sm90GroupedGemm):
             num_experts = mB.shape[0]
             mB = cute.make_tensor(mB.iterator, cute.select(mB.layout, mode=[1, 2, 0]))  # (N, K/2, G)
             mSFB = cute.make_tensor(mSFB.iterator, cute.select(mSFB.layout, mode=[1, 2, 0]))  # (N, K/32, G)
-        total_rows = mA.shape[0]
+        return mD, mSFB, (max_m, num_groups, num_experts, mA.shape[0]), self.load_atoms(mA, mB, mSFA)
 
+    def load_atoms(self, mA: cute.Tensor, mB: cute.Tensor, mSFA: Optional[cute.Tensor]) -> tuple:
+        """TMA atoms and tensors ``(atom_a, a, atom_b, b, atom_sfa, sfa)`` of one stage: the A k-block,
+        B's packed k-block and, FP8, A's scales (else A's atom again, unused)."""
         tile_m, tile_n, tile_k = self.tile_shape_mnk
         tma_atom_a, tma_a = self._make_load_atom(mA, self.a_smem_layout, (tile_m, tile_k), 1)
         tma_atom_b, tma_b = self._make_load_atom(mB, self.packed_smem_layout, (tile_n, self.packed_k), 1)
         tma_atom_sfa, tma_sfa = tma_atom_a, tma_a
         if cutlass.const_expr(self.fp8):
             tma_atom_sfa, tma_sfa = self.sfa_load_atom(mSFA)
+        return tma_atom_a, tma_a, tma_atom_b, tma_b, tma_atom_sfa, tma_sfa
 
-        sfa_len = cute.cosize(self.sfa_smem_layout) if self.fp8 else 1
-        row_scale_len = cute.cosize(self.row_scale_layout) if self.fp8 else 1
-
-        @cute.struct
-        class SharedStorage:
-            mainloop_barriers: cute.struct.MemRange[cutlass.Int64, self.stages * 2]
-            group_values: cute.struct.MemRange[Int32, self.table_len]
-            sA: cute.struct.Align[cute.struct.MemRange[self.ab_dtype, cute.cosize(self.a_smem_layout)], 1024]
-            sW: cute.struct.Align[cute.struct.MemRange[self.ab_dtype, cute.cosize(self.wide_smem_layout)], 1024]
-            sP: cute.struct.Align[cute.struct.MemRange[cutlass.Uint8, cute.cosize(self.packed_smem_layout)],
-                                  TMA_ALIGN_BYTES]
-            sSFA: cute.struct.Align[cute.struct.MemRange[Float32, sfa_len], TMA_ALIGN_BYTES]
-            sRS: cute.struct.Align[cute.struct.MemRange[Float32, row_scale_len], TMA_ALIGN_BYTES]
-            sD: cute.struct.Align[cute.struct.MemRange[self.stage_dtype, cute.cosize(self.epi_smem_layout)], 1024]
-
-        self.shared_storage = SharedStorage
-
+    def launch_persistent(self, kernel, max_clusters: Int32, rows: tuple, stream):
+        """Launch ``kernel`` (a traced ``self.kernel(...)``) on one CTA per resident slot, fewer for dense
+        and contiguous problems with fewer tiles (masked and psum tiles are known only on the device)."""
         num_clusters = max_clusters
         if cutlass.const_expr(self.kind in ("dense", "contiguous")):
-            m_tiles = (total_rows + (tile_m - 1)) // tile_m
+            tile_m = self.tile_shape_mnk[0]
+            m_tiles = (rows[-1] + (tile_m - 1)) // tile_m
             num_clusters = cutlass.max(cutlass.min(max_clusters, m_tiles * self.num_n_clusters), Int32(1))
-        self.kernel(tma_atom_a, tma_a, tma_atom_b, tma_b, tma_atom_sfa, tma_sfa, mSFB, mD, mC, mGroup,
-                    total_rows, max_m, num_groups, num_experts, self.tiled_mma, self.first_mma, self.a_smem_layout,
-                    self.wide_smem_layout, self.packed_smem_layout, self.sfa_smem_layout, self.row_scale_layout,
-                    self.epi_smem_layout).launch(
-            grid=(1, 1, num_clusters),
-            block=[self.threads_per_cta, 1, 1],
-            cluster=(1, 1, 1),
-            min_blocks_per_mp=1,
-            stream=stream,
-        )
+        kernel.launch(grid=(1, 1, num_clusters), block=[self.threads_per_cta, 1, 1], cluster=(1, 1, 1),
+                      min_blocks_per_mp=1, stream=stream)
 
-    # ------------------------------------------------------------------ device code
-    @cute.kernel
-    def kernel(self, tma_atom_a: cute.CopyAtom, mA: cute.Tensor, tma_atom_b: cute.CopyAtom, mB: cute.Tensor,
-               tma_atom_sfa: cute.CopyAtom, mSFA: cute.Tensor, mSFB: cute.Tensor, mD: cute.Tensor,
-               mC: Optional[cute.Tensor], mGroup: Optional[cute.Tensor], total_rows: Int32, max_m: Int32,
-               num_groups: Int32, num_experts: Int32, tiled_mma: cute.TiledMma, first_mma: cute.TiledMma,
-               a_smem_layout: cute.ComposedLayout,
-               wide_smem_layout: cute.ComposedLayout, packed_smem_layout: cute.Layout, sfa_smem_layout: cute.Layout,
-               row_scale_layout: cute.Layout, epi_smem_layout: cute.ComposedLayout):
-        tidx, _, _ = cute.arch.thread_idx()
-        warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+    @cute.jit
+    def prefetch_descriptors(self, warp_idx: Int32, tma_atom_a: cute.CopyAtom, tma_atom_b: cute.CopyAtom,
+                             tma_atom_sfa: cute.CopyAtom):
+        """Warp 0 prefetches the TMA descriptors (A's scales only with FP8)."""
         if warp_idx == 0:
             cute.nvgpu.cpasync.prefetch_descriptor(tma_atom_a)
             cute.nvgpu.cpasync.prefetch_descriptor(tma_atom_b)
             if cutlass.const_expr(self.fp8):
                 cute.nvgpu.cpasync.prefetch_descriptor(tma_atom_sfa)
-        _, _, cluster_id = cute.arch.block_idx()
-        _, _, num_clusters = cute.arch.grid_dim()
 
+    def start_cta(self, tma_atoms: tuple, mGroup: Optional[cute.Tensor], rows: tuple):
+        """The kernels' common start: thread and warp index, TMA descriptor prefetch, shared storage,
+        stage ring and scheduler (``mainloop_and_scheduler``)."""
+        tidx, _, _ = cute.arch.thread_idx()
+        warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        self.prefetch_descriptors(warp_idx, *tma_atoms)
         storage = SmemAllocator().allocate(self.shared_storage)
+        mainloop, scheduler = self.mainloop_and_scheduler(storage, mGroup, rows, tidx)
+        return tidx, warp_idx, storage, mainloop, scheduler
+
+    def mainloop_and_scheduler(self, storage, mGroup: Optional[cute.Tensor], rows: tuple, tidx: Int32):
+        """The stage ring (``PipelineTmaAsync``: transaction bytes of the A k-block, the packed B k-block
+        and, FP8, A's scales; one release per consumer warp) and the tile scheduler, its group table
+        loaded by every thread; barrier init is published (``pipeline_init_wait`` must follow)."""
         tile_m, tile_n, tile_k = self.tile_shape_mnk
-        tx_bytes = (cute.size_in_bytes(self.ab_dtype, cute.slice_(a_smem_layout, (None, None, 0)))
-                    + tile_n * self.packed_k)
+        tx_bytes = tile_m * tile_k * self.ab_dtype.width // 8 + tile_n * self.packed_k
         if cutlass.const_expr(self.fp8):
             tx_bytes += tile_m * SFA_BYTES
         mainloop = pipeline.PipelineTmaAsync.create(
@@ -239,11 +266,42 @@ class Sm90Fp4GroupedGemm(Sm90GroupedGemm):
             cta_layout_vmnk=cute.make_layout((1, 1, 1, 1)),
             defer_sync=True,
         )
+        max_m, num_groups, num_experts, total_rows = rows
+        _, _, num_clusters = cute.arch.grid_dim()
         scheduler = GroupedTileScheduler(
             self.schedule, storage.group_values.get_tensor(cute.make_layout(self.table_len)), mGroup, num_groups,
             total_rows, max_m, num_experts, num_clusters, Int32(0), Int32(0), 1)
         scheduler.load_group_values(tidx, self.threads_per_cta)
         pipeline_init_arrive(cluster_shape_mn=(1, 1), is_relaxed=True)
+        return mainloop, scheduler
+
+    @cute.jit
+    def run_roles(self, tidx: Int32, warp_idx: Int32, producer_args: tuple, consumer_args: tuple):
+        """After barrier init is visible to all: warp 0 runs ``producer`` (its warpgroup's registers
+        lowered), the consumer warpgroups ``consumer`` (registers raised) with their thread index and
+        the CTA's first tile id appended to ``consumer_args`` (the producer gets the tile id too)."""
+        _, _, cluster_id = cute.arch.block_idx()
+        warp_group_idx = cute.arch.make_warp_uniform(tidx // THREADS_PER_WARPGROUP)
+        pipeline_init_wait(cluster_shape_mn=(1, 1))
+        cute.arch.sync_threads()
+        if warp_group_idx == 0:
+            cute.arch.setmaxregister_decrease(PRODUCER_REGS)
+            if warp_idx == 0:
+                self.producer(*producer_args, cluster_id)
+        else:
+            cute.arch.setmaxregister_increase(CONSUMER_REGS)
+            self.consumer(*consumer_args, tidx - THREADS_PER_WARPGROUP, cluster_id)
+
+    # ------------------------------------------------------------------ device code
+    @cute.kernel
+    def kernel(self, tma_atom_a: cute.CopyAtom, mA: cute.Tensor, tma_atom_b: cute.CopyAtom, mB: cute.Tensor,
+               tma_atom_sfa: cute.CopyAtom, mSFA: cute.Tensor, mSFB: cute.Tensor, mD: cute.Tensor,
+               mC: Optional[cute.Tensor], mGroup: Optional[cute.Tensor], rows: tuple, tiled_mma: cute.TiledMma,
+               first_mma: cute.TiledMma, a_smem_layout: cute.ComposedLayout,
+               wide_smem_layout: cute.ComposedLayout, packed_smem_layout: cute.Layout, sfa_smem_layout: cute.Layout,
+               row_scale_layout: cute.Layout, epi_smem_layout: cute.ComposedLayout):
+        tidx, warp_idx, storage, mainloop, scheduler = self.start_cta(
+            (tma_atom_a, tma_atom_b, tma_atom_sfa), mGroup, rows)
 
         sA = storage.sA.get_tensor(a_smem_layout.outer, swizzle=a_smem_layout.inner)
         sW = storage.sW.get_tensor(wide_smem_layout.outer, swizzle=wide_smem_layout.inner)
@@ -251,19 +309,9 @@ class Sm90Fp4GroupedGemm(Sm90GroupedGemm):
         sSFA = storage.sSFA.get_tensor(sfa_smem_layout if self.fp8 else cute.make_layout(1))
         sRS = storage.sRS.get_tensor(row_scale_layout if self.fp8 else cute.make_layout(1))
         sD = storage.sD.get_tensor(epi_smem_layout.outer, swizzle=epi_smem_layout.inner)
-
-        warp_group_idx = cute.arch.make_warp_uniform(tidx // THREADS_PER_WARPGROUP)
-        pipeline_init_wait(cluster_shape_mn=(1, 1))
-        cute.arch.sync_threads()
-        if warp_group_idx == 0:
-            cute.arch.setmaxregister_decrease(PRODUCER_REGS)
-            if warp_idx == 0:
-                self.producer(tma_atom_a, mA, tma_atom_b, mB, tma_atom_sfa, mSFA, sA, sP, sSFA, mainloop, scheduler,
-                              cluster_id)
-        else:
-            cute.arch.setmaxregister_increase(CONSUMER_REGS)
-            self.consumer(tiled_mma, first_mma, sA, sW, sP, sSFA, sRS, sD, mSFB, mD, mC, mainloop, scheduler,
-                          tidx - THREADS_PER_WARPGROUP, cluster_id)
+        self.run_roles(tidx, warp_idx,
+                       (tma_atom_a, mA, tma_atom_b, mB, tma_atom_sfa, mSFA, sA, sP, sSFA, mainloop, scheduler),
+                       (tiled_mma, first_mma, sA, sW, sP, sSFA, sRS, sD, mSFB, mD, mC, mainloop, scheduler))
 
     @cute.jit
     def producer(self, tma_atom_a: cute.CopyAtom, mA: cute.Tensor, tma_atom_b: cute.CopyAtom, mB: cute.Tensor,
@@ -298,6 +346,24 @@ class Sm90Fp4GroupedGemm(Sm90GroupedGemm):
             cursor = scheduler.next(cursor)
         mainloop.producer_tail(state)
 
+    def consumer_states(self, count: int) -> tuple:
+        """``count`` consumer positions in the stage ring, all at its first stage."""
+        return tuple(pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+                     for _ in range(count))
+
+    @staticmethod
+    def set_block_accumulate(tiled_mma: cute.TiledMma, first_mma: cute.TiledMma):
+        """FP8 block accumulators: a block's first WGMMA overwrites (``first_mma``), the others add."""
+        first_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, False)
+        tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
+
+    def mma_slices(self, tiled_mma: cute.TiledMma, consumer_tidx: Int32):
+        """This thread's warpgroup slice of the tiled MMA (operand fragments, shared-memory
+        descriptors) and its thread slice (accumulator coordinates)."""
+        wg_layout = cute.make_layout(self.num_consumer_wgs, stride=THREADS_PER_WARPGROUP)
+        warpgroup = wg_layout(consumer_tidx // THREADS_PER_WARPGROUP)
+        return tiled_mma.get_slice(warpgroup), tiled_mma.get_slice(consumer_tidx)
+
     @cute.jit
     def consumer(self, tiled_mma: cute.TiledMma, first_mma: cute.TiledMma, sA: cute.Tensor, sW: cute.Tensor,
                  sP: cute.Tensor, sSFA: cute.Tensor, sRS: cute.Tensor, sD: cute.Tensor, mSFB: cute.Tensor,
@@ -305,9 +371,7 @@ class Sm90Fp4GroupedGemm(Sm90GroupedGemm):
                  scheduler: GroupedTileScheduler, consumer_tidx: Int32, cluster_id: Int32):
         """Consumer warpgroups: widen B, WGMMA, promote (FP8), then the grouped GEMM's epilogue."""
         tile_m, tile_n, tile_k = self.tile_shape_mnk
-        wg_layout = cute.make_layout(self.num_consumer_wgs, stride=THREADS_PER_WARPGROUP)
-        thr_mma = tiled_mma.get_slice(wg_layout(consumer_tidx // THREADS_PER_WARPGROUP))
-        thr_c = tiled_mma.get_slice(consumer_tidx)
+        thr_mma, thr_c = self.mma_slices(tiled_mma, consumer_tidx)
         tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
         tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sW))
         accumulators = cute.make_rmem_tensor(thr_mma.partition_shape_C((tile_m, tile_n)), self.acc_dtype)
@@ -317,13 +381,11 @@ class Sm90Fp4GroupedGemm(Sm90GroupedGemm):
         r0 = tCcC[0][0]
 
         epilogue = self.make_epilogue(tiled_mma, sD, consumer_tidx)
-        state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
-        release_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+        state, release_state = self.consumer_states(2)
         epi_buffer = Int32(0)
         wide = Int32(0)  # k-blocks widened so far: the widened buffer is wide % WIDE_BUFFERS
         if cutlass.const_expr(self.fp8):
-            first_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, False)
-            tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
+            self.set_block_accumulate(tiled_mma, first_mma)
         cursor = scheduler.start(cluster_id)
         while scheduler.has_tile(cursor):
             tile = scheduler.tile(cursor)

@@ -2,14 +2,20 @@
 and its tuning candidates. Pure functions of a dispatch ``Problem``; no cutlass import.
 
 The family serves the operand pairs whose B is MXFP4 (``fp4_e2m1`` with ``ue8m0_1x32`` exponents):
-A BF16, or A FP8 E4M3 with FP32 scales per row per 128 K. Clusters are 1x1 (the widened B tile is
-private to its CTA), tiles 64 or 128 rows by 64 or 128 columns.
+A BF16, or A FP8 E4M3 with FP32 scales per row per 128 K. Clusters are 1x1 (the widened weights are
+private to their CTA). Two kernels: ``swap_ab=0`` (``fp4_grouped_gemm.py``, B widened in shared
+memory; tiles 64 or 128 rows by 64 or 128 columns) and ``swap_ab=1`` (``fp4_swap_gemm.py``, weights
+widened in registers as WGMMA's A operand; tile_m = 8 .. 128 tokens, tile_n = 64 or 128 weight rows;
+no C). The rules and the tuning candidates use the swap-AB kernel unless ``CUTE_MOE_FP4_SWAP_AB=0``
+(read at each call; its GPU tests pass on an H200); a forced config runs either kernel whatever
+the switch says.
 """
 
 import itertools
 import math
+import os
 
-from .config import MAX_GROUPS, TILE_MS, Sm90Config
+from .config import MAX_GROUPS, SWAP_AB_TILE_MS, TILE_MS, Sm90Config
 from .rules import admitted
 
 FP4_WEIGHTS = ("fp4_e2m1", "k", "ue8m0_1x32")
@@ -51,6 +57,8 @@ def can_implement(problem, config: Sm90Config) -> None:
         raise ValueError(f"config: FP4 kernels run without clusters, got {config.cluster_m}x{config.cluster_n}")
     if config.tile_n not in FP4_TILE_NS:
         raise ValueError(f"config: FP4 kernels take tile_n in {FP4_TILE_NS}, got {config.tile_n}")
+    if config.swap_ab and problem.has_c:
+        raise ValueError("config: the swap-AB FP4 kernel does not add C (swap_ab=0 does)")
     alignment = problem.alignment
     if problem.kind in ("contiguous", "psum") and alignment and alignment % config.tile_m != 0:
         raise ValueError(f"config: {problem.kind} layout aligned to {alignment} rows needs tile_m to divide it, "
@@ -58,14 +66,52 @@ def can_implement(problem, config: Sm90Config) -> None:
 
 
 DECODE_TILE_M = 64  # one WGMMA M extent: rows past expected_m only cost tensor-core time
+SWAP_AB_ENV = "CUTE_MOE_FP4_SWAP_AB"  # "0": the rules and candidates keep the widen-in-shared-memory kernel
+
+
+def swap_ab_enabled() -> bool:
+    """Whether the rules may pick the swap-AB kernel (on unless ``CUTE_MOE_FP4_SWAP_AB=0``)."""
+    return os.environ.get(SWAP_AB_ENV, "1") != "0"
+
+
+SWAP_AB_KINDS = ("masked", "contiguous", "psum")  # kinds the rules route to the swap-AB kernel
+SWAP_AB_MIN_TOKEN_TILE = 16  # expected_m buckets start at 16
+SWAP_AB_PREFILL_TILE = 128  # contiguous / psum without a stated alignment: 128-token tiles
+
+
+def swap_ab_rule(p) -> Sm90Config | None:
+    """Rule "swap-AB" (None with ``CUTE_MOE_FP4_SWAP_AB=0``): masked, contiguous and psum
+    problems run the swap-AB kernel (weights widened in
+    registers as WGMMA's A operand, the tokens as its N). Masked: the token tile is the smallest of
+    16, 32, 64, 128 that holds ``expected_m`` (its bucket; 128 above, and for an unknown hint);
+    contiguous / psum: the largest token tile (128 .. 8) that divides the segment alignment (None, i.e.
+    the other kernel, when none does). ``tile_n`` 128 weight rows (two consumer warpgroups), or 64 when
+    128 would leave SMs idle (masked: known rows)."""
+    if p.kind not in SWAP_AB_KINDS or not swap_ab_enabled():
+        return None
+    tile_n = 128
+    if p.kind == "masked":
+        m = p.expected_m
+        token_tile = SWAP_AB_TILE_MS[-1]
+        if m > 0:
+            token_tile = next((t for t in SWAP_AB_TILE_MS if t >= max(m, SWAP_AB_MIN_TOKEN_TILE)), token_tile)
+        if m and p.num_groups * math.ceil(m / token_tile) * math.ceil(p.n / tile_n) < p.num_sms:
+            tile_n = 64
+        return Sm90Config(tile_m=token_tile, tile_n=tile_n, swap_ab=1)
+    alignment = p.alignment or SWAP_AB_PREFILL_TILE
+    token_tile = next((t for t in reversed(SWAP_AB_TILE_MS) if alignment % t == 0), None)
+    return None if token_tile is None else Sm90Config(tile_m=token_tile, tile_n=tile_n, swap_ab=1)
 
 
 def rule_config(p) -> Sm90Config:
-    """Rules: 64-row tiles when at most 64 rows per group are expected (decode: the tensor cores run
-    64 x tile_n x K whatever the token count, and with the byte-permute widening overlapped with the
-    WGMMAs a 128-row tile would double that time for nothing), and when the segment alignment is not
-    a multiple of 128; 128-row tiles (two consumer warpgroups) otherwise. 128-column tiles, or 64 when
+    """Rules: ``swap_ab_rule`` when it applies. Otherwise (dense, odd segment alignments) the
+    widen-in-shared-memory kernel: 64-row tiles when at most 64 rows per group are expected
+    (the tensor cores run 64 x tile_n x K whatever the token count) or the segment alignment is not a
+    multiple of 128, 128-row tiles (two consumer warpgroups) otherwise; 128-column tiles, or 64 when
     128 would leave SMs idle (known rows)."""
+    swap = swap_ab_rule(p)
+    if swap is not None:
+        return swap
     m = p.expected_m
     decode = 0 < m <= DECODE_TILE_M
     tile_m = 64 if decode or (p.kind in ("contiguous", "psum") and p.alignment % 128 != 0) else 128
@@ -77,6 +123,9 @@ def rule_config(p) -> Sm90Config:
 
 
 def candidate_configs(p) -> list[Sm90Config]:
-    """The tuning search space: every tile the problem admits, no cluster."""
-    return admitted(p, (Sm90Config(tile_m=tile_m, tile_n=tile_n)
-                        for tile_m, tile_n in itertools.product(TILE_MS, FP4_TILE_NS)), can_implement)
+    """The tuning search space: every tile the problem admits, no cluster; the swap-AB kernel's tiles
+    too when it is enabled (``swap_ab_enabled``)."""
+    shared = (Sm90Config(tile_m=tile_m, tile_n=tile_n) for tile_m, tile_n in itertools.product(TILE_MS, FP4_TILE_NS))
+    swap = (Sm90Config(tile_m=tile_m, tile_n=tile_n, swap_ab=1)
+            for tile_m, tile_n in itertools.product(SWAP_AB_TILE_MS, FP4_TILE_NS) if swap_ab_enabled())
+    return admitted(p, itertools.chain(shared, swap), can_implement)

@@ -16,6 +16,7 @@ from cute_moe.specs import GemmSpec
 
 from .config import Sm90Config
 from .fp4_grouped_gemm import MX_BLOCK, Sm90Fp4GroupedGemm
+from .fp4_swap_gemm import Sm90Fp4SwapGemm
 from .signature import ALIGN_BYTES, _row_major, row_space_arguments
 
 
@@ -43,7 +44,12 @@ def fake_arguments(spec: GemmSpec) -> tuple:
 
 
 def compile_fp4_gemm(spec: GemmSpec, config: Sm90Config):
-    """Compile the SM90 FP4-weight kernel for ``spec`` with ``config``; returns the TVM-FFI function."""
-    kernel = Sm90Fp4GroupedGemm(spec.kind, spec.a.scaled, config.tile_m, config.tile_n, config.stages, config.panel,
-                                spec.n, spec.k, spec.has_c, spec.alignment)
+    """Compile the SM90 FP4-weight kernel for ``spec`` with ``config`` (``config.swap_ab``: the swap-AB
+    kernel, else the widen-in-shared-memory one); returns the TVM-FFI function."""
+    if config.swap_ab:
+        kernel = Sm90Fp4SwapGemm(spec.kind, spec.a.scaled, config.tile_m, config.tile_n, config.stages, config.panel,
+                                 spec.n, spec.k, spec.alignment)
+    else:
+        kernel = Sm90Fp4GroupedGemm(spec.kind, spec.a.scaled, config.tile_m, config.tile_n, config.stages,
+                                    config.panel, spec.n, spec.k, spec.has_c, spec.alignment)
     return cute.compile(kernel, *fake_arguments(spec), options=f"--enable-tvm-ffi --gpu-arch {spec.arch}")
