@@ -206,6 +206,7 @@ def test_fp4_contiguous(pair, use_psum_layout, config):
         check_contiguous_op(pair, contiguous_counts(7 if pair == "bf16xfp4" else 5), use_psum_layout)
 
 
+@BOTH_KERNELS
 def test_bf16_fp4_extreme_block_exponents_are_exact(config):
     """Exponents from 2^-40 to 2^40 in one row: BF16 keeps FP32's range, so the widening stays exact."""
     g, max_m = 3, 16
