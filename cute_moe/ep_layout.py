@@ -4,16 +4,21 @@ One ``EPGeometry`` fixes everything a compiled EP kernel depends on; docs/ep.md 
 Per rank, the symmetric buffer holds (offsets 128-byte aligned, ``P`` = 2 parities, ``R`` ranks,
 ``Tm`` = num_max_tokens_per_rank, ``K`` = num_topk):
 
-    dispatch_arrive  u64[R]            row arrivals from each source rank (monotonic, never reset)
-    routing_arrive   u64[R]            routing arrivals (psum layout: counts final before the rows)
+    routing_arrive   u64[R]            arrivals of each source rank's CTAs once they routed (and, in
+                                       the masked layout, sent) everything (monotonic, never reset)
     combine_arrive   u64[R]            same for combine
-    dispatch_ntok    i32[P][R]         tokens each source sent in the call of that parity
+    dispatch_tokens  u64[P][R]         (call + 1) << 32 | tokens each source sends in the call of that
+                                       parity (an epoch word: no reset)
+    dispatch_flags   u32[P][R][Tm][C]  call + 1 once chunk c of (source, token) arrived (chunk 0 also
+                                       carries the token's routing in the masked layout)
     expert_counters  i32[P][L]         rows of each local expert, incremented by every source rank
     meta_idx         i32[P][R][Tm][K]  local expert of (source, token, slot) on this rank, -1 if none
     meta_pos         i32[P][R][Tm][K]  its position inside that expert (the sender's atomic)
     meta_weight      f32[P][R][Tm][K]  its routing weight
     dispatch_rows    u8[P][R][Tm][row_stride]   token rows (payload, then FP32 scales if FP8)
     combine_rows     u8[P][R][Tm][hidden * 2]   BF16 partial sums sent back by each expert rank
+
+``C`` = ``row_chunks``: a row moves in chunks of ``32 * COPY_PER_LANE`` 16-byte vectors.
 """
 
 from dataclasses import dataclass
@@ -25,6 +30,16 @@ PARITIES = 2  # double-buffered staging: call n uses parity n % 2
 MAX_RANKS = 8  # the missing-rank mask and the tests cover up to 8 ranks
 MAX_TOPK = 32  # one lane per top-k slot
 LAYOUTS = ("masked", "psum")
+COPY_PER_LANE = 7  # 16-byte vectors per lane in one unit of row copying (a chunk of 32 * 7 vectors)
+
+
+def num_chunks(num_vecs: int, per_lane: int) -> int:
+    """Chunks of ``32 * per_lane`` vectors covering a row of ``num_vecs`` 16-byte vectors. Row work
+    is split into chunks so that even a few rows keep every warp of the grid busy: a warp handles one
+    (row, chunk) unit at a time and issues all its loads before their first use (the loads and stores
+    are opaque inline asm that may alias, so a load->store->load loop would serialize one memory
+    round trip per vector)."""
+    return -(-num_vecs // (32 * per_lane))
 
 
 def align_up(x: int, a: int) -> int:
@@ -62,6 +77,11 @@ class EPGeometry:
         return align_up(self.payload_bytes, VECTOR_BYTES) + align_up(self.scale_blocks * 4, VECTOR_BYTES)
 
     @property
+    def row_chunks(self) -> int:
+        """Chunks of one token row's payload (the unit of row copies and of arrival flags)."""
+        return num_chunks(self.payload_bytes // VECTOR_BYTES, COPY_PER_LANE)
+
+    @property
     def max_m(self) -> int:
         """Masked layout rows per expert: every rank may send every token to one expert."""
         return self.num_ranks * self.max_tokens
@@ -88,10 +108,10 @@ class EPGeometry:
         """Byte offset of each region of the symmetric buffer, plus 'total'."""
         r, tm, k, p = self.num_ranks, self.max_tokens, self.num_topk, PARITIES
         sizes = [
-            ("dispatch_arrive", 8 * r),
             ("routing_arrive", 8 * r),
             ("combine_arrive", 8 * r),
-            ("dispatch_ntok", 4 * p * r),
+            ("dispatch_tokens", 8 * p * r),
+            ("dispatch_flags", 4 * p * r * tm * self.row_chunks),
             ("expert_counters", 4 * p * self.local_experts),
             ("meta_idx", 4 * p * r * tm * k),
             ("meta_pos", 4 * p * r * tm * k),

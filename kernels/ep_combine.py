@@ -21,10 +21,10 @@ import cutlass
 import cutlass.cute as cute
 from cutlass.cute.typing import Float32, Int32, Int64
 
-from cute_moe.ep_layout import PARITIES, VECTOR_BYTES, EPGeometry
+from cute_moe.ep_layout import PARITIES, VECTOR_BYTES, EPGeometry, num_chunks
 
 from .ep_ptx import (bits_to_f32, chunk_vector, exchange_arrivals, ld_b32, ld_b64, ld_v4_pred, load_expert_id,
-                     num_chunks, pack_bf16x2, st_b32, st_v4_pred, unpack_bf16x2, vector_inside, warp_or)
+                     pack_bf16x2, source_tokens, st_b32, st_v4_pred, unpack_bf16x2, vector_inside, warp_or)
 
 THREADS = 256
 WARPS = THREADS // 32
@@ -125,14 +125,14 @@ class EPCombineKernel:
         row_vecs = row_bytes // VECTOR_BYTES
         tmax = Int32(0)  # loop over the tokens received, not over the buffer's maximum
         for r in cutlass.range_constexpr(R):
-            tmax = cutlass.max(tmax, ld_b32(home + self.off["dispatch_ntok"] + Int64(dispatch_parity * R + r) * 4))
+            tmax = cutlass.max(tmax, source_tokens(home + self.off["dispatch_tokens"], dispatch_parity, R, r))
         per_lane = _per_lane(K)
         C = num_chunks(row_vecs, per_lane)
         for u in cutlass.range(gwarp, R * tmax * C, g.num_ctas * WARPS):
             c = u % C
             src = u // C % R  # sources interleaved: local and NVLink stores overlap
             t = u // C // R
-            ntok = ld_b32(home + self.off["dispatch_ntok"] + Int64(dispatch_parity * R + src) * 4)
+            ntok = source_tokens(home + self.off["dispatch_tokens"], dispatch_parity, R, src)
             if t < ntok:
                 local = Int32(-1)
                 row = Int32(-1)

@@ -4,36 +4,39 @@ lays the rows this rank receives out for the grouped GEMMs (masked or psum layou
 Roles (every CTA runs every phase; the grid is <= the SM count, so all CTAs are co-resident):
   routing  one warp per (token, destination rank): for each top-k slot that rank owns, the slot's
            position inside its expert comes from a system-scope atomic on that rank's expert
-           counter; the warp writes (local expert or -1, position, weight) into the peer's routing
+           counter; the warp writes (local expert or -1, position, weight) into the rank's routing
            staging. Positions are taken by the sender, so no phase needs a grid barrier.
   rows     one warp per (token, other rank, chunk of the row) when the token has a slot there:
-           16-byte stores of the chunk into the peer's row staging (FP8 scales with chunk 0). A
-           token is sent once per destination rank, whatever its number of slots there; rows for
+           16-byte stores of the chunk into the peer's row staging (FP8 scales with chunk 0), then
+           a warp barrier and one ``st.release.sys`` of the chunk's arrival flag (the call's epoch).
+           A token is sent once per destination rank, whatever its number of slots there; rows for
            this rank itself are never staged (the layout copy reads ``x``).
-  signal   CTA barrier, fence.acq_rel.sys, +1 on every rank's arrival word for this rank.
-  expand   one warp per (source, token, chunk): the chunk is loaded once (from ``x`` for this rank's
-           own tokens, from the staging otherwise) and stored into the layout row of each of the
-           token's slots here; chunk 0 also stores the scales (MN-major), src_info and the handle's
-           row map ``slot_row``.
-  publish  per local expert: raw count, masked_m = min(count, max_m) or psum end, stats.
+  expand   one warp per (source, token, chunk): waits for that chunk's flag only, loads the chunk
+           once (from ``x`` for this rank's own tokens, from the staging otherwise) and stores it
+           into the layout row of each of the token's slots here; chunk 0 also stores the scales
+           (MN-major), src_info and the handle's row map ``slot_row``. Copies of early tokens
+           overlap the transfer of later ones.
+  publish  per local expert: raw count, masked_m = min(count, max_m) or psum end, stats; after
+           every rank's CTAs signalled ``routing_arrive`` (fence.acq_rel.sys, then +1 per CTA).
 
-Masked layout (low latency): route to this rank; signal this rank only (a fence over local
-writes: cheap); send rows, then route to the others (their remote atomics' round trips overlap the
-rows on the wire); wait for this rank's own routing signal (every CTA of this rank has routed, so its
-positions are visible) and expand its own tokens while the rows are on the wire; signal every rank
-(rows, and routing to the others); wait for the others; publish; expand their tokens.
+Masked layout (low latency): the routing of a (token, other rank) pair travels with the token's
+chunk 0 (same warp, same flag), own tokens' routing gets a flag in this rank's buffer, and each
+source's token count is an epoch word (``dispatch_tokens``) written at the start: the only waits
+are per chunk, except the last CTA's wait for every rank's routing before it publishes the counts.
 Psum layout (throughput): segment starts need every count first, so routing is signalled to every
 rank before any row moves; then SENDER_FRACTION of the CTAs send rows over NVLink while the others
 wait for every rank's routing, scan the counts (each CTA's warp 0, into its own scratch row) and
-expand this rank's own tokens from HBM; signal rows; wait; every CTA expands the other ranks' tokens.
+expand this rank's own tokens from HBM; every CTA then expands the other ranks' tokens, chunk by
+chunk as their flags arrive.
 
-Each arrival word (routing, rows) advances by the grid size on every call of either layout, so the
-layouts can alternate on one buffer.
-Expert counters live in the symmetric buffer, double-buffered by call parity: CTA 0 zeroes the
-other parity's counters before its first signal (every increment of that parity by any rank
-happened before that rank's signals of the previous call, which this rank waited for; the next
-increments come after this call's signals). Each CTA then bumps its own call counter. Row order
-inside an expert is not deterministic (atomics); src_info names each row.
+Every CTA of every rank signals ``routing_arrive`` once per call in both layouts, so the layouts can
+alternate on one buffer, and some CTA of every call waits for every rank's signal of the same call:
+a rank's call n + 2 (which reuses call n's staging parity) starts only after every peer finished
+call n. Expert counters live in the symmetric buffer, double-buffered by call parity: CTA 0 zeroes
+the other parity's counters before its signal (every increment of that parity by any rank happened
+before that rank's signal of the previous call, which this rank waited for; the next increments come
+after this call's signals). Each CTA then bumps its own call counter. Row order inside an expert is
+not deterministic (atomics); src_info names each row.
 """
 
 import cutlass
@@ -42,19 +45,25 @@ from cutlass.cute.typing import Int32, Int64
 
 from cute_moe.ep_layout import PARITIES, VECTOR_BYTES, EPGeometry, align_up
 
-from .ep_ptx import (COPY_PER_LANE, RANKS_ALL, RANKS_OTHERS, RANKS_SELF, atomic_add_sys_u32, await_ranks, copy_chunks,
-                     ld_b32, ld_b64, load_expert_id, num_chunks, signal_ranks, st_b32)
+from .ep_ptx import (RANKS_ALL, atomic_add_sys_u32, await_ranks, copy_chunks, fence_sys, ld_b32, ld_b64,
+                     load_expert_id, record_timeout, signal_ranks, source_tokens, st_b32, st_relaxed_sys_b32,
+                     st_release_sys_b32, st_release_sys_b64, wait_counter, wait_flag)
 
-THREADS = 256
-WARPS = THREADS // 32
+# Threads per CTA, by (layout, FP8 payload), measured on 2 H200 at hidden 7168 (docs/ep.md): the
+# masked layout's latency is best with 256 (512: 17.9 -> 25.0 µs at 128 BF16 tokens); BF16 psum
+# copies keep more rows in flight with 512 (8192 tokens: 543 -> 493 µs); FP8 psum rows are half as
+# long and 512 measured slower (406 -> 444 µs).
+THREADS = {("masked", False): 256, ("masked", True): 256, ("psum", False): 512, ("psum", True): 256}
 OP_DISPATCH = 1  # error record op codes (cute_moe/ep.py names them)
 OP_DISPATCH_ROUTING = 2
 SENDER_FRACTION = 0.5  # psum layout: CTAs sending rows over NVLink while the others lay out own tokens
+FLAG_BATCH = 8  # psum layout: units a sending warp copies before one fence releases all their flags
+EPOCH_SHIFT = 32  # dispatch_tokens word: epoch in the high half, token count in the low half
 
 
 @cute.jit
 def first_worker(worker: Int32, workers: Int32, busy: Int32) -> Int32:
-    """Loop start of ``worker`` (of ``workers``) when the first ``busy`` units of the previous loop
+    """Loop start of ``worker`` (of ``workers``) when the first ``busy`` units of the previous loops
     went to the same workers in order: the workers they kept busy take the last units instead."""
     return (worker + workers - busy % workers) % workers
 
@@ -67,7 +76,9 @@ class EPDispatchKernel:
         self.layout = layout
         self.idx_bytes = idx_bytes
         self.off = geom.offsets()
-        self.chunks = num_chunks(geom.payload_bytes // VECTOR_BYTES, COPY_PER_LANE)
+        self.chunks = geom.row_chunks
+        self.threads = THREADS[(layout, geom.fp8)]
+        self.warps = self.threads // 32
 
     @cute.jit
     def __call__(self, x: Int64, x_scales: Int64, topk_idx: Int64, topk_w: Int64, num_tokens: Int32, peers: Int64,
@@ -78,7 +89,7 @@ class EPDispatchKernel:
         calls = Int64(calls_tensor.iterator.toint())
         self.kernel(x, x_scales, topk_idx, topk_w, num_tokens, peers, rank, calls, slot_row, scan, err, out_x,
                     out_scales, out_counts, out_raw_counts, out_src_info, stats,
-                    timeout_ns).launch(grid=(self.g.num_ctas, 1, 1), block=(THREADS, 1, 1), stream=stream)
+                    timeout_ns).launch(grid=(self.g.num_ctas, 1, 1), block=(self.threads, 1, 1), stream=stream)
 
     @cute.kernel
     def kernel(self, x: Int64, x_scales: Int64, topk_idx: Int64, topk_w: Int64, num_tokens: Int32, peers: Int64,
@@ -90,52 +101,50 @@ class EPDispatchKernel:
         cta, _, _ = cute.arch.block_idx()
         lane = tid % 32
         warp = tid // 32
-        gwarp = cta * WARPS + warp
-        gthread = cta * THREADS + tid
+        gwarp = cta * self.warps + warp
         call = ld_b32(calls + Int64(cta) * 4)
         parity = call % PARITIES
-        target = Int64(call + 1) * g.num_ctas
+        epoch = call + 1
+        target = Int64(epoch) * g.num_ctas
         home = ld_b64(peers + Int64(rank) * 8)
         out = (x, x_scales, slot_row, out_x, out_scales, out_src_info)
-        everyone = g.num_ctas * WARPS
+        everyone = g.num_ctas * self.warps
+        waits = (epoch, timeout_ns, err, rank)
 
         if cta == 0:
-            for e in cutlass.range(tid, L, THREADS):
+            for e in cutlass.range(tid, L, self.threads):
                 st_b32(home + self.off["expert_counters"] + Int64((1 - parity) * L + e) * 4, Int32(0))
             if tid < R:
                 peer = ld_b64(peers + Int64(tid) * 8)
-                st_b32(peer + self.off["dispatch_ntok"] + Int64(parity * R + rank) * 4, num_tokens)
+                st_release_sys_b64(peer + self.off["dispatch_tokens"] + Int64(parity * R + rank) * 8,
+                                   (Int64(epoch) << EPOCH_SHIFT) | Int64(num_tokens))
         if cutlass.const_expr(self.layout == "masked"):
-            self.route(topk_idx, topk_w, num_tokens, peers, rank, parity, RANKS_SELF, gwarp, everyone, lane, 0)
+            self.produce_masked(x, x_scales, topk_idx, topk_w, num_tokens, peers, home, rank, parity, epoch, gwarp,
+                                everyone, lane)
             cute.arch.sync_threads()
             if tid == 0:
-                signal_ranks(peers, rank, R, ((self.off["routing_arrive"], RANKS_SELF),))
-            self.send_rows(x, x_scales, topk_idx, num_tokens, peers, rank, parity, gwarp, everyone, lane)
-            self.route(topk_idx, topk_w, num_tokens, peers, rank, parity, RANKS_OTHERS, gwarp, everyone, lane,
-                       num_tokens * (R - 1) * self.chunks)
-            ok = await_ranks(home, self.off["routing_arrive"], rank, R, RANKS_SELF, target, timeout_ns, err,
-                             OP_DISPATCH_ROUTING, warp, lane)
-            if ok != 0:
-                self.expand(home, num_tokens, rank, parity, cta, scan, gwarp, everyone, lane, out, True)
-            cute.arch.sync_threads()
-            if tid == 0:
-                signal_ranks(peers, rank, R, ((self.off["dispatch_arrive"], RANKS_ALL),
-                                              (self.off["routing_arrive"], RANKS_OTHERS)))
-            if ok != 0:
-                ok = await_ranks(home, self.off["dispatch_arrive"], rank, R, RANKS_OTHERS, target, timeout_ns, err,
-                                 OP_DISPATCH, warp, lane)
-            if ok != 0:
-                self.publish(home, scan, parity, cta, gthread, g.num_ctas * THREADS, out_counts, out_raw_counts,
-                             stats)
-                self.expand(home, num_tokens, rank, parity, cta, scan, gwarp, everyone, lane, out, False)
+                signal_ranks(peers, rank, R, ((self.off["routing_arrive"], RANKS_ALL),))
+            produced = num_tokens * (1 + (R - 1) * self.chunks)
+            alive = self.expand(home, num_tokens, rank, parity, cta, scan,
+                                first_worker(gwarp, everyone, produced), everyone, lane, out, waits, Int32(1), True,
+                                True)
+            alive = self.expand(home, num_tokens, rank, parity, cta, scan,
+                                first_worker(gwarp, everyone, produced + num_tokens * self.chunks), everyone, lane,
+                                out, waits, alive, False, True)
+            if cta == g.num_ctas - 1:
+                ok = await_ranks(home, self.off["routing_arrive"], rank, R, RANKS_ALL, target, timeout_ns, err,
+                                 OP_DISPATCH_ROUTING, warp, lane)
+                if ok != 0:
+                    self.publish(home, scan, parity, cta, tid, self.threads, out_counts, out_raw_counts, stats)
         else:
             senders = int(g.num_ctas * SENDER_FRACTION) if R > 1 else 0
-            self.route(topk_idx, topk_w, num_tokens, peers, rank, parity, RANKS_ALL, gwarp, everyone, lane, 0)
+            self.route(topk_idx, topk_w, num_tokens, peers, rank, parity, gwarp, everyone, lane)
             cute.arch.sync_threads()
             if tid == 0:
                 signal_ranks(peers, rank, R, ((self.off["routing_arrive"], RANKS_ALL),))
             if cta < senders:
-                self.send_rows(x, x_scales, topk_idx, num_tokens, peers, rank, parity, gwarp, senders * WARPS, lane)
+                self.send_rows(x, x_scales, topk_idx, num_tokens, peers, rank, parity, epoch, gwarp, senders * self.warps,
+                               lane)
             ok = await_ranks(home, self.off["routing_arrive"], rank, R, RANKS_ALL, target, timeout_ns, err,
                              OP_DISPATCH_ROUTING, warp, lane)
             if ok != 0:
@@ -143,22 +152,17 @@ class EPDispatchKernel:
                     self.scan_segments(home, scan, parity, cta, lane)
                 cute.arch.sync_threads()
                 if cta == g.num_ctas - 1:
-                    self.publish(home, scan, parity, cta, tid, THREADS, out_counts, out_raw_counts, stats)
+                    self.publish(home, scan, parity, cta, tid, self.threads, out_counts, out_raw_counts, stats)
                 if cta >= senders:
-                    self.expand(home, num_tokens, rank, parity, cta, scan, gwarp - senders * WARPS,
-                                everyone - senders * WARPS, lane, out, True)
-            cute.arch.sync_threads()
-            if tid == 0:
-                signal_ranks(peers, rank, R, ((self.off["dispatch_arrive"], RANKS_ALL),))
-            if ok != 0:
-                ok = await_ranks(home, self.off["dispatch_arrive"], rank, R, RANKS_ALL, target, timeout_ns, err,
-                                 OP_DISPATCH, warp, lane)
-            if ok != 0:
-                self.expand(home, num_tokens, rank, parity, cta, scan, gwarp, everyone, lane, out, False)
+                    self.expand(home, num_tokens, rank, parity, cta, scan, gwarp - senders * self.warps,
+                                everyone - senders * self.warps, lane, out, waits, Int32(1), True, False)
+                self.expand(home, num_tokens, rank, parity, cta, scan, gwarp, everyone, lane, out, waits, Int32(1),
+                            False, False)
         cute.arch.sync_threads()
         if tid == 0:
             st_b32(calls + Int64(cta) * 4, call + 1)
 
+    # ------------------------------------------------------------------ producer side
     @cute.jit
     def owned_by(self, topk_idx: Int64, t: Int32, r: Int32, lane: Int32) -> Int32:
         """Lane k < K: the local id on rank ``r`` of token ``t``'s slot k if ``r`` owns it, else -1."""
@@ -172,61 +176,146 @@ class EPDispatchKernel:
         return local
 
     @cute.jit
-    def route(self, topk_idx: Int64, topk_w: Int64, num_tokens: Int32, peers: Int64, rank: Int32, parity: Int32,
-              dests: cutlass.Constexpr[int], worker: Int32, workers: Int32, lane: Int32, busy: Int32):
-        """Routing: warp per (token, destination rank) for the destinations ``dests`` (this rank, the
-        others, all); lane k < K handles slot k. The first ``busy`` workers (still sending) start last."""
+    def route_token(self, topk_idx: Int64, topk_w: Int64, t: Int32, r: Int32, peer: Int64, rank: Int32,
+                    parity: Int32, lane: Int32) -> Int32:
+        """Routing of token ``t`` to rank ``r`` (buffer at ``peer``), lane k < K for slot k: a position
+        from r's expert counter if r owns the slot, then (local expert or -1, position, weight) into
+        r's routing staging. Returns the lane's local expert id (-1 if none)."""
         g = self.g
         R, L, K, TM = g.num_ranks, g.local_experts, g.num_topk, g.max_tokens
-        per_token = R
-        if cutlass.const_expr(dests == RANKS_SELF):
-            per_token = 1
-        if cutlass.const_expr(dests == RANKS_OTHERS):
-            per_token = R - 1
-        if cutlass.const_expr(per_token > 0):
-            for u in cutlass.range(first_worker(worker, workers, busy), num_tokens * per_token, workers):
-                t = u // per_token
-                r = u % per_token
-                if cutlass.const_expr(dests == RANKS_SELF):
-                    r = rank
-                if cutlass.const_expr(dests == RANKS_OTHERS):
-                    r = (rank + 1 + u % per_token) % R
-                local = self.owned_by(topk_idx, t, r, lane)
-                peer = ld_b64(peers + Int64(r) * 8)
-                pos = Int32(-1)
-                if local >= 0:
-                    pos = atomic_add_sys_u32(peer + self.off["expert_counters"] + Int64(parity * L + local) * 4,
-                                             Int32(1))
-                if lane < K:
-                    entry = (Int64((parity * R + rank) * TM + t) * K + lane) * 4
-                    st_b32(peer + self.off["meta_idx"] + entry, local)
-                    st_b32(peer + self.off["meta_pos"] + entry, pos)
-                    st_b32(peer + self.off["meta_weight"] + entry, ld_b32(topk_w + Int64(t * K + lane) * 4))
+        local = self.owned_by(topk_idx, t, r, lane)
+        pos = Int32(-1)
+        if local >= 0:
+            pos = atomic_add_sys_u32(peer + self.off["expert_counters"] + Int64(parity * L + local) * 4, Int32(1))
+        if lane < K:
+            entry = (Int64((parity * R + rank) * TM + t) * K + lane) * 4
+            st_b32(peer + self.off["meta_idx"] + entry, local)
+            st_b32(peer + self.off["meta_pos"] + entry, pos)
+            st_b32(peer + self.off["meta_weight"] + entry, ld_b32(topk_w + Int64(t * K + lane) * 4))
+        return local
+
+    @cute.jit
+    def route(self, topk_idx: Int64, topk_w: Int64, num_tokens: Int32, peers: Int64, rank: Int32, parity: Int32,
+              worker: Int32, workers: Int32, lane: Int32):
+        """Psum routing: warp per (token, destination rank), every rank."""
+        R = self.g.num_ranks
+        for u in cutlass.range(worker, num_tokens * R, workers):
+            r = u % R
+            self.route_token(topk_idx, topk_w, u // R, r, ld_b64(peers + Int64(r) * 8), rank, parity, lane)
+
+    @cute.jit
+    def flag_addr(self, base: Int64, parity: Int32, src: Int32, t: Int32, c: Int32) -> Int64:
+        """Arrival flag of chunk ``c`` of (source ``src``, token ``t``) in the buffer at ``base``."""
+        g = self.g
+        return base + self.off["dispatch_flags"] + ((Int64(parity * g.num_ranks + src) * g.max_tokens + t)
+                                                    * self.chunks + c) * 4
+
+    @cute.jit
+    def release_flag(self, base: Int64, parity: Int32, src: Int32, t: Int32, c: Int32, epoch: Int32, lane: Int32):
+        """Warp barrier (orders every lane's stores of the unit), then lane 0 releases the flag."""
+        cute.arch.sync_warp()
+        if lane == 0:
+            st_release_sys_b32(self.flag_addr(base, parity, src, t, c), epoch)
+
+    @cute.jit
+    def send_chunk(self, x: Int64, x_scales: Int64, t: Int32, c: Int32, peer: Int64, rank: Int32, parity: Int32,
+                   lane: Int32):
+        """Chunk ``c`` of token ``t``'s row (and, with chunk 0, its FP8 scales) into the peer's staging."""
+        g = self.g
+        R, TM = g.num_ranks, g.max_tokens
+        dst = peer + self.off["dispatch_rows"] + Int64((parity * R + rank) * TM + t) * g.row_stride
+        copy_chunks(x + Int64(t) * g.payload_bytes, [(dst, Int32(1))], lane, [c], g.payload_bytes // VECTOR_BYTES)
+        if cutlass.const_expr(g.fp8):
+            if c == 0:
+                scale_at = align_up(g.payload_bytes, VECTOR_BYTES)
+                for j in cutlass.range(lane, g.scale_blocks, 32):
+                    st_b32(dst + scale_at + Int64(j) * 4, ld_b32(x_scales + Int64(t * g.scale_blocks + j) * 4))
+
+    @cute.jit
+    def produce_masked(self, x: Int64, x_scales: Int64, topk_idx: Int64, topk_w: Int64, num_tokens: Int32,
+                       peers: Int64, home: Int64, rank: Int32, parity: Int32, epoch: Int32, worker: Int32,
+                       workers: Int32, lane: Int32):
+        """Masked producer units, warp-strided: first one per own token (routing here, then its flag in
+        this rank's buffer), then one per (token, other rank, chunk): chunk 0 routes the token to that
+        rank; the chunk's rows go out if the rank owns a slot; the flag follows (always for chunk 0,
+        which carries the routing)."""
+        g = self.g
+        R, C = g.num_ranks, self.chunks
+        for u in cutlass.range(worker, num_tokens * (1 + (R - 1) * C), workers):
+            if u < num_tokens:
+                self.route_token(topk_idx, topk_w, u, rank, home, rank, parity, lane)
+                self.release_flag(home, parity, rank, u, 0, epoch, lane)
+            else:
+                if cutlass.const_expr(R > 1):
+                    v = u - num_tokens
+                    c = v % C
+                    w = v // C
+                    t = w // (R - 1)
+                    r = (rank + 1 + w % (R - 1)) % R
+                    peer = ld_b64(peers + Int64(r) * 8)
+                    local = Int32(-1)
+                    if c == 0:
+                        local = self.route_token(topk_idx, topk_w, t, r, peer, rank, parity, lane)
+                    else:
+                        local = self.owned_by(topk_idx, t, r, lane)
+                    owned = cute.arch.vote_any_sync(local >= 0)
+                    if owned:
+                        self.send_chunk(x, x_scales, t, c, peer, rank, parity, lane)
+                    if owned or c == 0:
+                        self.release_flag(peer, parity, rank, t, c, epoch, lane)
 
     @cute.jit
     def send_rows(self, x: Int64, x_scales: Int64, topk_idx: Int64, num_tokens: Int32, peers: Int64, rank: Int32,
-                  parity: Int32, worker: Int32, workers: Int32, lane: Int32):
-        """Rows: warp per (token, other rank, chunk); the chunk goes to the peer's staging if the peer
-        owns one of the token's slots."""
+                  parity: Int32, epoch: Int32, worker: Int32, workers: Int32, lane: Int32):
+        """Psum rows: warp per (token, other rank, chunk); the chunk goes to the peer if the peer owns
+        one of the token's slots. A warp copies FLAG_BATCH units, then lane 0 fences once and sets
+        their flags (a fence per unit waits for each unit's NVLink acknowledgements in turn)."""
         g = self.g
-        R, TM, C = g.num_ranks, g.max_tokens, self.chunks
+        R, C = g.num_ranks, self.chunks
+        units = num_tokens * (R - 1) * C
         if cutlass.const_expr(R > 1):
-            for u in cutlass.range(worker, num_tokens * (R - 1) * C, workers):
-                c = u % C
-                v = u // C
-                t = v // (R - 1)
-                r = (rank + 1 + v % (R - 1)) % R
-                if cute.arch.vote_any_sync(self.owned_by(topk_idx, t, r, lane) >= 0):
-                    peer = ld_b64(peers + Int64(r) * 8)
-                    dst = peer + self.off["dispatch_rows"] + Int64((parity * R + rank) * TM + t) * g.row_stride
-                    copy_chunks(x + Int64(t) * g.payload_bytes, [(dst, Int32(1))], lane, [c],
-                                g.payload_bytes // VECTOR_BYTES)
-                    if cutlass.const_expr(g.fp8):
-                        if c == 0:
-                            scale_at = align_up(g.payload_bytes, VECTOR_BYTES)
-                            for j in cutlass.range(lane, g.scale_blocks, 32):
-                                s = ld_b32(x_scales + Int64(t * g.scale_blocks + j) * 4)
-                                st_b32(dst + scale_at + Int64(j) * 4, s)
+            for u0 in cutlass.range(worker, units, workers * FLAG_BATCH):
+                for j in cutlass.range_constexpr(FLAG_BATCH):
+                    u = u0 + j * workers
+                    if u < units:
+                        t, r, c = self.send_unit(u, rank)
+                        if cute.arch.vote_any_sync(self.owned_by(topk_idx, t, r, lane) >= 0):
+                            self.send_chunk(x, x_scales, t, c, ld_b64(peers + Int64(r) * 8), rank, parity, lane)
+                cute.arch.sync_warp()
+                if lane == 0:
+                    fence_sys()
+                    for j in cutlass.range_constexpr(FLAG_BATCH):
+                        u = u0 + j * workers
+                        if u < units:
+                            t, r, c = self.send_unit(u, rank)
+                            st_relaxed_sys_b32(self.flag_addr(ld_b64(peers + Int64(r) * 8), parity, rank, t, c),
+                                               epoch)
+
+    @cute.jit
+    def send_unit(self, u: Int32, rank: Int32) -> tuple:
+        """(token, destination rank, chunk) of psum send unit ``u``."""
+        R, C = self.g.num_ranks, self.chunks
+        v = u // C
+        return v // (R - 1), (rank + 1 + v % (R - 1)) % R, u % C
+
+    # ------------------------------------------------------------------ receiver side
+    @cute.jit
+    def await_flag(self, addr: Int64, waits: tuple, src: Int32, lane: Int32, is_word: cutlass.Constexpr[bool]) -> Int32:
+        """Lane 0 waits (timed) for the epoch flag at ``addr`` (or the epoch half of a
+        ``dispatch_tokens`` word); a timeout records the missing source. Returns 1 to every lane on
+        arrival, after a warp barrier that orders the lanes' later loads after lane 0's acquire."""
+        epoch, timeout_ns, err, rank = waits
+        ok = Int32(0)
+        if lane == 0:
+            if cutlass.const_expr(is_word):
+                ok = wait_counter(addr, Int64(epoch) << EPOCH_SHIFT, timeout_ns)
+            else:
+                ok = wait_flag(addr, epoch, timeout_ns)
+            if ok == 0:
+                record_timeout(err, Int32(OP_DISPATCH), rank, Int32(1) << src)
+        ok = cute.arch.shuffle_sync(ok, 0)
+        cute.arch.sync_warp()
+        return ok
 
     @cute.jit
     def scan_segments(self, home: Int64, scan: Int64, parity: Int32, cta: Int32, lane: Int32):
@@ -288,19 +377,32 @@ class EPDispatchKernel:
 
     @cute.jit
     def expand(self, home: Int64, num_tokens: Int32, rank: Int32, parity: Int32, cta: Int32, scan: Int64,
-               worker: Int32, workers: Int32, lane: Int32, out: tuple, own: cutlass.Constexpr[bool]):
+               worker: Int32, workers: Int32, lane: Int32, out: tuple, waits: tuple, alive: Int32,
+               own: cutlass.Constexpr[bool], routed_by_chunk0: cutlass.Constexpr[bool]) -> Int32:
         """Expand: warp per (source, token, chunk) of this rank's own tokens (``own``) or of every
-        other rank's; the chunk is loaded once and stored to each of the token's layout rows here."""
+        other rank's; the chunk is loaded once and stored to each of the token's layout rows here.
+
+        Waits: with ``routed_by_chunk0`` (masked) each unit first waits for its token's chunk-0 flag
+        (the routing; for other sources also each source's token-count word), and a unit of another
+        source waits for its own chunk's flag when the token has rows here. A warp whose wait timed
+        out (``alive`` 0) skips its remaining units; returns ``alive``."""
         g = self.g
         R, K, TM, C = g.num_ranks, g.num_topk, g.max_tokens, self.chunks
         x, x_scales, slot_row, out_x, out_scales, out_src_info = out
         sources = 1 if own else R - 1
+        tokens_region = home + self.off["dispatch_tokens"]
         tmax = num_tokens
         if cutlass.const_expr(not own):
             tmax = Int32(0)
             for i in cutlass.range_constexpr(R - 1):
                 src_i = (rank + 1 + i) % R
-                tmax = cutlass.max(tmax, ld_b32(home + self.off["dispatch_ntok"] + Int64(parity * R + src_i) * 4))
+                if cutlass.const_expr(routed_by_chunk0):
+                    if alive != 0:
+                        alive = self.await_flag(tokens_region + Int64(parity * R + src_i) * 8, waits, src_i, lane,
+                                                True)
+                tmax = cutlass.max(tmax, source_tokens(tokens_region, parity, R, src_i))
+            if alive == 0:
+                tmax = Int32(0)
         for u in cutlass.range(worker, sources * tmax * C, workers):
             c = u % C
             v = u // C
@@ -309,25 +411,52 @@ class EPDispatchKernel:
             ntok = num_tokens
             if cutlass.const_expr(not own):
                 src = (rank + 1 + v // tmax) % R
-                ntok = ld_b32(home + self.off["dispatch_ntok"] + Int64(parity * R + src) * 4)
+                ntok = source_tokens(tokens_region, parity, R, src)
             if t < ntok:
-                entry = Int64(src * TM + t) * K + lane
-                row = Int32(-1)
-                if lane < K:
-                    row = self.layout_row(home, scan, parity, cta, entry)
-                    if c == 0:
-                        st_b32(slot_row + entry * 4, row)
-                        if row >= 0:
-                            st_b32(out_src_info + Int64(row) * 4, src * TM + t)
-                rows = [cute.arch.shuffle_sync(row, k) for k in range(K)]
-                source = x + Int64(t) * g.payload_bytes
-                if cutlass.const_expr(not own):
-                    source = home + self.off["dispatch_rows"] + Int64((parity * R + src) * TM + t) * g.row_stride
-                copy_chunks(source, [(out_x + Int64(rows[k]) * g.payload_bytes, Int32(rows[k] >= 0)) for k in range(K)],
-                            lane, [c], g.payload_bytes // VECTOR_BYTES)
-                if cutlass.const_expr(g.fp8):
-                    if c == 0:
-                        self.expand_scales(x_scales, source, t, rows, out_scales, lane, own)
+                if alive != 0:
+                    if cutlass.const_expr(routed_by_chunk0):
+                        alive = self.await_flag(self.flag_addr(home, parity, src, t, 0), waits, src, lane, False)
+                if alive != 0:
+                    alive = self.expand_unit(home, scan, parity, cta, src, t, c, lane, out, waits, own,
+                                             routed_by_chunk0)
+        return alive
+
+    @cute.jit
+    def expand_unit(self, home: Int64, scan: Int64, parity: Int32, cta: Int32, src: Int32, t: Int32, c: Int32,
+                    lane: Int32, out: tuple, waits: tuple, own: cutlass.Constexpr[bool],
+                    routed_by_chunk0: cutlass.Constexpr[bool]) -> Int32:
+        """One (source, token, chunk) unit whose routing is visible: layout rows, the row map (chunk 0),
+        the chunk's copies (after its flag, for another source's rows). Returns 0 on a timeout."""
+        g = self.g
+        R, K, TM = g.num_ranks, g.num_topk, g.max_tokens
+        x, x_scales, slot_row, out_x, out_scales, out_src_info = out
+        entry = Int64(src * TM + t) * K + lane
+        row = Int32(-1)
+        if lane < K:
+            row = self.layout_row(home, scan, parity, cta, entry)
+            if c == 0:
+                st_b32(slot_row + entry * 4, row)
+                if row >= 0:
+                    st_b32(out_src_info + Int64(row) * 4, src * TM + t)
+        ok = Int32(1)
+        if cutlass.const_expr(not own):
+            if cute.arch.vote_any_sync(row >= 0):
+                if cutlass.const_expr(routed_by_chunk0):
+                    if c > 0:
+                        ok = self.await_flag(self.flag_addr(home, parity, src, t, c), waits, src, lane, False)
+                else:
+                    ok = self.await_flag(self.flag_addr(home, parity, src, t, c), waits, src, lane, False)
+        if ok != 0:
+            rows = [cute.arch.shuffle_sync(row, k) for k in range(K)]
+            source = x + Int64(t) * g.payload_bytes
+            if cutlass.const_expr(not own):
+                source = home + self.off["dispatch_rows"] + Int64((parity * R + src) * TM + t) * g.row_stride
+            copy_chunks(source, [(out_x + Int64(rows[k]) * g.payload_bytes, Int32(rows[k] >= 0)) for k in range(K)],
+                        lane, [c], g.payload_bytes // VECTOR_BYTES)
+            if cutlass.const_expr(g.fp8):
+                if c == 0:
+                    self.expand_scales(x_scales, source, t, rows, out_scales, lane, own)
+        return ok
 
     @cute.jit
     def expand_scales(self, x_scales: Int64, source: Int64, t: Int32, rows: list, out_scales: Int64, lane: Int32,

@@ -13,7 +13,7 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 from cutlass.cute.typing import Float32, Int32, Int64
 
-from cute_moe.ep_layout import VECTOR_BYTES
+from cute_moe.ep_layout import COPY_PER_LANE, VECTOR_BYTES
 
 
 
@@ -62,8 +62,9 @@ def st_b32(addr: Int64, x: Int32, *, loc=None, ip=None) -> None:
 
 
 @dsl_user_op
-def st_volatile_sys_b32(addr: Int64, x: Int32, *, loc=None, ip=None) -> None:
-    """4-byte system-scope relaxed store (the host-mapped error record)."""
+def st_relaxed_sys_b32(addr: Int64, x: Int32, *, loc=None, ip=None) -> None:
+    """4-byte system-scope relaxed (strong) store: the host-mapped error record, or a flag after a
+    fence.acq_rel.sys (together a release)."""
     _asm(None, [_v(Int64(addr), loc, ip), _v(Int32(x), loc, ip)], "st.relaxed.sys.global.b32 [$0], $1;",
          "l,r,~{memory}", loc, ip)
 
@@ -73,6 +74,28 @@ def ld_acquire_sys_u64(addr: Int64, *, loc=None, ip=None) -> Int64:
     """System-scope acquire load of a 64-bit signal word."""
     return Int64(_asm(T.i64(), [_v(Int64(addr), loc, ip)], "ld.acquire.sys.global.b64 $0, [$1];", "=l,l,~{memory}",
                       loc, ip))
+
+
+@dsl_user_op
+def ld_acquire_sys_b32(addr: Int64, *, loc=None, ip=None) -> Int32:
+    """System-scope acquire load of a 32-bit flag."""
+    return Int32(_asm(T.i32(), [_v(Int64(addr), loc, ip)], "ld.acquire.sys.global.b32 $0, [$1];", "=r,l,~{memory}",
+                      loc, ip))
+
+
+@dsl_user_op
+def st_release_sys_b32(addr: Int64, x: Int32, *, loc=None, ip=None) -> None:
+    """System-scope release store of a 32-bit flag (local or peer): the writes this thread made or
+    observed before it (e.g. its warp's, ordered by a warp barrier) are visible first."""
+    _asm(None, [_v(Int64(addr), loc, ip), _v(Int32(x), loc, ip)], "st.release.sys.global.b32 [$0], $1;",
+         "l,r,~{memory}", loc, ip)
+
+
+@dsl_user_op
+def st_release_sys_b64(addr: Int64, x: Int64, *, loc=None, ip=None) -> None:
+    """System-scope release store of a 64-bit word (local or peer)."""
+    _asm(None, [_v(Int64(addr), loc, ip), _v(Int64(x), loc, ip)], "st.release.sys.global.b64 [$0], $1;",
+         "l,l,~{memory}", loc, ip)
 
 
 @dsl_user_op
@@ -115,18 +138,6 @@ def pack_bf16x2(lo: Float32, hi: Float32, *, loc=None, ip=None) -> Int32:
 def bits_to_f32(x: Int32, *, loc=None, ip=None) -> Float32:
     """Reinterpret a b32 word as FP32."""
     return Float32(_asm(T.f32(), [_v(Int32(x), loc, ip)], "mov.b32 $0, $1;", "=f,r", loc, ip))
-
-
-COPY_PER_LANE = 7  # 16-byte vectors per lane in one unit of row copying (a chunk of 32 * 7 vectors)
-
-
-def num_chunks(num_vecs: int, per_lane: int) -> int:
-    """Chunks of ``32 * per_lane`` vectors covering a row of ``num_vecs`` 16-byte vectors. Row work
-    is split into chunks so that even a few rows keep every warp of the grid busy: a warp handles one
-    (row, chunk) unit at a time and issues all its loads before their first use (the loads and stores
-    are opaque inline asm that may alias, so a load->store->load loop would serialize one memory
-    round trip per vector)."""
-    return -(-num_vecs // (32 * per_lane))
 
 
 @cute.jit
@@ -204,6 +215,33 @@ def wait_counter(addr: Int64, target: Int64, timeout_ns: Int64) -> Int32:
     return ok
 
 
+@cute.jit
+def wait_flag(addr: Int64, target: Int32, timeout_ns: Int64) -> Int32:
+    """Spin until the 32-bit epoch flag at ``addr`` reaches ``target`` (acquire, system scope); 1 on
+    success, 0 after ``timeout_ns`` of %globaltimer time. Flags only grow, so ``>=`` also accepts a
+    later call's value (whose writer finished this call first)."""
+    ok = Int32(0)
+    if ld_acquire_sys_b32(addr) >= target:
+        ok = Int32(1)
+    else:
+        start = cute.arch.globaltimer()
+        waiting = Int32(1)
+        while waiting != 0:
+            if ld_acquire_sys_b32(addr) >= target:
+                ok = Int32(1)
+                waiting = Int32(0)
+            elif cute.arch.globaltimer() - start > timeout_ns:
+                waiting = Int32(0)
+    return ok
+
+
+@cute.jit
+def source_tokens(tokens_region: Int64, parity: Int32, num_ranks: cutlass.Constexpr[int], src: Int32) -> Int32:
+    """Tokens source rank ``src`` sent in the call of ``parity``: the low half of its epoch word in
+    the ``dispatch_tokens`` region at ``tokens_region`` (read once the word is known to be current)."""
+    return ld_b32(tokens_region + Int64(parity * num_ranks + src) * 8)
+
+
 RANKS_ALL, RANKS_SELF, RANKS_OTHERS = 0, 1, 2  # which ranks a signal goes to / an await waits for
 
 
@@ -268,11 +306,11 @@ def exchange_arrivals(peers: Int64, home: Int64, word_offset: cutlass.Constexpr[
 @cute.jit
 def record_timeout(err_addr: Int64, op: Int32, rank: Int32, missing: Int32):
     """Fill the host-mapped error record [flag, op, rank, missing-rank mask]; the flag is written last."""
-    st_volatile_sys_b32(err_addr + 4, op)
-    st_volatile_sys_b32(err_addr + 8, rank)
-    st_volatile_sys_b32(err_addr + 12, missing)
+    st_relaxed_sys_b32(err_addr + 4, op)
+    st_relaxed_sys_b32(err_addr + 8, rank)
+    st_relaxed_sys_b32(err_addr + 12, missing)
     fence_sys()
-    st_volatile_sys_b32(err_addr, Int32(1))
+    st_relaxed_sys_b32(err_addr, Int32(1))
 
 
 @dsl_user_op

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cute_moe import ep
-from cute_moe.ep_layout import ALIGN, PARITIES, EPGeometry, align_up
+from cute_moe.ep_layout import ALIGN, COPY_PER_LANE, PARITIES, EPGeometry, align_up
 from cute_moe.ep_launch import free_port
 
 GEOMS = [
@@ -19,8 +19,8 @@ GEOMS = [
 def test_regions_are_aligned_disjoint_and_sized(g):
     off = g.offsets()
     r, tm, k = g.num_ranks, g.max_tokens, g.num_topk
-    sizes = {"dispatch_arrive": 8 * r, "routing_arrive": 8 * r, "combine_arrive": 8 * r,
-             "dispatch_ntok": 4 * PARITIES * r, "expert_counters": 4 * PARITIES * g.local_experts,
+    sizes = {"routing_arrive": 8 * r, "combine_arrive": 8 * r, "dispatch_tokens": 8 * PARITIES * r,
+             "dispatch_flags": 4 * PARITIES * r * tm * g.row_chunks, "expert_counters": 4 * PARITIES * g.local_experts,
              "meta_idx": 4 * PARITIES * r * tm * k, "meta_pos": 4 * PARITIES * r * tm * k,
              "meta_weight": 4 * PARITIES * r * tm * k,
              "dispatch_rows": PARITIES * r * tm * g.row_stride, "combine_rows": PARITIES * r * tm * g.hidden * 2}
@@ -43,6 +43,8 @@ def test_row_and_layout_sizes(g):
     assert g.psum_rows % g.alignment == 0
     assert g.scale_row_pitch("masked") % 4 == 0 and g.scale_row_pitch("masked") >= g.max_m
     assert g.recv_rows("masked") == g.local_experts * g.max_m
+    chunk_bytes = 32 * COPY_PER_LANE * 16  # the chunks (and their arrival flags) cover the payload exactly
+    assert (g.row_chunks - 1) * chunk_bytes < g.payload_bytes <= g.row_chunks * chunk_bytes
 
 
 def test_align_up():

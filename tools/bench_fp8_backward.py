@@ -37,8 +37,8 @@ DENSE_SHAPES = ((4096, 7168, 4096), (4096, 2048, 7168))  # (M, N, K)
 NN_SHAPES = ((8, 16384, 7168, 2048), (32, 32768, 2048, 7168))  # (experts, tokens, K, N)
 K_GROUPED_SHAPES = ((8, 4096, 7168, 16000), (32, 2048, 7168, 65536))  # (groups, M, N, sum K)
 # FP8 op -> (A given MN-major, B given MN-major, our BF16 op with the same operand majors)
-DENSE_OPS = {"fp8_gemm_nn": (False, True, "bf16_gemm_nn"), "fp8_gemm_tn": (True, True, "bf16_gemm_tt"),
-             "fp8_gemm_tt": (True, False, "bf16_gemm_tn")}
+DENSE_OPS = {"fp8_gemm_nn": (False, True, "bf16_gemm_nn"), "fp8_gemm_tn": (True, True, "bf16_gemm_tn"),
+             "fp8_gemm_tt": (True, False, "bf16_gemm_tt")}
 
 
 def _row(kind: str, shape: str, flops: int, nbytes: int, fns: dict[str, Callable[[int], object]], sets: int,
