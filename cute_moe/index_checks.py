@@ -44,3 +44,12 @@ def check_counts(name: str, counts: torch.Tensor, max_rows: int) -> None:
     if bad.any():
         i = _first_bad(bad)
         raise ValueError(f"{name}: expected row counts in [0, {max_rows}], got {int(values[i])} at position {i}")
+
+
+def check_row_indices(name: str, rows: torch.Tensor, num_rows: int) -> None:
+    """Row indices into a tensor of ``num_rows`` rows: each in [0, num_rows)."""
+    values = rows.cpu()
+    bad = (values < 0) | (values >= num_rows)
+    if bad.any():
+        i = _first_bad(bad)
+        raise ValueError(f"{name}: expected row indices in [0, {num_rows}), got {int(values[i])} at position {i}")

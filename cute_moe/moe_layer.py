@@ -1,12 +1,14 @@
 """The MoE layer as an autograd function on the grouped GEMMs: ``moe(x, topk_idx, topk_weights, w13, w2)``.
 
-First, unfused version (docs/training.md, "The layer"): the token gather, SwiGLU, its backward and
-the top-k combine are torch ops between our GEMMs; the GEMMs are ``grouped_mm`` (ragged, unaligned
-expert segments: GEMM1, GEMM2 and the input gradients with N-major weights) and
-``k_grouped_bf16_gemm_tn_contiguous`` (weight gradients, group sizes on the device). The routing
-stays on the device (sorted slots, dropped ones last), so nothing synchronizes with the host. Saved
-for backward: the routing, GEMM1's output ``h`` [T * k, 2I] and GEMM2's output ``y`` [T * k, H]; the
-gathered x and the SwiGLU output are recomputed.
+docs/training.md, "The layer". Forward: GEMM1 is ``gathered_swiglu_grouped_mm`` (the token gather
+fused into its A loads, SwiGLU into its epilogue: no permuted copy of x, no torch SwiGLU), GEMM2
+``grouped_mm`` (ragged, unaligned expert segments), the top-k combine a gather of each token's k rows
+and one batched matmul with the weights (no atomics: deterministic). Backward: BF16 torch ops between
+``grouped_mm`` (input gradients, N-major weights) and ``k_grouped_bf16_gemm_tn_contiguous`` (weight
+gradients, group sizes on the device). The routing stays on the device (sorted slots, dropped ones
+last), so nothing synchronizes with the host. Saved for backward: the routing and GEMM1's
+pre-activations ``h`` [T * k, 2I]; the SwiGLU output is recomputed from h, and d topk_weights comes
+from GEMM2-backward's unweighted product (GEMM2's output is not kept).
 """
 
 from typing import Optional
@@ -14,6 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .moe_gemms import gathered_swiglu_grouped_mm
 from .ops import grouped_mm, k_grouped_bf16_gemm_tn_contiguous
 from .validation import check_contiguous, check_tensor
 
@@ -68,60 +71,95 @@ def route(topk_idx: torch.Tensor, num_experts: int):
     return order, order // topk_idx.shape[1], routed[order], ends, counts
 
 
-def _swiglu(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(silu(gate) * up in FP32, gate, up) of GEMM1's output [S, 2I] (gate half first)."""
-    gate, up = h.float().chunk(2, dim=1)
-    return F.silu(gate) * up, gate, up
+def sorted_position(order: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``order``: the sorted position of each flat slot ``t * k + j``."""
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), device=order.device)
+    return position
+
+
+def cover_all_slots(ends: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """Group ends whose last group also takes the unrouted slots at the end of the sorted order, so
+    that the input-side GEMMs write every row (finite values: those slots' tokens are real tokens)
+    and nothing downstream needs a mask; their routing weight is 0."""
+    ends_all = ends.clone()
+    ends_all[-1] = num_slots
+    return ends_all
+
+
+def slot_weights(topk_weights: torch.Tensor, topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """FP32 routing weight of each flat slot, 0 where the slot is dropped (id outside [0, E))."""
+    flat = topk_idx.reshape(-1)
+    return torch.where((flat >= 0) & (flat < num_experts), topk_weights.reshape(-1).float(), 0.0)
+
+
+def gather_tokens(rows: torch.Tensor, position: torch.Tensor, tokens: int, k: int,
+                  weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per token, the (weighted) sum of its k slot rows: ``rows`` [S, H] in sorted order, gathered
+    by ``position`` into [T, k, H], then one batched matmul with the weights (rounded to the rows'
+    dtype, FP32 accumulation) or a sum over k. Deterministic: no atomics."""
+    gathered = rows.index_select(0, position).view(tokens, k, rows.shape[1])
+    if weights is None:
+        return gathered.sum(dim=1)
+    return torch.bmm(weights.view(tokens, 1, k).to(rows.dtype), gathered).view(tokens, rows.shape[1])
 
 
 class MoEFunction(torch.autograd.Function):
     """Forward and backward of ``moe`` (see the module docstring for what is fused and saved).
 
-    Rows of the sorted slots past the routed ones (dropped slots) are never written by the grouped
-    GEMMs (they lie past the last expert's end): every use of a GEMM output masks them with
-    ``routed``, and the K-grouped GEMMs ignore them (they lie past the sum of the counts)."""
+    The input-side GEMMs run over every sorted slot (``cover_all_slots``: unrouted slots join the
+    last expert with weight 0), so all their rows are finite; the K-grouped weight-gradient GEMMs
+    take the real counts and ignore those rows (they lie past the sum of the counts)."""
 
     @staticmethod
     def forward(ctx, x, topk_idx, topk_weights, w13, w2):
-        tokens, hidden = x.shape
-        order, token, routed, ends, counts = route(topk_idx, w13.shape[0])
-        h = grouped_mm(x[token], w13.transpose(1, 2), ends)  # [T * k, 2I]
-        y = grouped_mm(_swiglu(h)[0].to(x.dtype), w2.transpose(1, 2), ends)  # [T * k, H]
-        weight = topk_weights.reshape(-1)[order].float()
-        out = torch.zeros(tokens, hidden, device=x.device, dtype=torch.float32)
-        out.index_add_(0, token, torch.where(routed[:, None], y.float() * weight[:, None], 0.0))
-        ctx.save_for_backward(x, topk_weights, w13, w2, order, token, routed, ends, counts, h, y)
-        return out.to(x.dtype)
+        tokens, k = topk_idx.shape
+        experts = w13.shape[0]
+        order, token, routed, ends, counts = route(topk_idx, experts)
+        ends_all = cover_all_slots(ends, token.shape[0])
+        # GEMM1 + SwiGLU in one kernel; h (pre-activations) only when a gradient will need it.
+        h = None
+        if any(ctx.needs_input_grad):
+            h = torch.empty((token.shape[0], w13.shape[1]), device=x.device, dtype=x.dtype)
+        act = gathered_swiglu_grouped_mm(x, token.to(torch.int32), w13, ends_all, h)  # [T * k, I]
+        y = grouped_mm(act, w2.transpose(1, 2), ends_all)  # [T * k, H]
+        weights = slot_weights(topk_weights, topk_idx, experts)
+        out = gather_tokens(y, sorted_position(order), tokens, k, weights)
+        ctx.save_for_backward(x, topk_idx, topk_weights, w13, w2, order, token, routed, ends_all, counts, h)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, topk_weights, w13, w2, order, token, routed, ends, counts, h, y = ctx.saved_tensors
-        mask = routed[:, None]
-        grad_slots = torch.where(mask, grad_out.float()[token], 0.0)  # [T * k, H]
-        grad_weights = None
-        if ctx.needs_input_grad[2]:
-            flat = torch.zeros(topk_weights.numel(), device=x.device, dtype=torch.float32)
-            flat[order] = torch.where(routed, (grad_slots * y.float()).sum(dim=1), 0.0)
-            grad_weights = flat.view(topk_weights.shape).to(topk_weights.dtype)
-        dy = (grad_slots * topk_weights.reshape(-1)[order].float()[:, None]).to(x.dtype)  # GEMM2's output grad
-        act, gate, up = _swiglu(h)
-        grad_w2 = grad_w13 = grad_x = None
+        x, topk_idx, topk_weights, w13, w2, order, token, routed, ends_all, counts, h = ctx.saved_tensors
+        tokens, k = topk_idx.shape
+        inter = w2.shape[2]
+        dtype = x.dtype
+        weight = slot_weights(topk_weights, topk_idx, w13.shape[0])[order].to(dtype)[:, None]  # [S, 1]
+        grad_slots = grad_out.to(dtype).index_select(0, token)  # [T * k, H]: dO[token]
+        gate, up = h[:, :inter], h[:, inter:]
+        silu_gate = F.silu(gate)
+        act = silu_gate * up  # recomputed SwiGLU output (BF16)
+        grad_w2 = grad_w13 = grad_x = grad_weights = None
         if ctx.needs_input_grad[4]:
             grad_w2 = torch.empty(w2.shape, device=x.device, dtype=torch.float32)
-            k_grouped_bf16_gemm_tn_contiguous(dy, act.to(x.dtype), grad_w2, None, counts)
+            k_grouped_bf16_gemm_tn_contiguous(grad_slots * weight, act, grad_w2, None, counts)
             grad_w2 = grad_w2.to(w2.dtype)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            # dO[token] . W2[e] (unweighted; w2 [E, H, I] is [G, K, N], N contiguous): its dot product
+            # with act is d topk_weights (= <dO[token], y>), its weighted form GEMM2's input gradient.
+            dact_unweighted = grouped_mm(grad_slots, w2, ends_all)
+            if ctx.needs_input_grad[2]:
+                flat = torch.zeros(topk_weights.numel(), device=x.device, dtype=torch.float32)
+                flat[order] = torch.where(routed, torch.linalg.vecdot(dact_unweighted, act).float(), 0.0)
+                grad_weights = flat.view(topk_weights.shape).to(topk_weights.dtype)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:
-            dact = grouped_mm(dy, w2, ends).float()  # dY . W2[e]: w2 [E, H, I] is [G, K, N], N contiguous
-            sig = torch.sigmoid(gate)
-            dh = torch.cat([dact * up * sig * (1 + gate * (1 - sig)), dact * gate * sig], dim=1)
-            dh = torch.where(mask, dh, 0.0).to(x.dtype)
+            dact = dact_unweighted * weight  # 0 on unrouted slots, so their dh rows are 0
+            dh = torch.cat([torch.ops.aten.silu_backward(dact * up, gate), dact * silu_gate], dim=1)
             if ctx.needs_input_grad[0]:
-                grad_x = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
-                grad_x.index_add_(0, token, torch.where(mask, grouped_mm(dh, w13, ends).float(), 0.0))
-                grad_x = grad_x.to(x.dtype)
+                grad_x = gather_tokens(grouped_mm(dh, w13, ends_all), sorted_position(order), tokens, k)
             if ctx.needs_input_grad[3]:
                 grad_w13 = torch.empty(w13.shape, device=x.device, dtype=torch.float32)
-                k_grouped_bf16_gemm_tn_contiguous(dh, x[token], grad_w13, None, counts)
+                k_grouped_bf16_gemm_tn_contiguous(dh, x.index_select(0, token), grad_w13, None, counts)
                 grad_w13 = grad_w13.to(w13.dtype)
         return grad_x, None, grad_weights, grad_w13, grad_w2
 

@@ -11,8 +11,10 @@ from .arch import check_arch, default_arch
 from .operands import BF16, Operand, element_type, operands_label
 
 # Problem kinds: how rows are grouped (see kernels/scheduler.py); k_grouped groups the reduction
-# dimension instead (weight gradients: D [G, M, N], K rows per group known at launch).
-KINDS = ("dense", "contiguous", "psum", "masked", "ragged", "k_grouped")
+# dimension instead (weight gradients: D [G, M, N], K rows per group known at launch). The
+# gathered_swiglu kinds are the MoE layer's fused GEMM1 (ragged rows gathered from x by a row index,
+# SwiGLU epilogue; n = 2I, k = H; the _h kind also writes the pre-activations h).
+KINDS = ("dense", "contiguous", "psum", "masked", "ragged", "k_grouped", "gathered_swiglu", "gathered_swiglu_h")
 # Kinds whose launches may add C to the product.
 C_KINDS = ("dense", "k_grouped")
 D_DTYPES = ("bf16", "fp32")

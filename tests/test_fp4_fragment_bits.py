@@ -54,6 +54,10 @@ def test_every_fragment_value_is_the_weight_of_its_layout_position(fp8):
                 chunk = row[frag.MX_BLOCK_BYTES * block:frag.MX_BLOCK_BYTES * (block + 1)]
                 words = [int.from_bytes(bytes(chunk[4 * i:4 * i + 4]), "little") for i in range(4)]
                 x = frag.gather(words, selector, prmt)
+                if fp8:  # the kernel loads only the lane's two halfwords: the same word
+                    low, high = (int.from_bytes(bytes(chunk[o:o + 2]), "little")
+                                 for o in frag.e4m3_halfword_offsets(thread % 4))
+                    assert frag.combine_halfwords(low, high, prmt) == x
                 out = bits.e4m3_words(x, tables, prmt) if fp8 else bits.bf16_words(x, tables, prmt)
                 for i, w in enumerate(out):
                     index = frag.fragment_word(block, i, row_half, fp8)

@@ -117,20 +117,30 @@ def test_the_switch_keeps_the_swap_ab_kernel_out_of_the_rules(monkeypatch):
 
 def test_rules_pick_decode_and_prefill_tiles(monkeypatch):
     monkeypatch.setenv(fp4_rules.SWAP_AB_ENV, "1")
-    # Masked decode (expected_m <= 64): the swap-AB kernel, token tile = expected_m's bucket (>= 16).
+    # Masked decode (expected_m <= 64): the swap-AB kernel, token tile = expected_m's bucket (>= 16),
+    # as many weight rows per CTA (consumer warpgroups) as the token tile's registers allow when the
+    # SMs stay busy.
     for m, token_tile in ((1, 16), (8, 16), (16, 16), (17, 32), (33, 64), (64, 64)):
         for pair in ("bf16xfp4", "fp8xfp4"):
             decode = fp4_rules.rule_config(_problem(pair=pair, m=m))
-            assert (decode.swap_ab, decode.tile_m, decode.tile_n, decode.cluster_size) == (1, token_tile, 128, 1)
+            assert (decode.swap_ab, decode.tile_m, decode.cluster_size) == (1, token_tile, 1)
+            assert 128 < decode.tile_n <= fp4_rules.swap_max_tile_n(_problem(pair=pair), token_tile)
+    # gpt-oss gate_up at EP 8 (16 experts, N = 5760): four consumer warpgroups at 16 tokens per tile.
+    assert fp4_rules.rule_config(_problem(m=16, n=5760)).tile_n == 256
     assert fp4_rules.rule_config(_problem(m=8, n=256, groups=2)).tile_n == 64  # too few tiles for 132 SMs
     for m in (65, 4096, 0):  # larger and unknown hints: 128-token tiles
         masked_prefill = fp4_rules.rule_config(_problem(m=m))
         assert (masked_prefill.swap_ab, masked_prefill.tile_m) == (1, 128)
-    # Contiguous / psum: the swap-AB kernel with the largest token tile that divides the alignment.
+    # Contiguous / psum: the swap-AB kernel with the largest token tile that divides the alignment and
+    # at most three consumer warpgroups (FP8 at 128 tokens: two, its registers hold a block accumulator).
     for kind, alignment, token_tile in (("contiguous", 128, 128), ("contiguous", 64, 64), ("psum", 256, 128),
                                         ("psum", 64, 64)):
-        prefill = fp4_rules.rule_config(_problem(kind, "fp8xfp4", m=0, alignment=alignment))
-        assert (prefill.swap_ab, prefill.tile_m, prefill.tile_n) == (1, token_tile, 128)
+        for pair in ("fp8xfp4", "bf16xfp4"):
+            prefill = fp4_rules.rule_config(_problem(kind, pair, m=0, alignment=alignment))
+            assert (prefill.swap_ab, prefill.tile_m) == (1, token_tile)
+            assert prefill.tile_n == min(192, fp4_rules.swap_max_tile_n(_problem(pair=pair), token_tile))
+    assert fp4_rules.rule_config(_problem("contiguous", "fp8xfp4", m=0, alignment=128)).tile_n == 128
+    assert fp4_rules.rule_config(_problem("contiguous", "bf16xfp4", m=0, alignment=128)).tile_n == 192
     assert fp4_rules.rule_config(_problem("psum", m=0, alignment=32)).tile_m == 32
     assert fp4_rules.rule_config(_problem("psum", m=0, alignment=12)).swap_ab == 0  # the other kernel
     dense = fp4_rules.rule_config(_problem("dense", m=77, groups=1))
@@ -147,7 +157,17 @@ def test_rules_refuse_what_the_kernel_cannot_do(monkeypatch):
         fp4_rules.check_spec(_problem(k=2888))
     with pytest.raises(ValueError, match="tile_m to divide"):
         fp4_rules.can_implement(_problem("contiguous", m=0, alignment=64), Sm90Config(tile_m=128, tile_n=128))
-    assert all(c.cluster_size == 1 and c.tile_n <= 128 for c in fp4_rules.candidate_configs(_problem()))
+    candidates = fp4_rules.candidate_configs(_problem())
+    assert all(c.cluster_size == 1 for c in candidates)
+    assert all(c.tile_n <= (fp4_rules.swap_max_tile_n(_problem(), c.tile_m) if c.swap_ab else 128) for c in candidates)
+    assert {c.tile_n for c in candidates if c.swap_ab} == {64, 128, 192, 256}
+    with pytest.raises(ValueError, match="registers"):
+        fp4_rules.can_implement(_problem(pair="fp8xfp4"), Sm90Config(tile_m=32, tile_n=256, swap_ab=1))
+    with pytest.raises(ValueError, match="registers"):
+        fp4_rules.can_implement(_problem(pair="bf16xfp4"), Sm90Config(tile_m=128, tile_n=256, swap_ab=1))
+    fp4_rules.can_implement(_problem(pair="bf16xfp4"), Sm90Config(tile_m=32, tile_n=256, swap_ab=1))
+    with pytest.raises(ValueError, match="tile_n"):
+        fp4_rules.can_implement(_problem(), Sm90Config(tile_m=64, tile_n=256))
     assert any(c.swap_ab for c in fp4_rules.candidate_configs(_problem()))
     with_c = problem_of("dense", 2880, 2880, 1, 64, 0, a=PRECISIONS["bf16xfp4"][0], b=PRECISIONS["bf16xfp4"][1],
                         arch="sm_90a", num_sms=132, has_c=True)
@@ -184,12 +204,27 @@ def test_tools_and_presets_know_the_fp4_precisions():
 @pytest.mark.parametrize("argv,message", [
     (["--ep", "3"], "--ep: expected a divisor of gpt-oss-120b's 128 experts"),
     (["--models", "nope"], "unknown model 'nope'"),
+    (["--models", "gpt-oss-120b", "--tile-sweep", "Qwen3-235B-A22B"], "--tile-sweep: expected models among"),
 ])
 def test_bench_fp4_refuses_bad_arguments_in_one_line(argv, message, capsys):
     from cute_moe.tools import bench_fp4
 
     with pytest.raises(SystemExit) as exit_info:
         bench_fp4.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--cases", "masked:x"], "--cases: expected masked:ROWS or contiguous:ROWS"),
+    (["--pairs", "fp9"], "--pairs: expected names among"),
+])
+def test_profile_fp4_refuses_bad_arguments_in_one_line(argv, message, capsys):
+    from cute_moe.tools import profile_fp4
+
+    with pytest.raises(SystemExit) as exit_info:
+        profile_fp4.main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1

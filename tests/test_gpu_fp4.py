@@ -108,16 +108,16 @@ def run_masked(pair, x, weights, d, counts, expected_m):
     return a
 
 
-def check_masked_op(pair, counts, max_m, k=K, out_dtype=torch.float32, expected_m=16):
+def check_masked_op(pair, counts, max_m, k=K, out_dtype=torch.float32, expected_m=16, n=N):
     """Launch the pair's masked op (rules, or the forced config) on G = len(counts) groups of ``max_m``
     rows with weights in the FP8 exact-fold range (checked), and check the rows below masked_m against
     the reference and the rows past it still NaN."""
     g = len(counts)
     x = randn(g, max_m, k)
-    packed, sfb, exponents, w = mx_weights(g, N, k, spread=FOLD_EXACT_SPREAD)
+    packed, sfb, exponents, w = mx_weights(g, n, k, spread=FOLD_EXACT_SPREAD)
     if pair == "fp8xfp4":
         assert torch.equal(folded_fp8_weights(packed, exponents), w), "the fold is exact in this exponent range"
-    d = poisoned(g, max_m, N, dtype=out_dtype)
+    d = poisoned(g, max_m, n, dtype=out_dtype)
     a = run_masked(pair, x, (packed, sfb), d, counts.cuda(), expected_m)
     check_masked(d, reference(a, w), counts)
 
@@ -380,7 +380,10 @@ def test_unaligned_exponent_rows_are_re_laid_out():
 
 # ------------------------------------------------------------------ swap-AB kernel (weights: register-sourced A)
 SWAP_K = 2880  # gpt-oss: 90 MXFP4 blocks, not a multiple of 128 (FP8: 23 k-blocks, the last half full)
-SWAP_TILES = [(8, 64), (16, 128), (32, 64), (64, 128), (128, 128)]  # (tokens, weight rows) per tile
+# (tokens, weight rows) per tile: one to four consumer warpgroups (64 weight rows each); with N = 320 a
+# 192-row tile ends inside its third warpgroup and a 256-row tile leaves three warpgroups past N.
+SWAP_TILES = [(8, 64), (16, 128), (32, 64), (64, 128), (128, 128), (8, 256), (16, 192), (16, 256), (32, 192),
+              (64, 192)]
 
 
 def swap_config(token_tile, tile_n):
@@ -444,6 +447,16 @@ def test_swap_ab_masked_every_tile(pair, token_tile, tile_n):
         check_masked_op(pair, counts, max_m, SWAP_K, out_dtype=bf16, expected_m=token_tile)
 
 
+@pytest.mark.parametrize("token_tile,tile_n", [(32, 256), (64, 256), (128, 192)])
+def test_swap_ab_bf16_wide_tiles(token_tile, tile_n):
+    """BF16 x FP4 only (no FP8 block accumulator): four consumer warpgroups up to 64 tokens, three at
+    128 tokens (the contiguous rule's tile); groups of 0, 1, a full tile + 3 rows and Mmax rows."""
+    max_m = 2 * token_tile + 5
+    counts = torch.tensor([0, 1, token_tile + 3, max_m], dtype=torch.int32)
+    with force_config(swap_config(token_tile, tile_n)):
+        check_masked_op("bf16xfp4", counts, max_m, SWAP_K, out_dtype=bf16, expected_m=token_tile)
+
+
 @pytest.mark.parametrize("k", [32, 96, 160, 4096])
 @pytest.mark.parametrize("pair", ["bf16xfp4", "fp8xfp4"])
 def test_swap_ab_masked_k_block_counts(pair, k):
@@ -452,6 +465,23 @@ def test_swap_ab_masked_k_block_counts(pair, k):
     the peeled first / last k-blocks and the pair loop of every parity."""
     with force_config(swap_config(16, 64)):
         check_masked_op(pair, torch.tensor([16, 0, 9], dtype=torch.int32), 16, k)
+
+
+@pytest.mark.parametrize("pair", ["bf16xfp4", "fp8xfp4"])
+def test_swap_ab_masked_decode_at_the_gpt_oss_shape(pair, monkeypatch):
+    """gpt-oss-120b gate_up at EP 8 (16 experts, N = 5760, K = 2880), expected_m 16: the rule's tile
+    (16 tokens x 256 weight rows: four consumer warpgroups, the benchmark's launch), random masked_m
+    up to 16 with an empty and a full expert."""
+    g, n, max_m = 16, 5760, 16
+    from cute_moe.dispatch import problem_of
+    from cute_moe.operands import PRECISIONS
+
+    monkeypatch.setenv(fp4_rules.SWAP_AB_ENV, "1")
+    a, b = PRECISIONS[pair]
+    config = fp4_rules.rule_config(problem_of("masked", n, SWAP_K, g, max_m, 0, a=a, b=b, num_sms=132))
+    assert (config.swap_ab, config.tile_m, config.tile_n) == (1, 16, 256)
+    with force_config(config):
+        check_masked_op(pair, masked_counts(g, max_m), max_m, SWAP_K, out_dtype=bf16, expected_m=max_m, n=n)
 
 
 def test_swap_ab_fp8_dense():

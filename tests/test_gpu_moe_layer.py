@@ -1,4 +1,4 @@
-"""The MoE layer (cute_moe.moe, first unfused version) on a Hopper GPU: the output and all four
+"""The MoE layer (cute_moe.moe, GEMM1 fused: gather + SwiGLU) on a Hopper GPU: the output and all four
 gradients against an FP32 plain-torch reference; uneven routing with an expert of 0 tokens, dropped
 slots (-1), top-k 1 / 4 / 8, token counts that are multiples of no tile, bf16 autocast; a CUDA-graph replay of
 forward + backward with new tokens and new routing; torch.compile(fullgraph=True) of forward +

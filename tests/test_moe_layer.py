@@ -1,14 +1,15 @@
 """The MoE layer (cute_moe.moe) on the CPU: argument validation, and its forward and all four
 gradients against the plain-torch reference with the GEMM launches replaced by CPU math (the
 routing, gathers, SwiGLU backward and combine are the layer's own code), eagerly and under
-torch.compile(fullgraph=True). The mocked grouped_mm leaves the rows past the last group NaN, as
-the kernel leaves them unwritten."""
+torch.compile(fullgraph=True). The mocked grouped_mm and gathered-SwiGLU GEMM1 leave the rows past
+the last group NaN, as the kernels leave them unwritten."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import cute_moe
-from cute_moe import ops
+from cute_moe import moe_gemms, ops
 from cute_moe.moe_layer import moe_reference
 from cute_moe.nn import MoE
 from cute_moe.testing import calc_diff
@@ -32,8 +33,23 @@ def _mock_grouped_gemms(monkeypatch):
             d[g] = a[start:start + rows].double().T @ b[start:start + rows].double()
             start += rows
 
+    def gathered_swiglu(x, row_index, w13, ends, h_out=None):  # GEMM1: gather, GEMM, SwiGLU epilogue
+        act = torch.full((row_index.shape[0], w13.shape[1] // 2), float("nan"), dtype=bf16)
+        if h_out is not None:
+            h_out.fill_(float("nan"))
+        start = 0
+        for g, end in enumerate(ends.tolist()):
+            h = x[row_index[start:end].long()].double() @ w13[g].double().T
+            gate, up = h.chunk(2, dim=1)
+            act[start:end] = (F.silu(gate) * up).to(bf16)
+            if h_out is not None:
+                h_out[start:end] = h.to(bf16)
+            start = end
+        return act
+
     for name in ("grouped_mm", "grouped_mm_n_major_b"):
         monkeypatch.setitem(ops.OPS, name, ragged)
+    monkeypatch.setattr(moe_gemms, "GATHERED_SWIGLU", gathered_swiglu)
     monkeypatch.setitem(ops.OPS, "k_grouped_bf16_gemm_tn_contiguous", k_grouped)
 
 

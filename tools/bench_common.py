@@ -30,7 +30,7 @@ class Row:
     note: str = ""
 
 
-def _graph_of(launch: Callable[[int], object], num_sets: int) -> tuple[torch.cuda.CUDAGraph, int]:
+def graph_of(launch: Callable[[int], object], num_sets: int) -> tuple[torch.cuda.CUDAGraph, int]:
     """Capture enough rotating launches that one replay lasts about 10 ms."""
     for i in range(num_sets):
         launch(i)
@@ -55,7 +55,7 @@ def time_pair(ours: Callable[[int], object], base: Callable[[int], object], num_
               repeats: int = 20) -> tuple[float, float]:
     """Median microseconds per launch of ours and of the baseline, their graph replays interleaved so
     clock and thermal drift hit both alike."""
-    graphs = [_graph_of(ours, num_sets), _graph_of(base, num_sets)]
+    graphs = [graph_of(ours, num_sets), graph_of(base, num_sets)]
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     samples: list[list[float]] = [[], []]
     for _ in range(repeats):

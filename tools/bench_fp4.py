@@ -9,8 +9,13 @@ tools/bench_common's: CUDA-graph replays after warm-up, inputs rotated past the 
 interleaved, median. "GB/s" is the effective weight bandwidth of the FP4 kernel: (packed FP4 bytes
 + UE8M0 scale bytes) / time. calc_diff is the FP4 kernel's output against an FP64 product of the
 dequantized operands. Results go to --out as bench_fp4.md and bench_fp4.json.
+--tile-sweep MODELS adds, for those models' decode-target problems (masked, expected_m <= 16) and
+contiguous prefill, per FP4 pair, one row per weight-row tile of the swap-AB kernel (tile_n 64 .. 256:
+one to four consumer warpgroups, at the rules' token tile, forced) against the same baseline, so
+that the rules' choice (fp4_rules.swap_tile_n) can be checked.
 
     python3 -m cute_moe.tools.bench_fp4 --out DIR [--quick] [--models gpt-oss-120b,...] [--ep 8]
+        [--tile-sweep gpt-oss-120b]
 """
 
 import argparse
@@ -24,6 +29,10 @@ from typing import Callable, Optional
 import torch
 
 import cute_moe
+from cute_moe.dispatch import choose_config, force_config, problem_of
+from cute_moe.kernels.sm90.config import SWAP_AB_TILE_NS, Sm90Config
+from cute_moe.kernels.sm90.fp4_rules import swap_max_tile_n
+from cute_moe.operands import PRECISIONS
 from cute_moe.layouts.alignment import align
 from cute_moe.models import FP4_WEIGHT_MODELS, PRESETS, expected_rows, expert_gemms, get_preset
 from cute_moe.testing import calc_diff
@@ -37,6 +46,7 @@ QUICK_MODELS = ("gpt-oss-120b", "DeepSeek-V4-Flash")
 DECODE_EXPECTED_M = (8, 16, 64)
 QUICK_DECODE_EXPECTED_M = (8, 16, 64)  # the issue's decode targets are at expected_m <= 16
 PREFILL_TOKENS = 4096
+SWEEP_MAX_EXPECTED_M = 16  # --tile-sweep: the issue's decode targets are at expected_m <= 16
 MX = 32
 
 
@@ -128,7 +138,40 @@ def bench_problem(label: str, p: Problem) -> list[Row]:
     return rows
 
 
-def bench_rows(models: list[str], ep: int, quick: bool, emit: Callable[[Row], None]) -> list[Row]:
+def sweep_rows(label: str, p: Problem) -> list[Row]:
+    """Per FP4 pair, every swap-AB weight-row tile the rules' token tile allows, forced, against the
+    pair's baseline (our FP8 / BF16 kernel); the rules' own tile is marked."""
+    rows = []
+    flops = 2 * p.valid * p.n * p.k
+    shape = f"{label} G={p.g} m={p.rows} n={p.n} k={p.k}"
+    masked = p.kind == "masked"
+    for ours, base, baseline in (("fp8xfp4", "fp8", "our FP8"), ("bf16xfp4", "bf16", "our BF16")):
+        a, b = PRECISIONS[ours]
+        rule = choose_config(p.kind, p.n, p.k, p.g, p.rows if masked else 0,
+                             0 if masked else cute_moe.get_mk_alignment_for_contiguous_layout(), a=a, b=b)
+        if not rule.swap_ab:
+            continue
+        problem = problem_of(p.kind, p.n, p.k, p.g, 0, 0, a=a, b=b)
+        for tile_n in (t for t in SWAP_AB_TILE_NS if t <= swap_max_tile_n(problem, rule.tile_m)):
+            config = Sm90Config(tile_m=rule.tile_m, tile_n=tile_n, swap_ab=1)
+            launch = p.op(ours)
+
+            def forced(i: int, launch=launch, config=config) -> None:  # the baseline keeps its own rules
+                with force_config(config):
+                    launch(i)
+
+            with force_config(config):
+                diff = p.fp4_diff(ours)
+            t_ours, t_base = time_pair(forced, p.op(base), len(p.sets))
+            note = "rules' tile" if tile_n == rule.tile_n else ""
+            rows.append(Row(f"{p.kind} {ours} swap {rule.tile_m}x{tile_n}", shape, t_ours, t_base,
+                            flops / t_ours / 1e6, p.weight_bytes / t_ours / 1e3, t_base / t_ours, diff, baseline,
+                            note))
+    return rows
+
+
+def bench_rows(models: list[str], ep: int, quick: bool, emit: Callable[[Row], None],
+               tile_sweep: tuple[str, ...] = ()) -> list[Row]:
     rows = []
     for name in models:
         model = get_preset(name)
@@ -139,7 +182,9 @@ def bench_rows(models: list[str], ep: int, quick: bool, emit: Callable[[Row], No
             plans.append(("contiguous", max(1, expected_rows(model, PREFILL_TOKENS, ep))))
             for kind, m in plans:
                 problem = Problem(kind, gemm.num_groups, m, gemm.n, gemm.k)
-                for row in bench_problem(label, problem):
+                swept = name in tile_sweep and (kind == "contiguous" or m <= SWEEP_MAX_EXPECTED_M)
+                sweep = sweep_rows(label, problem) if swept else []
+                for row in bench_problem(label, problem) + sweep:
                     emit(row)
                     rows.append(row)
                 del problem
@@ -155,12 +200,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"gate_up only, expected_m {QUICK_DECODE_EXPECTED_M}, models {', '.join(QUICK_MODELS)} "
                         f"(default both GEMMs, {DECODE_EXPECTED_M}); about 2 minutes with compiles")
+    parser.add_argument("--tile-sweep", default="", metavar="MODELS",
+                        help="comma-separated presets among --models whose problems also time every "
+                        "swap-AB weight-row tile (tile_n 64..256)")
     parser.add_argument("--out", default="bench_results", help="folder for bench_fp4.md and bench_fp4.json")
 
 
 def run(args: argparse.Namespace) -> int:
     names = args.models or ",".join(QUICK_MODELS if args.quick else MODELS)
     models = [get_preset(name).name for name in parse_csv(names)]
+    tile_sweep = tuple(get_preset(name).name for name in parse_csv(args.tile_sweep)) if args.tile_sweep else ()
+    if set(tile_sweep) - set(models):
+        raise ValueError(f"--tile-sweep: expected models among --models ({', '.join(models)}), "
+                         f"got {', '.join(sorted(set(tile_sweep) - set(models)))}")
     if args.ep < 1:
         raise ValueError(f"--ep: expected a positive integer, got {args.ep}")
     for name in models:
@@ -169,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
     make_out_dir(args.out)
     torch.manual_seed(0)
     print(HEADER, flush=True)
-    rows = bench_rows(models, args.ep, args.quick, lambda row: print(format_row(row), flush=True))
+    rows = bench_rows(models, args.ep, args.quick, lambda row: print(format_row(row), flush=True), tile_sweep)
     note = (f"{time.strftime('%Y-%m-%d')}, {torch.cuda.get_device_name()}, torch {torch.__version__}, ep={args.ep}; "
             f"GB/s = FP4 weight bandwidth ((K/2 + K/32) bytes per weight row per expert) / time; "
             f"ours/baseline speed = baseline time / ours")

@@ -11,7 +11,8 @@ from cute_moe.dispatch import format_config
 from cute_moe.arch import get_backend
 from cute_moe.specs import GemmSpec
 
-from . import bench, bench_fp4, bench_fp8_backward, bench_training, precompile, tune
+from . import (bench, bench_fp4, bench_fp8_backward, bench_gathered_swiglu, bench_moe_layer, bench_training,
+               precompile, tune)
 from .command import OneLineParser, add_debug_flag, call_handler
 
 
@@ -124,6 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
                               description=bench_fp8_backward.__doc__.splitlines()[0])
     bench_fp8_backward.add_arguments(sub)
     sub.set_defaults(handler=bench_fp8_backward.run)
+
+    sub = commands.add_parser("bench-layer", help="benchmark the MoE training layer against the "
+                              "torch._grouped_mm reference layer",
+                              description=bench_moe_layer.__doc__.splitlines()[0])
+    bench_moe_layer.add_arguments(sub)
+    sub.set_defaults(handler=bench_moe_layer.run)
+
+    sub = commands.add_parser("bench-gemm1", help="benchmark the MoE layer's fused GEMM1 (gather + SwiGLU) "
+                              "against unfused GEMM1s", description=bench_gathered_swiglu.__doc__.splitlines()[0])
+    bench_gathered_swiglu.add_arguments(sub)
+    sub.set_defaults(handler=bench_gathered_swiglu.run)
     return parser
 
 

@@ -1,56 +1,48 @@
 #!/usr/bin/env bash
-# GPU check of the FP4-weight kernels (docs/fp4.md), staged so that a fault of the new swap-AB kernel
-# cannot hide the other results: each stage is its own process (a CUDA fault kills its context).
-#   1. small swap-AB cases of both pairs (K = 32 / 96 / 160 / 4096, one and two consumer warpgroups),
-#      CUDA_LAUNCH_BLOCKING=1, stop at the first failure
-#      (full output: $OUT/fp4_first.log);
-#   2. every test with the swap-AB kernel off in the rules (CUTE_MOE_FP4_SWAP_AB=0: the
-#      widen-in-shared-memory kernel):
-#      $OUT/fp4_old.log; on a second GPU in parallel when there is one;
-#   3. every test with the rules' default, the swap-AB kernel: $OUT/fp4_swap.log;
-#   4. the quick benchmark (rules' default): $OUT/fp4/bench_fp4.md, log $OUT/fp4_bench.log.
-# Usage (repo root, package installed): bash tools/fp4_gpu_check.sh ; about 6 minutes on one H200
-# (stage 2 runs beside stages 1, 3, 4 on a second GPU: at most 90 + 240 + 170 s; one GPU: + 170 s).
+# GPU check of the FP4-weight kernels (docs/fp4.md), in one command: the GPU tests (stopping at the first
+# failure, so that a fault cannot hide behind later results) and the benchmark on the three FP4 presets
+# of issue 10. Each stage is its own process (a CUDA fault kills its process's context):
+#   1. the swap-AB kernel's new tiles first (three and four consumer warpgroups, the gpt-oss-120b shape
+#      with the rules' 16 x 256 tile), CUDA_LAUNCH_BLOCKING=1 CUTE_MOE_DEBUG=1, -x: $OUT/fp4_first.log;
+#   2. every other FP4 GPU test, -x: $OUT/fp4_tests.log;
+#   3. the benchmark (rules' configs): gpt-oss-120b, DeepSeek-V4-Flash, Qwen3-235B-A22B gate_up at EP 8,
+#      masked decode at expected_m 8 / 16 / 64 and contiguous prefill, plus every swap-AB weight-row
+#      tile of gpt-oss-120b's decode (expected_m <= 16) and prefill problems (--tile-sweep):
+#      $OUT/fp4/bench_fp4.md, log $OUT/fp4_bench.log.
+# With two GPUs the benchmark runs on the second beside the tests (about 6-7 minutes in all, most of
+# it compiling); with one, after them (about 11 minutes).
+# Usage (repo root, package installed): OUT=/some/dir bash tools/fp4_gpu_check.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.." && out=${OUT:-bench_results} && mkdir -p "$out" || exit 1
-tests=(python3 -m pytest -q -m gpu tests/test_gpu_fp4.py -p no:cacheprovider --timeout 90)
+tests=(python3 -m pytest -q -m gpu tests/test_gpu_fp4.py -p no:cacheprovider --timeout 120 -x)
+first="(swap_ab_masked_every_tile and (192 or 256)) or bf16_wide_tiles or gpt_oss_shape"
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
 
-old_tests() {
-    CUTE_MOE_FP4_SWAP_AB=0 timeout 170 "${tests[@]}" -k "not swap" > "$out/fp4_old.log" 2>&1
-    echo "stage 2 (swap-AB off) rc=$?" >> "$out/fp4_old.log"
+bench() {
+    CUTE_MOE_PRINT_CONFIGS=1 timeout 480 python3 -m cute_moe.tools.bench_fp4 --out "$out/fp4" --quick \
+        --models gpt-oss-120b,DeepSeek-V4-Flash,Qwen3-235B-A22B --tile-sweep gpt-oss-120b > "$out/fp4_bench.log" 2>&1
+    echo "stage 3 (benchmark) rc=$?" >> "$out/fp4_bench.log"
 }
 if [ "$gpus" -ge 2 ]; then
-    (export CUDA_VISIBLE_DEVICES=1; old_tests) &
-    old_pid=$!
+    (export CUDA_VISIBLE_DEVICES=1; bench) &
+    bench_pid=$!
 fi
 
-echo "=== stage 1: first swap-AB launches (CUDA_LAUNCH_BLOCKING=1)"
-CUDA_LAUNCH_BLOCKING=1 CUTE_MOE_DEBUG=1 timeout 90 "${tests[@]}" -x \
-    -k "swap_ab_masked_k_block_counts or (swap_ab_masked_every_tile and 16-128)" \
-    > "$out/fp4_first.log" 2>&1
+echo "=== stage 1: the new swap-AB tiles (CUDA_LAUNCH_BLOCKING=1, stop at the first failure)"
+CUDA_LAUNCH_BLOCKING=1 CUTE_MOE_DEBUG=1 timeout 240 "${tests[@]}" -k "$first" > "$out/fp4_first.log" 2>&1
 echo "stage 1 rc=$?"
-tail -n 30 "$out/fp4_first.log"
+tail -n 15 "$out/fp4_first.log"
 
-if [ "$gpus" -lt 2 ]; then
-    old_tests
-fi
-
-echo "=== stage 3: all tests, rules on the swap-AB kernel (the default)"
-timeout 240 "${tests[@]}" -k "not shared-widen and not every_tile_shape" \
-    > "$out/fp4_swap.log" 2>&1
-echo "stage 3 rc=$?"
-grep -E "^(FAILED|ERROR)|passed|failed" "$out/fp4_swap.log" | tail -n 40
-
-echo "=== stage 4: quick benchmark (the rules' default: the swap-AB kernel)"
-CUTE_MOE_PRINT_CONFIGS=1 timeout 170 python3 -m cute_moe.tools.bench_fp4 --out "$out/fp4" \
-    --quick > "$out/fp4_bench.log" 2>&1
-echo "stage 4 rc=$?"
-tail -n 40 "$out/fp4_bench.log"
+echo "=== stage 2: every other FP4 GPU test (stop at the first failure)"
+timeout 330 "${tests[@]}" -k "not ($first)" > "$out/fp4_tests.log" 2>&1
+echo "stage 2 rc=$?"
+grep -E "^(FAILED|ERROR)|passed|failed" "$out/fp4_tests.log" | tail -n 20
 
 if [ "$gpus" -ge 2 ]; then
-    wait "$old_pid"
+    wait "$bench_pid"
+else
+    bench
 fi
-echo "=== stage 2: all tests, swap-AB kernel off"
-grep -E "^(FAILED|ERROR)|passed|failed|rc=" "$out/fp4_old.log" | tail -n 20
+echo "=== stage 3: benchmark ($out/fp4/bench_fp4.md)"
+tail -n 60 "$out/fp4_bench.log"

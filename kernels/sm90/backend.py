@@ -10,7 +10,7 @@ from typing import Callable
 
 from cute_moe.arch import KernelFamily
 
-from . import fp4_rules, fp8_k_grouped_rules, rules
+from . import fp4_rules, fp8_k_grouped_rules, gathered_swiglu_rules, rules
 from .config import MAX_GROUPS, Sm90Config
 
 _KERNELS = Path(__file__).resolve().parent.parent
@@ -28,13 +28,20 @@ FP4_GROUPED_GEMM = KernelFamily("sm90_fp4_grouped_gemm", tuple(sorted(
 FP8_K_GROUPED_GEMM = KernelFamily("sm90_fp8_k_grouped_gemm", tuple(sorted(
     GROUPED_GEMM.sources + tuple(_KERNELS / "sm90" / name
                                  for name in ("fp8_k_grouped_gemm.py", "fp8_k_grouped_signature.py")))))
+# The MoE layer's GEMM1 (token gather + SwiGLU epilogue) subclasses the grouped GEMM's kernel too.
+GATHERED_SWIGLU_GEMM = KernelFamily("sm90_gathered_swiglu_gemm", tuple(sorted(
+    GROUPED_GEMM.sources + tuple(_KERNELS / "sm90" / name
+                                 for name in ("gathered_swiglu_gemm.py", "gathered_swiglu_signature.py",
+                                              "tma_cpasync_pipeline.py")))))
 
 
 def _rules_for(problem):
-    """The rules module of the family that serves ``problem`` (or spec): FP4 weights, K-grouped FP8
-    or the rest."""
+    """The rules module of the family that serves ``problem`` (or spec): FP4 weights, K-grouped FP8,
+    the gathered-SwiGLU GEMM1 or the rest."""
     if fp4_rules.is_fp4(problem):
         return fp4_rules
+    if gathered_swiglu_rules.is_gathered_swiglu(problem):
+        return gathered_swiglu_rules
     return fp8_k_grouped_rules if fp8_k_grouped_rules.is_fp8_k_grouped(problem) else rules
 
 
@@ -95,6 +102,8 @@ class Sm90Backend:
     def kernel_family(spec) -> KernelFamily:
         if fp4_rules.is_fp4(spec):
             return FP4_GROUPED_GEMM
+        if gathered_swiglu_rules.is_gathered_swiglu(spec):
+            return GATHERED_SWIGLU_GEMM
         return FP8_K_GROUPED_GEMM if fp8_k_grouped_rules.is_fp8_k_grouped(spec) else GROUPED_GEMM
 
     @staticmethod
@@ -107,6 +116,10 @@ class Sm90Backend:
             from .fp8_k_grouped_signature import compile_fp8_k_grouped_gemm
 
             return compile_fp8_k_grouped_gemm(spec, config)
+        if gathered_swiglu_rules.is_gathered_swiglu(spec):
+            from .gathered_swiglu_signature import compile_gathered_swiglu_gemm
+
+            return compile_gathered_swiglu_gemm(spec, config)
         from .signature import compile_grouped_gemm
 
         return compile_grouped_gemm(spec, config)

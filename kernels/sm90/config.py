@@ -11,6 +11,7 @@ TILE_MS = (64, 128)  # one consumer warpgroup per 64 rows
 # FP4-weight swap-AB kernel (``swap_ab=1``, kernels/sm90/fp4_swap_gemm.py): tile_m is the token tile,
 # WGMMA's N extent (the weights are WGMMA's A operand, 64 rows per consumer warpgroup along tile_n).
 SWAP_AB_TILE_MS = (8, 16, 32, 64, 128)
+SWAP_AB_TILE_NS = (64, 128, 192, 256)  # weight rows per CTA: one consumer warpgroup per 64
 TILE_NS = (64, 128, 256)
 CLUSTERS = ((1, 1), (2, 1), (1, 2))
 FP8_SCALE_BLOCK = 128  # DeepSeek FP8 scale granularity along K (and along N for B)
@@ -45,7 +46,9 @@ class Sm90Config:
             raise ValueError(f"tile_m: the swap-AB kernel takes tile_m in {SWAP_AB_TILE_MS}, got {self.tile_m}")
         if not self.swap_ab and self.tile_m not in TILE_MS:
             raise ValueError(f"tile_m: expected 64 or 128, got {self.tile_m}")
-        if self.tile_n not in TILE_NS:
+        if self.swap_ab and self.tile_n not in SWAP_AB_TILE_NS:
+            raise ValueError(f"tile_n: the swap-AB kernel takes tile_n in {SWAP_AB_TILE_NS}, got {self.tile_n}")
+        if not self.swap_ab and self.tile_n not in TILE_NS:
             raise ValueError(f"tile_n: expected 64, 128 or 256, got {self.tile_n}")
         if (self.cluster_m, self.cluster_n) not in CLUSTERS:
             raise ValueError(f"cluster: expected (1,1), (2,1) or (1,2), got ({self.cluster_m},{self.cluster_n})")

@@ -17,7 +17,10 @@ words ``w0..w3`` with one 16-byte shared load. The thread's codes of that block 
   for instruction ``2 * block + i // 2``, K half ``i % 2``;
 - E4M3 (one 32-K instruction per block): bytes ``2q, 2q + 1`` of ``w1:w0`` (low K half) and of
   ``w3:w2`` (high half) -> ``gather`` gives both halves; ``fp4_widen_bits.e4m3_words`` widens them to
-  the two E4M3x4 words of the block's instruction, low half then high half.
+  the two E4M3x4 words of the block's instruction, low half then high half. Those four bytes are the
+  two 16-bit halfwords at byte offsets ``E4M3_HALFWORD_OFFSETS(q)`` of the block, so the kernel loads
+  just them (two 2-byte shared loads) and ``combine_halfwords`` puts them together: the same word as
+  ``gather`` of the whole block.
 Written on plain integers and a ``prmt`` callable, like ``fp4_widen_bits``.
 """
 
@@ -38,6 +41,20 @@ def gather(words, selector, prmt):
     """The lane's four code bytes of one 16-byte block (see the module docstring)."""
     low = prmt(words[0], words[1], selector)
     high = prmt(words[2], words[3], selector)
+    return prmt(low, high, COMBINE_LOW_HALVES)
+
+
+def e4m3_halfword_offsets(quad_lane) -> tuple:
+    """Byte offsets, inside a 16-byte block, of the two halfwords E4M3 quad lane ``quad_lane`` widens:
+    elements 4q .. 4q + 3 (low K half) and 16 + 4q .. 16 + 4q + 3 (high half)."""
+    return 2 * quad_lane, HIGH_HALF_BYTES + 2 * quad_lane
+
+
+HIGH_HALF_BYTES = 8  # packed bytes of a block's low K half (16 elements)
+
+
+def combine_halfwords(low, high, prmt):
+    """The word ``gather`` makes for E4M3, from the lane's two halfwords (zero-extended or not)."""
     return prmt(low, high, COMBINE_LOW_HALVES)
 
 

@@ -284,13 +284,19 @@ class Sm90Fp4GroupedGemm(Sm90GroupedGemm):
         warp_group_idx = cute.arch.make_warp_uniform(tidx // THREADS_PER_WARPGROUP)
         pipeline_init_wait(cluster_shape_mn=(1, 1))
         cute.arch.sync_threads()
+        producer_regs, consumer_regs = self.register_split()
         if warp_group_idx == 0:
-            cute.arch.setmaxregister_decrease(PRODUCER_REGS)
+            cute.arch.setmaxregister_decrease(producer_regs)
             if warp_idx == 0:
                 self.producer(*producer_args, cluster_id)
         else:
-            cute.arch.setmaxregister_increase(CONSUMER_REGS)
+            cute.arch.setmaxregister_increase(consumer_regs)
             self.consumer(*consumer_args, tidx - THREADS_PER_WARPGROUP, cluster_id)
+
+    def register_split(self) -> tuple[int, int]:
+        """Registers per thread of the producer warpgroup and of each consumer warpgroup after
+        ``setmaxnreg`` (the grouped GEMM's: one or two consumer warpgroups fit 232)."""
+        return PRODUCER_REGS, CONSUMER_REGS
 
     # ------------------------------------------------------------------ device code
     @cute.kernel

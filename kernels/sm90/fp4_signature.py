@@ -43,13 +43,18 @@ def fake_arguments(spec: GemmSpec) -> tuple:
     return a, b, d, c, sfa, sfb, group, cutlass.Int32(1), make_fake_stream(use_tvm_ffi_env_stream=True)
 
 
-def compile_fp4_gemm(spec: GemmSpec, config: Sm90Config):
-    """Compile the SM90 FP4-weight kernel for ``spec`` with ``config`` (``config.swap_ab``: the swap-AB
-    kernel, else the widen-in-shared-memory one); returns the TVM-FFI function."""
+def fp4_kernel(spec: GemmSpec, config: Sm90Config):
+    """The kernel object of ``spec`` and ``config`` (``config.swap_ab``: the swap-AB kernel, else the
+    widen-in-shared-memory one)."""
     if config.swap_ab:
-        kernel = Sm90Fp4SwapGemm(spec.kind, spec.a.scaled, config.tile_m, config.tile_n, config.stages, config.panel,
-                                 spec.n, spec.k, spec.alignment)
-    else:
-        kernel = Sm90Fp4GroupedGemm(spec.kind, spec.a.scaled, config.tile_m, config.tile_n, config.stages,
-                                    config.panel, spec.n, spec.k, spec.has_c, spec.alignment)
-    return cute.compile(kernel, *fake_arguments(spec), options=f"--enable-tvm-ffi --gpu-arch {spec.arch}")
+        return Sm90Fp4SwapGemm(spec.kind, spec.a.scaled, config.tile_m, config.tile_n, config.stages, config.panel,
+                               spec.n, spec.k, spec.alignment)
+    return Sm90Fp4GroupedGemm(spec.kind, spec.a.scaled, config.tile_m, config.tile_n, config.stages,
+                              config.panel, spec.n, spec.k, spec.has_c, spec.alignment)
+
+
+def compile_fp4_gemm(spec: GemmSpec, config: Sm90Config, extra_options: str = ""):
+    """Compile the SM90 FP4-weight kernel for ``spec`` with ``config`` (``fp4_kernel``); returns the
+    TVM-FFI function. ``extra_options``: more ``cute.compile`` options (e.g. ``--keep-cubin``)."""
+    options = f"--enable-tvm-ffi --gpu-arch {spec.arch} {extra_options}".strip()
+    return cute.compile(fp4_kernel(spec, config), *fake_arguments(spec), options=options)

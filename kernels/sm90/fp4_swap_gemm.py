@@ -5,11 +5,13 @@ Same operands and results as ``fp4_grouped_gemm.py`` (B packed E2M1 ``[(G,) N, K
 exponents ``[(G,) N, ceil(K/32)]`` uint8, rows 16-byte aligned; A BF16 or E4M3 with FP32 scales per
 row per 128 K), but no widened tile ever goes through shared memory:
 
-- the WGMMA's M is the weights' N (64 rows per consumer warpgroup, ``tile_n`` = 64 or 128 per CTA)
-  and its N is the token tile (``tile_m`` = 8 .. 128 tokens), so decode pays no 64-row M padding;
-- every consumer thread reads its own rows' packed bytes from shared memory (one 16-byte load per
-  32-element block, conflict-free thanks to the TMA swizzle of the packed tile), picks its fragment's
-  bytes with ``prmt`` (``fp4_fragment_bits``), widens them in registers with the byte-permute recipes
+- the WGMMA's M is the weights' N (64 rows per consumer warpgroup, ``tile_n`` = 64 .. 256 per CTA:
+  one to four consumer warpgroups, registers split by ``register_split``) and its N is the token tile
+  (``tile_m`` = 8 .. 128 tokens), so decode pays no 64-row M padding;
+- every consumer thread reads its own rows' packed bytes from shared memory (per 32-element block,
+  E4M3: the two halfwords its fragment needs, joined by one ``prmt``; BF16: one 16-byte load and a
+  ``prmt`` gather; conflict-free thanks to the TMA swizzle of the packed tile; ``fp4_fragment_bits``),
+  widens them in registers with the byte-permute recipes
   of ``fp4_widen_bits`` (E4M3: per-block shifted tables; BF16: constant tables then one exact
   ``mul.rn.bf16x2`` by the block scale; exact FP32 fallback outside their range, as the other
   kernel), and issues WGMMA with A from those registers and B = the activations (tokens x K,
@@ -29,8 +31,9 @@ Roles (one CTA per SM, ``128 * (1 + tile_n // 64)`` threads, cluster 1x1):
   ``k % 2``) run while the thread widens k-block k+1 into the other buffer. BF16 keeps one WGMMA
   group in flight (``wait_group(1)`` retires block k-1, whose buffer is widened next, and releases
   its stage); FP8 issues block k, widens block k+1, waits for block k, releases its stage and
-  promotes it. The UE8M0 exponents of k-block k+1 are loaded from global memory while block k runs
-  (those of the next tile's rows are prefetched to L2 when a tile starts).
+  promotes it. The UE8M0 exponents are loaded from global memory as one word per row and k-block, a
+  whole step before the widening that reads them (k-block k + 2 while block k runs; two word buffers,
+  like the fragments), and those of the next tile's rows are prefetched to L2 when a tile starts.
 """
 
 from typing import Optional, Type
@@ -52,7 +55,7 @@ from .config import MAX_GROUPS
 from .fp4_grouped_gemm import (BYTE_MASK, E2M1_MAG_MASK, E2M1_MAG_SHIFT, E2M1_RAW_SHIFT, E2M1_SIGN_BIT,
                                FP32_BIAS, FP32_SIGN_SHIFT, MX_BLOCK, SWIZZLE_ALIGN_BYTES, Sm90Fp4GroupedGemm,
                                prmt)
-from .grouped_gemm import SFA_BYTES, THREADS_PER_WARPGROUP, TMA_ALIGN_BYTES
+from .grouped_gemm import CONSUMER_REGS, PRODUCER_REGS, SFA_BYTES, THREADS_PER_WARPGROUP, TMA_ALIGN_BYTES
 
 WEIGHT_ROWS_PER_WARPGROUP = 64  # WGMMA's M
 TILE_K = {True: 128, False: 64}  # FP8: one 128-K activation scale block; BF16: one 128-byte swizzle row
@@ -64,6 +67,16 @@ CODES_PER_WORD = 8
 # TMA's 32B / 64B swizzle of the packed rows (cute Swizzle<log2(chunks), 4, 3>): the 16-byte chunk
 # index is XORed with address bits 7.. , i.e. with (row * row_bytes / 128) mod chunks-per-row.
 SWIZZLE_SPAN_BYTES = 128
+# The CTA's registers, handed out per thread at launch (the most the block size allows, a multiple of
+# REGISTER_GRANULE) and moved between warpgroups by setmaxnreg (``register_split``).
+REGISTER_FILE = 65536
+REGISTER_GRANULE = 8
+MAX_THREAD_REGS = 248  # 255 registers per thread, rounded down to the granule
+BYTE_BITS = 8
+HALFWORD_BYTES = 2
+ZERO_EXTEND_BYTE = 0x4440  # prmt selector: byte (selector & 3) of a, then three zero bytes of b = 0
+EXPONENT_WORD_TYPES = {2: cutlass.Uint16, 4: Int32}  # a k-block's exponents of one row (BF16, E4M3)
+TAIL_WORDS = FRAGMENT_BUFFERS  # the column of the exponent words that holds a partial last k-block
 
 
 @dsl_user_op
@@ -77,7 +90,7 @@ def mul_bf16x2(a, b, *, loc=None, ip=None) -> Int32:
 class Sm90Fp4SwapGemm(Sm90Fp4GroupedGemm):
     """Compile-time configuration of one swap-AB FP4-weight specialization (module docstring).
 
-    ``token_tile``: tokens per tile (WGMMA N, 8..128); ``tile_n``: weight rows per CTA (64 or 128, one
+    ``token_tile``: tokens per tile (WGMMA N, 8..128); ``tile_n``: weight rows per CTA (64 .. 256, one
     consumer warpgroup per 64). Kinds: dense (no C), contiguous, psum, masked. Inherits the other FP4
     kernel's launch and CTA-start helpers (``launch_operands``, ``storage_struct``,
     ``launch_persistent``, ``start_cta``, ``run_roles``), its producer, ``scale_exponent`` and
@@ -105,6 +118,18 @@ class Sm90Fp4SwapGemm(Sm90Fp4GroupedGemm):
         self.requested_stages = stages
         self.schedule = GroupedSchedule(kind, token_tile, 1, self.num_n_clusters, panel, alignment)
         self.table_len = MAX_GROUPS if self.schedule.has_group_table else 1
+
+    def register_split(self) -> tuple[int, int]:
+        """(producer, consumer) registers per thread after setmaxnreg: the launch gives every thread
+        ``REGISTER_FILE / threads`` (ptxas takes the most the block size allows when a kernel moves
+        registers), the producer warpgroup keeps PRODUCER_REGS and the consumer warpgroups share the
+        rest (at most CONSUMER_REGS): 232 with one or two consumer warpgroups, 152 with three, 104
+        with four. Asking for more than the pool holds would block ``setmaxnreg.inc`` forever."""
+        warpgroups = 1 + self.num_consumer_wgs
+        launch = min(REGISTER_FILE // (THREADS_PER_WARPGROUP * warpgroups), MAX_THREAD_REGS)
+        launch -= launch % REGISTER_GRANULE
+        share = (launch * warpgroups - PRODUCER_REGS) // self.num_consumer_wgs
+        return PRODUCER_REGS, min(CONSUMER_REGS, share - share % REGISTER_GRANULE)
 
     # ------------------------------------------------------------------ host-side (trace time) setup
     def _setup(self, d_dtype: Type[cutlass.Numeric]):
@@ -188,7 +213,10 @@ class Sm90Fp4SwapGemm(Sm90Fp4GroupedGemm):
         # (weight row, token) of each accumulator element; the thread's fragment rows are r0, r0 + 8.
         tCcC = thr_c.partition_C(cute.make_identity_tensor((tile_n, token_tile)))
         r0 = tCcC[0][0]
-        selector = fragment_bits.gather_selector(consumer_tidx % QUAD, self.fp8)
+        # BF16: the prmt selector of the lane's gather; E4M3: the byte offset of its first halfword.
+        lane = fragment_bits.gather_selector(consumer_tidx % QUAD, self.fp8)
+        if cutlass.const_expr(self.fp8):
+            lane = fragment_bits.e4m3_halfword_offsets(consumer_tidx % QUAD)[0]
         swizzle = self.packed_chunk_swizzle(r0)
 
         state, mma_state, release_state = self.consumer_states(3)
@@ -206,7 +234,7 @@ class Sm90Fp4SwapGemm(Sm90Fp4GroupedGemm):
                 accumulators.fill(0.0)
                 state, mma_state, release_state = self.mainloop(
                     tiled_mma, first_mma, fragments, tCrB, accumulators, block_acc, mainloop, state, mma_state,
-                    release_state, sP, sSFA, mSFB, tCcC, r0, selector, swizzle, tile)
+                    release_state, sP, sSFA, mSFB, tCcC, r0, lane, swizzle, tile)
                 if tile.rows_valid > 0 and tile.n_block * tile_n < self.n:
                     self.store_transposed(accumulators, tCcC, mD, tile)
             cursor = following
@@ -227,22 +255,26 @@ class Sm90Fp4SwapGemm(Sm90Fp4GroupedGemm):
     @cute.jit
     def mainloop(self, tiled_mma, first_mma, fragments, tCrB, accumulators, block_acc, mainloop, state,
                  mma_state, release_state, sP: cute.Tensor, sSFA: cute.Tensor, mSFB: cute.Tensor, tCcC: cute.Tensor,
-                 r0: Int32, selector: Int32, swizzle: Int32, tile: WorkTile):
+                 r0: Int32, lane: Int32, swizzle: Int32, tile: WorkTile):
         """All k-blocks of one tile. ``state``: the next stage to widen (one ahead of ``mma_state``);
         ``mma_state``: the stage whose WGMMAs are issued; ``release_state``: the next stage to release
         (FP8: ``mma_state``'s, released in the same step; BF16: one behind). Every branch on the step's
         place is static (``k_block_step``'s ``first`` / ``has_next`` / ``parity``): the first and the
-        last k-blocks are peeled, the ones between run in pairs (fragment buffers 1, 0) plus one odd."""
-        exponents = cute.make_rmem_tensor((ROW_HALVES * self.blocks_per_k_tile,), Int32)
+        last k-blocks are peeled, the ones between run in pairs (fragment buffers 1, 0) plus one odd.
+        The exponent words of k-block k live in ``words[:, k % 2]``, loaded one whole step before the
+        widening that reads them (k-blocks 0 and 1 here, k + 2 in step k); those of a partial last
+        k-block are read byte by byte here, once per tile (``tail_words``)."""
+        words = cute.make_rmem_tensor((ROW_HALVES, FRAGMENT_BUFFERS + 1), Int32)  # + the tail words
         row_scales = cute.make_rmem_tensor((ROW_HALVES, FRAGMENT_BUFFERS), Float32)  # FP8: 2^(e_max - 127)
         n_first = tile.n_block * self.tile_shape_mnk[1] + r0
-        self.load_exponents(exponents, mSFB, Int32(0), n_first, tile.group)
+        self.load_tail_words(words, mSFB, n_first, tile.group)
+        for buffer in cutlass.range_constexpr(FRAGMENT_BUFFERS):
+            self.load_exponent_words(words, buffer, mSFB, Int32(buffer), n_first, tile.group)
         mainloop.consumer_wait(state)
-        self.widen_k_block(fragments[0], sP, state.index, exponents, row_scales, 0, r0, selector, swizzle)
+        self.widen_k_block(fragments[0], sP, state.index, words, row_scales, 0, r0, lane, swizzle)
         state.advance()
-        self.load_exponents(exponents, mSFB, Int32(1), n_first, tile.group)
         steps = (tiled_mma, first_mma, fragments, tCrB, accumulators, block_acc, mainloop)
-        operands = (sP, sSFA, mSFB, exponents, row_scales, tCcC, r0, selector, swizzle, tile)
+        operands = (sP, sSFA, mSFB, words, row_scales, tCcC, r0, lane, swizzle, tile)
         last = self.k_tiles - 1
         state, mma_state, release_state = self.k_block_step(
             *steps, state, mma_state, release_state, *operands, Int32(0), 0, True, last > 0)
@@ -266,13 +298,15 @@ class Sm90Fp4SwapGemm(Sm90Fp4GroupedGemm):
     @cute.jit
     def k_block_step(self, tiled_mma, first_mma, fragments, tCrB, accumulators, block_acc, mainloop, state,
                      mma_state, release_state, sP: cute.Tensor, sSFA: cute.Tensor, mSFB: cute.Tensor,
-                     exponents: cute.Tensor, row_scales: cute.Tensor, tCcC: cute.Tensor, r0: Int32, selector: Int32,
+                     words: cute.Tensor, row_scales: cute.Tensor, tCcC: cute.Tensor, r0: Int32, lane: Int32,
                      swizzle: Int32, tile: WorkTile, k_tile: Int32, parity: cutlass.Constexpr[int],
                      first: cutlass.Constexpr[bool], has_next: cutlass.Constexpr[bool]):
-        """K-block ``k_tile`` (its fragment in buffer ``parity``, its stage ``mma_state``): issue its
-        WGMMAs, widen k-block ``k_tile + 1`` (stage ``state``, when ``has_next``) into the other buffer,
-        then BF16: retire block k-1 (``wait_group(1)`` before the widening, which reuses its buffer) and
-        release its stage (none when ``first``); FP8: wait for block k, promote it, release its stage."""
+        """K-block ``k_tile`` (its fragment and exponent words in buffer ``parity``, its stage
+        ``mma_state``): issue its WGMMAs, load the exponent words of k-block ``k_tile + 2`` into
+        buffer ``parity`` (its own were read when it was widened), widen k-block ``k_tile + 1`` (stage
+        ``state``, when ``has_next``) into the other buffer, then BF16: retire block k-1
+        (``wait_group(1)`` before the widening, which reuses its buffer) and release its stage (none
+        when ``first``); FP8: wait for block k, promote it, release its stage."""
         current, following = fragments[parity], fragments[1 - parity]
         stage = mma_state.index
         num_mmas = cute.size(current, mode=[2])
@@ -285,6 +319,9 @@ class Sm90Fp4SwapGemm(Sm90Fp4GroupedGemm):
                 cute.gemm(tiled_mma, accumulators, current[(None, None, kb)], tCrB[(None, None, kb, stage)],
                           accumulators)
         cute.nvgpu.warpgroup.commit_group()
+        if cutlass.const_expr(has_next):
+            self.load_exponent_words(words, parity, mSFB, k_tile + 2, tile.n_block * self.tile_shape_mnk[1] + r0,
+                                     tile.group)
         if cutlass.const_expr(not self.fp8):
             cute.nvgpu.warpgroup.wait_group(1)
             if cutlass.const_expr(not first):
@@ -292,11 +329,8 @@ class Sm90Fp4SwapGemm(Sm90Fp4GroupedGemm):
                 release_state.advance()
         if cutlass.const_expr(has_next):
             mainloop.consumer_wait(state)
-            self.widen_k_block(following, sP, state.index, exponents, row_scales, 1 - parity, r0, selector,
-                               swizzle)
+            self.widen_k_block(following, sP, state.index, words, row_scales, 1 - parity, r0, lane, swizzle)
             state.advance()
-            self.load_exponents(exponents, mSFB, k_tile + 2, tile.n_block * self.tile_shape_mnk[1] + r0,
-                                tile.group)
         if cutlass.const_expr(self.fp8):
             cute.nvgpu.warpgroup.wait_group(0)
             self.promote(accumulators, block_acc, sSFA, stage, row_scales, parity, tCcC)
@@ -320,44 +354,62 @@ class Sm90Fp4SwapGemm(Sm90Fp4GroupedGemm):
                 accumulators[high] = accumulators[high] + block_acc[high] * (token_scale * scale_hi)
 
     @cute.jit
-    def load_exponents(self, exponents: cute.Tensor, mSFB: cute.Tensor, k_tile: Int32, n_first: Int32,
-                       group: Int32):
-        """UE8M0 exponents of this thread's rows (n_first, n_first + 8) in k-block ``k_tile``: element
-        ``h * blocks + b`` is row half h, 32-block b (0 past N, past K, or past the last k-block)."""
+    def load_tail_words(self, words: cute.Tensor, mSFB: cute.Tensor, n_first: Int32, group: Int32):
+        """When the last k-block holds fewer than ``blocks_per_k_tile`` exponents (K not a multiple of
+        tile_k): its exponents of rows (n_first, n_first + 8), byte by byte (no byte past the row's
+        ``ceil(K/32)`` is read), into ``words[h, TAIL_WORDS]`` (0 past N)."""
+        blocks = self.blocks_per_k_tile
+        if cutlass.const_expr(self.k_scale_blocks % blocks != 0):
+            first_block = self.k_scale_blocks // blocks * blocks
+            for h in cutlass.range_constexpr(ROW_HALVES):
+                n = n_first + ROW_HALF * h
+                word = Int32(0)
+                if n < self.n:
+                    for b in cutlass.range_constexpr(self.k_scale_blocks % blocks):
+                        word = word | (Int32(mSFB[(n, first_block + b, group)]) & BYTE_MASK) << (BYTE_BITS * b)
+                words[(h, TAIL_WORDS)] = word
+
+    @cute.jit
+    def load_exponent_words(self, words: cute.Tensor, buffer: cutlass.Constexpr[int], mSFB: cute.Tensor,
+                            k_tile: Int32, n_first: Int32, group: Int32):
+        """UE8M0 exponents of this thread's rows (n_first, n_first + 8) in k-block ``k_tile`` into
+        ``words[h, buffer]``, byte b = 32-block b (0 past N or past the last k-block): one aligned
+        4-byte (FP8) / 2-byte (BF16) load per row (rows are 16-byte aligned); a partial last k-block
+        takes the tail words (``load_tail_words``)."""
         blocks = self.blocks_per_k_tile
         full_k_tiles = self.k_scale_blocks // blocks  # k-blocks whose exponents all lie inside K
         for h in cutlass.range_constexpr(ROW_HALVES):
             n = n_first + ROW_HALF * h
-            for b in cutlass.range_constexpr(blocks):
-                exponents[h * blocks + b] = Int32(0)
+            words[(h, buffer)] = Int32(0)
             if n < self.n and k_tile < full_k_tiles:
-                # One aligned 4-byte (FP8) / 2-byte (BF16) load: rows are 16-byte aligned.
                 row = cute.make_rmem_tensor((blocks,), cutlass.Uint8)
                 cute.autovec_copy(cute.local_tile(mSFB[(n, None, group)], (blocks,), (k_tile,)), row)
-                for b in cutlass.range_constexpr(blocks):
-                    exponents[h * blocks + b] = Int32(row[b]) & BYTE_MASK
+                # Bytes past the k-block's (BF16: 2, 3) are never read (``widen_k_block``).
+                words[(h, buffer)] = Int32(cute.recast_tensor(row, EXPONENT_WORD_TYPES[blocks])[0])
             if cutlass.const_expr(self.k_scale_blocks % blocks != 0):
-                if n < self.n and k_tile == full_k_tiles:  # the partial last k-block, byte by byte
-                    for b in cutlass.range_constexpr(self.k_scale_blocks % blocks):
-                        exponents[h * blocks + b] = Int32(mSFB[(n, k_tile * blocks + b, group)]) & BYTE_MASK
+                if k_tile == full_k_tiles:
+                    words[(h, buffer)] = words[(h, TAIL_WORDS)]
 
     @cute.jit
-    def widen_k_block(self, fragment: cute.Tensor, sP: cute.Tensor, stage: Int32, exponents: cute.Tensor,
-                      row_scales: cute.Tensor, parity: cutlass.Constexpr[int], r0: Int32, selector: Int32,
+    def widen_k_block(self, fragment: cute.Tensor, sP: cute.Tensor, stage: Int32, words: cute.Tensor,
+                      row_scales: cute.Tensor, parity: cutlass.Constexpr[int], r0: Int32, lane: Int32,
                       swizzle: Int32):
         """Widen this thread's A fragment of one k-block from the packed stage (``sP`` without its
-        swizzle functor, chunks located by ``swizzle``): per row half and 32-block, one 16-byte shared
-        load, a ``prmt`` gather of the lane's four bytes, then the byte-permute
-        tables (exact FP32 path outside their range). FP8 also records ``2^(e_max - 127)`` per row in
-        ``row_scales[:, parity]``. Rows past N and blocks past K read zeros (TMA fill) with exponent 0."""
+        swizzle functor, chunks located by ``swizzle``): per row half and 32-block, the lane's four code
+        bytes (``widen_block``), then the byte-permute tables (exact FP32 path outside their range);
+        ``lane``: BF16 the gather's prmt selector, E4M3 the byte offset of the lane's first halfword
+        in a block. The exponents are the bytes of
+        ``words[:, parity]``; FP8 also records ``2^(e_max - 127)`` per row in ``row_scales[:, parity]``.
+        Rows past N and blocks past K read zeros (TMA fill) with exponent 0."""
         blocks = self.blocks_per_k_tile
-        words = cute.recast_tensor(fragment, Int32)
+        out = cute.recast_tensor(fragment, Int32)
         for h in cutlass.range_constexpr(ROW_HALVES):
-            e_max = exponents[h * blocks]
-            e_min = exponents[h * blocks]
+            exponents = [prmt(words[(h, parity)], 0, ZERO_EXTEND_BYTE | b) for b in range(blocks)]
+            e_max = exponents[0]
+            e_min = exponents[0]
             for b in cutlass.range_constexpr(1, blocks):
-                e_max = cutlass.max(e_max, exponents[h * blocks + b])
-                e_min = cutlass.min(e_min, exponents[h * blocks + b])
+                e_max = cutlass.max(e_max, exponents[b])
+                e_min = cutlass.min(e_min, exponents[b])
             if cutlass.const_expr(self.fp8):
                 row_scales[(h, parity)] = self.pow2(e_max)
                 row_fast = e_min - e_max >= widen_bits.E4M3_MIN_SHIFT
@@ -367,25 +419,36 @@ class Sm90Fp4SwapGemm(Sm90Fp4GroupedGemm):
             # a per-block choice with the exact FP32 path.
             if row_fast:
                 for b in cutlass.range_constexpr(blocks):
-                    self.widen_block(words, sP, stage, exponents, e_max, r0, selector, swizzle, h, b, False)
+                    self.widen_block(out, sP, stage, exponents[b], e_max, r0, lane, swizzle, h, b, False)
             else:
                 for b in cutlass.range_constexpr(blocks):
-                    self.widen_block(words, sP, stage, exponents, e_max, r0, selector, swizzle, h, b, True)
+                    self.widen_block(out, sP, stage, exponents[b], e_max, r0, lane, swizzle, h, b, True)
 
     @cute.jit
-    def widen_block(self, words: cute.Tensor, sP: cute.Tensor, stage: Int32, exponents: cute.Tensor, e_max: Int32,
-                    r0: Int32, selector: Int32, swizzle: Int32, h: cutlass.Constexpr[int],
+    def widen_block(self, words: cute.Tensor, sP: cute.Tensor, stage: Int32, exponent: Int32, e_max: Int32,
+                    r0: Int32, lane: Int32, swizzle: Int32, h: cutlass.Constexpr[int],
                     b: cutlass.Constexpr[int], checked: cutlass.Constexpr[bool]):
-        """The thread's codes of 32-block ``b`` of row ``r0 + 8 h`` into its fragment words ``words``:
-        16-byte shared load, ``prmt`` gather, byte-permute widening; with ``checked`` the block's
-        exponent picks that path or the exact FP32 one (without, the caller knows it is in range)."""
-        packed = cute.make_rmem_tensor((fragment_bits.MX_BLOCK_BYTES,), cutlass.Uint8)
-        cute.autovec_copy(cute.local_tile(sP[(r0 + ROW_HALF * h, None, stage)],
-                                          (fragment_bits.MX_BLOCK_BYTES,), (b ^ swizzle,)), packed)
-        packed_words = cute.recast_tensor(packed, Int32)
-        gathered = fragment_bits.gather(
-            (packed_words[0], packed_words[1], packed_words[2], packed_words[3]), selector, prmt)
-        exponent = exponents[h * self.blocks_per_k_tile + b]
+        """The thread's codes of 32-block ``b`` of row ``r0 + 8 h`` (UE8M0 ``exponent``) into its
+        fragment words ``words``: the lane's four code bytes (E4M3: two 2-byte shared loads of its
+        halfwords; BF16: one 16-byte load and a ``prmt`` gather), byte-permute widening; with
+        ``checked`` the block's exponent picks that path or the exact FP32 one (without, the caller
+        knows it is in range)."""
+        row = sP[(r0 + ROW_HALF * h, None, stage)]
+        if cutlass.const_expr(self.fp8):
+            halves = []
+            for k_half in cutlass.range_constexpr(2):
+                half = cute.make_rmem_tensor((HALFWORD_BYTES,), cutlass.Uint8)
+                block_start = (b ^ swizzle) * fragment_bits.MX_BLOCK_BYTES
+                start = block_start + lane + k_half * fragment_bits.HIGH_HALF_BYTES  # even
+                cute.autovec_copy(cute.local_tile(row, (HALFWORD_BYTES,), (start // HALFWORD_BYTES,)), half)
+                halves.append(Int32(cute.recast_tensor(half, cutlass.Uint16)[0]))
+            gathered = fragment_bits.combine_halfwords(halves[0], halves[1], prmt)
+        else:
+            packed = cute.make_rmem_tensor((fragment_bits.MX_BLOCK_BYTES,), cutlass.Uint8)
+            cute.autovec_copy(cute.local_tile(row, (fragment_bits.MX_BLOCK_BYTES,), (b ^ swizzle,)), packed)
+            packed_words = cute.recast_tensor(packed, Int32)
+            gathered = fragment_bits.gather(
+                (packed_words[0], packed_words[1], packed_words[2], packed_words[3]), lane, prmt)
         if cutlass.const_expr(self.fp8):
             exponent = exponent - e_max  # the block's shift 2^(e - e_max), <= 0
         out_words = 2 if self.fp8 else 4

@@ -101,6 +101,9 @@ class Sm90GroupedGemm:
         self.epilogue_barrier = pipeline.NamedBarrier(barrier_id=EPILOGUE_BARRIER_ID,
                                                       num_threads=self.num_consumer_threads)
         self.tail_barrier = pipeline.NamedBarrier(barrier_id=TAIL_BARRIER_ID, num_threads=self.num_consumer_threads)
+        # Stages written by cp.async (the generic proxy) need a proxy fence before WGMMA (the async proxy)
+        # reads them; TMA-filled stages do not (see kernels/sm90/gathered_swiglu_gemm.py).
+        self.generic_proxy_stages = False
 
     # ------------------------------------------------------------------ host-side (trace time) setup
     def _setup(self, d_dtype: Type[cutlass.Numeric]):
@@ -452,7 +455,7 @@ class Sm90GroupedGemm:
                     state, release_state = self.mainloop_bf16(
                         tiled_mma, tCrA, tCrB, accumulators, num_k_blocks, mainloop, state, release_state)
                 if tile.rows_valid > 0 and tile.n_block * tile_n < self.n:
-                    epi_buffer = self.store_tile(epilogue, accumulators, sD, mD, mC, tile, epi_buffer)
+                    epi_buffer = self.store_outputs(epilogue, accumulators, sD, mD, mC, tile, epi_buffer)
             cursor = scheduler.next(cursor)
 
     @cute.jit
@@ -466,6 +469,8 @@ class Sm90GroupedGemm:
         tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
         cute.nvgpu.warpgroup.fence()
         mainloop.consumer_wait(state)
+        if cutlass.const_expr(self.generic_proxy_stages):
+            cute.arch.fence_proxy("async.shared", space="cta")
         for kb in cutlass.range_constexpr(num_k_blocks):
             cute.gemm(tiled_mma, accumulators, tCrA[(None, None, kb, state.index)],
                       tCrB[(None, None, kb, state.index)], accumulators)
@@ -473,6 +478,8 @@ class Sm90GroupedGemm:
         state.advance()
         for k_tile in cutlass.range(1, self.k_tiles, unroll=1):
             mainloop.consumer_wait(state)
+            if cutlass.const_expr(self.generic_proxy_stages):
+                cute.arch.fence_proxy("async.shared", space="cta")
             for kb in cutlass.range_constexpr(num_k_blocks):
                 cute.gemm(tiled_mma, accumulators, tCrA[(None, None, kb, state.index)],
                           tCrB[(None, None, kb, state.index)], accumulators)
@@ -603,15 +610,29 @@ class Sm90GroupedGemm:
         return tiled_r2s, thr_r2s, tiled_s2g.get_slice(consumer_tidx)
 
     @cute.jit
+    def store_outputs(self, epilogue, accumulators: cute.Tensor, sD: cute.Tensor, mD: cute.Tensor,
+                      mC: Optional[cute.Tensor], tile: WorkTile, epi_buffer: Int32) -> Int32:
+        """Write one finished tile's outputs: D (= [C +] the accumulators). Variants with other
+        epilogues override this."""
+        return self.store_tile(epilogue, accumulators, sD, mD, mC, tile, epi_buffer)
+
+    @cute.jit
     def store_tile(self, epilogue, accumulators: cute.Tensor, sD: cute.Tensor, mD: cute.Tensor,
-                   mC: Optional[cute.Tensor], tile: WorkTile, epi_buffer: Int32) -> Int32:
+                   mC: Optional[cute.Tensor], tile: WorkTile, epi_buffer: Int32,
+                   tile_cols: cutlass.Constexpr[int] = 0, n_cols: cutlass.Constexpr[int] = 0,
+                   col_offset: cutlass.Constexpr[int] = 0) -> Int32:
         """Epilogue through shared memory, tile_m x EPI_N sub-tiles in a ring of EPI_STAGES buffers.
 
-        One barrier per sub-tile suffices with two buffers: a thread writes buffer b again only after
-        the next sub-tile's barrier, which every thread reaches after reading buffer b."""
+        ``accumulators`` holds ``tile_cols`` columns (default tile_n) of N block ``tile.n_block``; they
+        go to D's columns ``col_offset + n_block * tile_cols + j``, stored while
+        ``n_block * tile_cols + j < n_cols`` (default N). One barrier per sub-tile suffices with two
+        buffers: a thread writes buffer b again only after the next sub-tile's barrier, which every
+        thread reaches after reading buffer b."""
         tiled_r2s, thr_r2s, thr_s2g = epilogue
         row_start, rows_valid, n_block = tile.row_start, tile.rows_valid, tile.n_block
-        tile_m, tile_n, _ = self.tile_shape_mnk
+        tile_m = self.tile_shape_mnk[0]
+        tile_n = tile_cols if tile_cols else self.tile_shape_mnk[1]
+        n_extent = n_cols if n_cols else self.n
         tRS_sD = thr_r2s.partition_D(sD)
         tRS_acc = tiled_r2s.retile(accumulators)
         rD_shape = cute.shape(thr_r2s.partition_S(sD))[:3]
@@ -619,9 +640,10 @@ class Sm90GroupedGemm:
         tRS_rD = cute.make_rmem_tensor(rD_shape, self.stage_dtype)
         epi_values = cute.size(tRS_rAcc)
         gD_epi = cute.flat_divide(
-            cute.local_tile(cute.domain_offset((row_start, 0), mD), (tile_m, tile_n), (0, n_block)), self.epi_tile)
+            cute.local_tile(cute.domain_offset((row_start, col_offset), mD), (tile_m, tile_n), (0, n_block)),
+            self.epi_tile)
         cD_epi = cute.flat_divide(
-            cute.local_tile(cute.make_identity_tensor((tile_m, self.n)), (tile_m, tile_n), (0, n_block)),
+            cute.local_tile(cute.make_identity_tensor((tile_m, n_extent)), (tile_m, tile_n), (0, n_block)),
             self.epi_tile)
         gC_epi = gD_epi
         if cutlass.const_expr(self.has_c):
@@ -643,7 +665,7 @@ class Sm90GroupedGemm:
             for m in cutlass.range_constexpr(cute.size(tS, mode=[1])):
                 for n in cutlass.range_constexpr(cute.size(tS, mode=[2])):
                     coord = tCoord[(0, m, n)]
-                    if coord[0] < rows_valid and coord[1] < self.n:
+                    if coord[0] < rows_valid and coord[1] < n_extent:
                         values = sub_tile[(None, m, n)].load().to(self.acc_dtype)
                         if cutlass.const_expr(self.has_c):
                             c_vals = cute.make_rmem_tensor_like(sub_tile[(None, m, n)], self.d_dtype)

@@ -1,0 +1,65 @@
+"""SM90 dispatch of the gathered-SwiGLU GEMM1 family (``gathered_swiglu_gemm.py``): what it implements,
+its rules and tuning candidates. Pure functions of a dispatch ``Problem``; no cutlass import.
+
+The family serves the ``gathered_swiglu`` / ``gathered_swiglu_h`` kinds: A (x, gathered by a row
+index) and B (w13 [E, 2I, H]) BF16 K-major, D (act [S, I], h [S, 2I]) bf16; n = 2I, k = H.
+"""
+
+import itertools
+from dataclasses import replace
+
+from .config import CLUSTERS, MAX_GROUPS, TILE_MS, TILE_NS, Sm90Config
+from .rules import admitted
+from .rules import rule_config as grouped_rule_config
+
+GATHERED_KINDS = ("gathered_swiglu", "gathered_swiglu_h")
+BF16_K = ("bf16", "k", "none")
+
+
+def _descriptor(operand) -> tuple[str, str, str]:
+    return operand.dtype, operand.major, operand.scale
+
+
+def is_gathered_swiglu(problem) -> bool:
+    """Whether a problem (or spec) belongs to this family."""
+    return problem.kind in GATHERED_KINDS
+
+
+def check_spec(problem) -> None:
+    """Refuse what the family cannot implement: operands, output type, C, group counts, odd 2I."""
+    a, b = _descriptor(problem.a), _descriptor(problem.b)
+    if a != BF16_K or b != BF16_K:
+        raise ValueError(f"operands: the sm_90a gathered-SwiGLU kernel implements A=B={BF16_K}, got A={a}, B={b}")
+    if problem.d_dtype != "bf16":
+        raise ValueError(f"d_dtype: the gathered-SwiGLU kernel writes bf16, got {problem.d_dtype!r}")
+    if problem.has_c:
+        raise ValueError("has_c: the gathered-SwiGLU kernel adds no C")
+    if problem.n % 16 != 0:
+        raise ValueError(f"n: expected 2I with I a multiple of 8, got n={problem.n}")
+    if not 1 <= problem.num_groups <= MAX_GROUPS:
+        raise ValueError(f"groups: expected between 1 and {MAX_GROUPS} groups, got {problem.num_groups}")
+
+
+def can_implement(problem, config: Sm90Config) -> None:
+    """A is gathered per CTA by cp.async (no A multicast: cluster_n must be 1); the grouped GEMM's
+    tiles, and B multicast along M, otherwise."""
+    check_spec(problem)
+    if config.swap_ab:
+        raise ValueError("config: swap_ab is an FP4-weight kernel; the gathered-SwiGLU kernel takes swap_ab=0")
+    if config.cluster_n != 1:
+        raise ValueError(f"config: the gathered-SwiGLU kernel loads A per CTA (cluster_n=1), "
+                         f"got cluster_n={config.cluster_n}")
+
+
+def rule_config(problem) -> Sm90Config:
+    """The grouped GEMM's rules for the same ragged problem (N = 2I accumulator columns per row):
+    128 x 256 tiles (128 output columns) with B shared by an M-cluster of 2 unless an expert holds
+    a single M tile."""
+    return grouped_rule_config(replace(problem, kind="ragged"))
+
+
+def candidate_configs(problem) -> list[Sm90Config]:
+    """The tuning search space: every tile, clusters along M only; stages and panel default."""
+    return admitted(problem, (Sm90Config(tile_m=tile_m, tile_n=tile_n, cluster_m=cluster[0], cluster_n=cluster[1])
+                              for tile_m, tile_n, cluster in itertools.product(TILE_MS, TILE_NS, CLUSTERS)),
+                    can_implement)
