@@ -314,7 +314,8 @@ class MaskedOp(GemmOp):
 class KGroupedOp(GemmOp):
     """K-grouped (weight gradients): d[g] = c[g] + a[rows of g].T @ b[rows of g]; a [sum K, M] and
     b [sum K, N] (the MN-major operand form; a K-major descriptor takes a as [M, sum K]), d and c
-    [G, M, N] fp32 (c optional, may be d); ks: the groups' row counts (host list, or None when only
+    [G, M, N] fp32, or bf16 (an extension of DeepGEMM's API: the FP32 sum rounded once; c, if given,
+    in d's dtype) (c optional, may be d); ks: the groups' row counts (host list, or None when only
     the device knows them: rows past their sum are then ignored), ks_tensor: the same as int32 [G]
     on the GPU (the kernel reads it; any value stays inside a and b)."""
 
@@ -346,7 +347,6 @@ class KGroupedOp(GemmOp):
         return self.a.kernel(a), self.b.kernel(b), d, c, None, None, ks_tensor
 
     def validate(self, a, sfa, b, sfb, d, ks, ks_tensor, c) -> None:
-        check_tensor("d", d, (torch.float32,), 3)
         self.validate_operands(a, b, d, ks_tensor, c)
         if ks is not None:
             check_counts("ks", ks, d.shape[0], self.a.logical(a).shape[1])

@@ -83,7 +83,7 @@ def cover_all_slots(ends: torch.Tensor, num_slots: int) -> torch.Tensor:
     that the input-side GEMMs write every row (finite values: those slots' tokens are real tokens)
     and nothing downstream needs a mask; their routing weight is 0."""
     ends_all = ends.clone()
-    ends_all[-1] = num_slots
+    ends_all.narrow(0, ends.numel() - 1, 1).fill_(num_slots)  # a kernel, not a host copy: capturable
     return ends_all
 
 
@@ -141,9 +141,8 @@ class MoEFunction(torch.autograd.Function):
         act = silu_gate * up  # recomputed SwiGLU output (BF16)
         grad_w2 = grad_w13 = grad_x = grad_weights = None
         if ctx.needs_input_grad[4]:
-            grad_w2 = torch.empty(w2.shape, device=x.device, dtype=torch.float32)
+            grad_w2 = torch.empty(w2.shape, device=x.device, dtype=w2.dtype)  # FP32 sums, rounded once
             k_grouped_bf16_gemm_tn_contiguous(grad_slots * weight, act, grad_w2, None, counts)
-            grad_w2 = grad_w2.to(w2.dtype)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
             # dO[token] . W2[e] (unweighted; w2 [E, H, I] is [G, K, N], N contiguous): its dot product
             # with act is d topk_weights (= <dO[token], y>), its weighted form GEMM2's input gradient.
@@ -158,9 +157,8 @@ class MoEFunction(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_x = gather_tokens(grouped_mm(dh, w13, ends_all), sorted_position(order), tokens, k)
             if ctx.needs_input_grad[3]:
-                grad_w13 = torch.empty(w13.shape, device=x.device, dtype=torch.float32)
+                grad_w13 = torch.empty(w13.shape, device=x.device, dtype=w13.dtype)
                 k_grouped_bf16_gemm_tn_contiguous(dh, x.index_select(0, token), grad_w13, None, counts)
-                grad_w13 = grad_w13.to(w13.dtype)
         return grad_x, None, grad_weights, grad_w13, grad_w2
 
 

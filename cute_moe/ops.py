@@ -147,7 +147,8 @@ def k_grouped_bf16_gemm_tn_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch
     """Weight gradients, K grouped along tokens: d[g] = c[g] + a[rows of g].T @ b[rows of g].
 
     a [sum K, M] and b [sum K, N] bf16 row-major (M, N multiples of 8); group g owns rows
-    [sum(ks[:g]), sum(ks[:g+1])); d and c [G, M, N] fp32 (c optional, may be d itself: accumulate);
+    [sum(ks[:g]), sum(ks[:g+1])); d and c [G, M, N] fp32 (c optional, may be d itself: accumulate),
+    or bf16 (an extension of DeepGEMM's API: the FP32 sum rounded once, c in bf16 too);
     ks: the groups' row counts (host list of non-negative ints summing to sum K; 0 allowed: d[g] = c[g]
     or 0); ks_tensor: the same counts as int32 [G] on the GPU (the kernel reads only it; any value of
     it stays inside a and b, ``CUTE_MOE_DEBUG=1`` checks it equals ks). ``ks=None`` (an extension of

@@ -13,8 +13,10 @@ from .operands import BF16, Operand, element_type, operands_label
 # Problem kinds: how rows are grouped (see kernels/scheduler.py); k_grouped groups the reduction
 # dimension instead (weight gradients: D [G, M, N], K rows per group known at launch). The
 # gathered_swiglu kinds are the MoE layer's fused GEMM1 (ragged rows gathered from x by a row index,
-# SwiGLU epilogue; n = 2I, k = H; the _h kind also writes the pre-activations h).
-KINDS = ("dense", "contiguous", "psum", "masked", "ragged", "k_grouped", "gathered_swiglu", "gathered_swiglu_h")
+# SwiGLU epilogue; n = 2I, k = H; the _h kind also writes the pre-activations h); gathered_swiglu_backward
+# is its backward dact GEMM (dO rows gathered, w2 N-major, SwiGLU backward epilogue; n = I, k = H).
+KINDS = ("dense", "contiguous", "psum", "masked", "ragged", "k_grouped", "gathered_swiglu", "gathered_swiglu_h",
+         "gathered_swiglu_backward")
 # Kinds whose launches may add C to the product.
 C_KINDS = ("dense", "k_grouped")
 D_DTYPES = ("bf16", "fp32")

@@ -60,12 +60,12 @@ def k_grouped_args(ks=(3, 0, 13), m=16, n=24):
     (dict(ks=[3, 13]), ValueError, r"^ks: expected 3 group sizes"),
     (dict(ks=[3, -1, 14]), ValueError, r"^ks: expected non-negative"),
     (dict(ks=(3.0, 0, 13)), TypeError, r"^ks: expected a list of ints"),
-    (dict(d=z(3, 16, 24)), TypeError, r"^d: expected dtype float32"),
+    (dict(d=z(3, 16, 24, dtype=torch.float16)), TypeError, r"^d: expected dtype bfloat16 or float32"),
     (dict(d=z(3, 16, 16, dtype=torch.float32)), ValueError, r"^d: expected shape \(3, 16, 24\)"),
     (dict(b=z(15, 24)), ValueError, r"^b: expected 16 rows"),
     (dict(ks_tensor=torch.zeros(3, dtype=torch.int64)), TypeError, r"^ks_tensor: expected dtype int32"),
     (dict(ks_tensor=torch.zeros(2, dtype=torch.int32)), ValueError, r"^ks_tensor: expected shape \(3,\)"),
-    (dict(c=z(3, 16, 24)), TypeError, r"^c: expected dtype float32"),
+    (dict(c=z(3, 16, 24)), TypeError, r"^c: expected dtype float32"),  # c in d's dtype
     (dict(a=z(16, 12), d=z(3, 12, 24, dtype=torch.float32)), ValueError, r"^a: expected M to be a multiple of 8"),
     (dict(), ValueError, r"^a: expected a CUDA tensor"),
     (dict(ks=None), ValueError, r"^a: expected a CUDA tensor"),  # sizes known on the device only

@@ -11,8 +11,8 @@ from cute_moe.dispatch import format_config
 from cute_moe.arch import get_backend
 from cute_moe.specs import GemmSpec
 
-from . import (bench, bench_fp4, bench_fp8_backward, bench_gathered_swiglu, bench_moe_layer, bench_training,
-               precompile, tune)
+from . import (bench, bench_fp4, bench_fp8_backward, bench_gathered_swiglu, bench_gathered_swiglu_backward,
+               bench_moe_layer, bench_training, precompile, tune)
 from .command import OneLineParser, add_debug_flag, call_handler
 
 
@@ -136,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
                               "against unfused GEMM1s", description=bench_gathered_swiglu.__doc__.splitlines()[0])
     bench_gathered_swiglu.add_arguments(sub)
     sub.set_defaults(handler=bench_gathered_swiglu.run)
+
+    sub = commands.add_parser("bench-dact", help="benchmark the MoE layer's fused backward dact GEMM (gather + "
+                              "SwiGLU backward + d weight) against the unfused sequence",
+                              description=bench_gathered_swiglu_backward.__doc__.splitlines()[0])
+    bench_gathered_swiglu_backward.add_arguments(sub)
+    sub.set_defaults(handler=bench_gathered_swiglu_backward.run)
     return parser
 
 

@@ -10,7 +10,7 @@ from typing import Callable
 
 from cute_moe.arch import KernelFamily
 
-from . import fp4_rules, fp8_k_grouped_rules, gathered_swiglu_rules, rules
+from . import fp4_rules, fp8_k_grouped_rules, gathered_swiglu_backward_rules, gathered_swiglu_rules, rules
 from .config import MAX_GROUPS, Sm90Config
 
 _KERNELS = Path(__file__).resolve().parent.parent
@@ -33,6 +33,11 @@ GATHERED_SWIGLU_GEMM = KernelFamily("sm90_gathered_swiglu_gemm", tuple(sorted(
     GROUPED_GEMM.sources + tuple(_KERNELS / "sm90" / name
                                  for name in ("gathered_swiglu_gemm.py", "gathered_swiglu_signature.py",
                                               "tma_cpasync_pipeline.py")))))
+# Its backward dact GEMM (dO gathered, SwiGLU backward epilogue) subclasses GEMM1's kernel.
+GATHERED_SWIGLU_BACKWARD_GEMM = KernelFamily("sm90_gathered_swiglu_backward_gemm", tuple(sorted(
+    GATHERED_SWIGLU_GEMM.sources + tuple(_KERNELS / "sm90" / name
+                                         for name in ("gathered_swiglu_backward_gemm.py",
+                                                      "gathered_swiglu_backward_signature.py")))))
 
 
 def _rules_for(problem):
@@ -42,6 +47,8 @@ def _rules_for(problem):
         return fp4_rules
     if gathered_swiglu_rules.is_gathered_swiglu(problem):
         return gathered_swiglu_rules
+    if gathered_swiglu_backward_rules.is_gathered_swiglu_backward(problem):
+        return gathered_swiglu_backward_rules
     return fp8_k_grouped_rules if fp8_k_grouped_rules.is_fp8_k_grouped(problem) else rules
 
 
@@ -104,6 +111,8 @@ class Sm90Backend:
             return FP4_GROUPED_GEMM
         if gathered_swiglu_rules.is_gathered_swiglu(spec):
             return GATHERED_SWIGLU_GEMM
+        if gathered_swiglu_backward_rules.is_gathered_swiglu_backward(spec):
+            return GATHERED_SWIGLU_BACKWARD_GEMM
         return FP8_K_GROUPED_GEMM if fp8_k_grouped_rules.is_fp8_k_grouped(spec) else GROUPED_GEMM
 
     @staticmethod
@@ -120,6 +129,10 @@ class Sm90Backend:
             from .gathered_swiglu_signature import compile_gathered_swiglu_gemm
 
             return compile_gathered_swiglu_gemm(spec, config)
+        if gathered_swiglu_backward_rules.is_gathered_swiglu_backward(spec):
+            from .gathered_swiglu_backward_signature import compile_gathered_swiglu_backward_gemm
+
+            return compile_gathered_swiglu_backward_gemm(spec, config)
         from .signature import compile_grouped_gemm
 
         return compile_grouped_gemm(spec, config)

@@ -23,6 +23,8 @@ A ``Sm90GroupedGemm`` subclass (same scheduler, WGMMA mainloop and epilogue stor
 - The epilogue (FP32) stores h's two halves when h is given, then act = silu(g) * u, all through the
   grouped GEMM's shared-memory epilogue, predicated on the tile's rows and on ``c < I``.
 A multicast cluster shares B along M (cluster_m = 2); A is per CTA (cluster_n must be 1).
+The kernel body (``gather_gemm``) and the gathering producer are shared with the backward dact GEMM
+(kernels/sm90/gathered_swiglu_backward_gemm.py), which loads B as one N-major box per stage.
 """
 
 from typing import Optional
@@ -81,7 +83,8 @@ class Sm90GatheredSwigluGemm(Sm90GroupedGemm):
         self.shared_storage = self.gather_shared_storage()
         self.gathered_kernel(mX, tma_atom_b, tma_b, mAct, mH, mRowIndex, mEnds, mRowIndex.shape[0], mEnds.shape[0],
                              mW.shape[0], self.tiled_mma, self.cta_layout_mnk, self.a_smem_layout,
-                             self.b_smem_layout, self.epi_smem_layout).launch(**self.gather_launch(max_clusters, stream))
+                             self.b_smem_layout, self.epi_smem_layout).launch(
+            **self.gather_launch(max_clusters, stream))
 
     def gather_shared_storage(self):
         """Shared memory of this family's kernels: pipeline barriers, the scheduler's group table, A's
@@ -184,7 +187,7 @@ class Sm90GatheredSwigluGemm(Sm90GroupedGemm):
                         scheduler: GroupedTileScheduler, b_mcast_mask, cta_m: Int32, cluster_id: Int32,
                         total_rows: Int32, producer_tidx: Int32, warp_idx: Int32):
         """Producer warpgroup: per tile, read its rows' token ids (clamped), then per k-block wait for
-        the free stage; warp 0 arms the full barrier and issues B's two TMA boxes (gate, up), every
+        the free stage; warp 0 arms the full barrier and issues B's TMA boxes (GEMM1: gate, up), every
         thread issues its cp.async pieces of A and arrives on the full barrier when they land."""
         tile_m, tile_n, tile_k = self.tile_shape_mnk
         box_n = self.box_n
