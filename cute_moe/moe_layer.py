@@ -3,12 +3,13 @@
 docs/training.md, "The layer". Forward: GEMM1 is ``gathered_swiglu_grouped_mm`` (the token gather
 fused into its A loads, SwiGLU into its epilogue: no permuted copy of x, no torch SwiGLU), GEMM2
 ``grouped_mm`` (ragged, unaligned expert segments), the top-k combine a gather of each token's k rows
-and one batched matmul with the weights (no atomics: deterministic). Backward: BF16 torch ops between
-``grouped_mm`` (input gradients, N-major weights) and ``k_grouped_bf16_gemm_tn_contiguous`` (weight
-gradients, group sizes on the device). The routing stays on the device (sorted slots, dropped ones
-last), so nothing synchronizes with the host. Saved for backward: the routing and GEMM1's
-pre-activations ``h`` [T * k, 2I]; the SwiGLU output is recomputed from h, and d topk_weights comes
-from GEMM2-backward's unweighted product (GEMM2's output is not kept).
+and one batched matmul with the weights (no atomics: deterministic). Backward: one kernel for
+dO[token] . W2[e] with the SwiGLU backward and the routing-weight gradient in its epilogue
+(``gathered_swiglu_backward_mm``), ``grouped_mm`` for dX (N-major weights) and
+``k_grouped_bf16_gemm_tn_contiguous`` for the weight gradients (group sizes on the device, BF16
+out). The routing stays on the device (sorted slots, dropped ones last), so nothing synchronizes
+with the host. Saved for backward: the routing and GEMM1's pre-activations ``h`` [T * k, 2I];
+GEMM2's output is not kept.
 """
 
 from typing import Optional
@@ -16,6 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .moe_backward_gemms import gathered_swiglu_backward_mm
 from .moe_gemms import gathered_swiglu_grouped_mm
 from .ops import grouped_mm, k_grouped_bf16_gemm_tn_contiguous
 from .validation import check_contiguous, check_tensor
@@ -134,26 +136,22 @@ class MoEFunction(torch.autograd.Function):
         tokens, k = topk_idx.shape
         inter = w2.shape[2]
         dtype = x.dtype
-        weight = slot_weights(topk_weights, topk_idx, w13.shape[0])[order].to(dtype)[:, None]  # [S, 1]
-        grad_slots = grad_out.to(dtype).index_select(0, token)  # [T * k, H]: dO[token]
-        gate, up = h[:, :inter], h[:, inter:]
-        silu_gate = F.silu(gate)
-        act = silu_gate * up  # recomputed SwiGLU output (BF16)
+        weight = slot_weights(topk_weights, topk_idx, w13.shape[0])[order]  # [S] FP32, 0 on unrouted slots
+        grad_out = grad_out.to(dtype).contiguous()
         grad_w2 = grad_w13 = grad_x = grad_weights = None
         if ctx.needs_input_grad[4]:
+            act = F.silu(h[:, :inter]) * h[:, inter:]  # recomputed SwiGLU output (BF16)
             grad_w2 = torch.empty(w2.shape, device=x.device, dtype=w2.dtype)  # FP32 sums, rounded once
-            k_grouped_bf16_gemm_tn_contiguous(grad_slots * weight, act, grad_w2, None, counts)
+            k_grouped_bf16_gemm_tn_contiguous(grad_out.index_select(0, token) * weight.to(dtype)[:, None], act,
+                                              grad_w2, None, counts)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            # dO[token] . W2[e] (unweighted; w2 [E, H, I] is [G, K, N], N contiguous): its dot product
-            # with act is d topk_weights (= <dO[token], y>), its weighted form GEMM2's input gradient.
-            dact_unweighted = grouped_mm(grad_slots, w2, ends_all)
+            # One kernel: dO[token] . W2[e] (dO's rows gathered in its loads), then in its epilogue the
+            # SwiGLU backward (dh) and d topk_weights per slot (<dO[token], y>, FP32, deterministic).
+            dh, d_slot = gathered_swiglu_backward_mm(grad_out, token.to(torch.int32), w2, ends_all, h, weight)
             if ctx.needs_input_grad[2]:
                 flat = torch.zeros(topk_weights.numel(), device=x.device, dtype=torch.float32)
-                flat[order] = torch.where(routed, torch.linalg.vecdot(dact_unweighted, act).float(), 0.0)
+                flat[order] = torch.where(routed, d_slot, 0.0)
                 grad_weights = flat.view(topk_weights.shape).to(topk_weights.dtype)
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:
-            dact = dact_unweighted * weight  # 0 on unrouted slots, so their dh rows are 0
-            dh = torch.cat([torch.ops.aten.silu_backward(dact * up, gate), dact * silu_gate], dim=1)
             if ctx.needs_input_grad[0]:
                 grad_x = gather_tokens(grouped_mm(dh, w13, ends_all), sorted_position(order), tokens, k)
             if ctx.needs_input_grad[3]:

@@ -1,15 +1,15 @@
 """The MoE layer (cute_moe.moe) on the CPU: argument validation, and its forward and all four
-gradients against the plain-torch reference with the GEMM launches replaced by CPU math (the
-routing, gathers, SwiGLU backward and combine are the layer's own code), eagerly and under
-torch.compile(fullgraph=True). The mocked grouped_mm and gathered-SwiGLU GEMM1 leave the rows past
-the last group NaN, as the kernels leave them unwritten."""
+gradients against the plain-torch reference with the GEMM launches replaced by CPU math (the fused
+GEMM1 and backward kernels too; the routing, gathers and combine are the layer's own code), eagerly
+and under torch.compile(fullgraph=True). The mocked GEMMs leave the rows past the last group NaN, as
+the kernels leave them unwritten."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import cute_moe
-from cute_moe import moe_gemms, ops
+from cute_moe import moe_backward_gemms, moe_gemms, ops
 from cute_moe.moe_layer import moe_reference
 from cute_moe.nn import MoE
 from cute_moe.testing import calc_diff
@@ -47,9 +47,24 @@ def _mock_grouped_gemms(monkeypatch):
             start = end
         return act
 
+    def gathered_swiglu_backward(grad_out, row_index, w2, ends, h, weight):  # dact GEMM + SwiGLU backward
+        inter = w2.shape[2]
+        dh = torch.full((row_index.shape[0], 2 * inter), float("nan"), dtype=bf16)
+        d_weight = torch.zeros(row_index.shape[0])
+        start = 0
+        for g, end in enumerate(ends.tolist()):
+            a = grad_out[row_index[start:end].long()].double() @ w2[g].double()
+            gate, up = h[start:end].double().chunk(2, dim=1)
+            dact = a * weight[start:end, None].double()
+            dh[start:end] = torch.cat([torch.ops.aten.silu_backward(dact * up, gate), dact * F.silu(gate)], 1).to(bf16)
+            d_weight[start:end] = (a * F.silu(gate) * up).sum(1).float()
+            start = end
+        return dh, d_weight
+
     for name in ("grouped_mm", "grouped_mm_n_major_b"):
         monkeypatch.setitem(ops.OPS, name, ragged)
     monkeypatch.setattr(moe_gemms, "GATHERED_SWIGLU", gathered_swiglu)
+    monkeypatch.setattr(moe_backward_gemms, "GATHERED_SWIGLU_BACKWARD", gathered_swiglu_backward)
     monkeypatch.setitem(ops.OPS, "k_grouped_bf16_gemm_tn_contiguous", k_grouped)
 
 
