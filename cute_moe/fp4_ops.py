@@ -10,7 +10,9 @@ another layout is copied into it on every call. K must be a multiple of 32. FP8 
 
 Each op is one problem kind's launcher signature (cute_moe.launcher) with the FP4 operand's
 handling below; the kernels are kernels/sm90/fp4_swap_gemm.py (masked, contiguous, psum) and
-kernels/sm90/fp4_grouped_gemm.py (dense), see docs/fp4.md.
+kernels/sm90/fp4_grouped_gemm.py (dense), see docs/fp4.md. Each is also a ``torch.library`` custom op
+(cute_moe/library.py, pairs split into tensors) that the public functions call while torch.compile
+traces; the recipe arguments are checked at trace time and not passed (only one recipe exists).
 """
 
 from typing import Optional
@@ -206,6 +208,8 @@ def fp8_fp4_gemm_nt(a: tuple, b: tuple, d: torch.Tensor, c: Optional[torch.Tenso
     """d = c + (a * sfa) @ dequant(b, sfb).T: a (E4M3 [M, K], sfa FP32 [M, K/128]), b (packed E2M1 int8
     [N, K/2], sfb uint8 UE8M0 [N, K/32]); d and c [M, N] bf16 or fp32 (same dtype), c optional."""
     check_recipes(recipe, recipe_a, recipe_b)
+    if torch.compiler.is_compiling():  # torch.compile traces the custom op (cute_moe/library.py)
+        return torch.ops.cute_moe.fp8_fp4_gemm_nt(a[0], a[1], b[0], b[1], d, c)
     FP4_OPS["fp8_fp4_gemm_nt"](a, b, d, c)
 
 
@@ -218,6 +222,9 @@ def m_grouped_fp8_fp4_gemm_nt_contiguous(a: tuple, b: tuple, d: torch.Tensor, gr
     receive unspecified values (psum: left unwritten); rows of tiles whose expert id lies outside
     [0, G) are left unwritten."""
     check_recipes(recipe, recipe_a, recipe_b)
+    if torch.compiler.is_compiling():  # torch.compile traces the custom op (cute_moe/library.py)
+        return torch.ops.cute_moe.m_grouped_fp8_fp4_gemm_nt_contiguous(a[0], a[1], b[0], b[1], d, grouped_layout,
+                                                                       use_psum_layout)
     FP4_OPS["m_grouped_fp8_fp4_gemm_nt_contiguous"](a, b, d, grouped_layout, use_psum_layout)
 
 
@@ -227,6 +234,8 @@ def m_grouped_fp8_fp4_gemm_nt_masked(a: tuple, b: tuple, d: torch.Tensor, masked
     (E4M3 [G, Mmax, K], sfa [G, Mmax, K/128]), b (int8 [G, N, K/2], sfb uint8 [G, N, K/32]); rows past
     masked_m[g] are not written; the host never reads masked_m (CUDA-graph safe)."""
     check_recipes(recipe, recipe_a, recipe_b)
+    if torch.compiler.is_compiling():  # torch.compile traces the custom op (cute_moe/library.py)
+        return torch.ops.cute_moe.m_grouped_fp8_fp4_gemm_nt_masked(a[0], a[1], b[0], b[1], d, masked_m, expected_m)
     FP4_OPS["m_grouped_fp8_fp4_gemm_nt_masked"](a, b, d, masked_m, expected_m)
 
 
@@ -236,6 +245,9 @@ def m_grouped_bf16_fp4_gemm_nt_contiguous(a: torch.Tensor, b: tuple, d: torch.Te
     sfb uint8 [G, N, K/32]), d [M, N] bf16 or fp32; grouped_layout as ``m_grouped_bf16_gemm_nt_contiguous``.
     Padding rows inside an expert's last tile receive unspecified values (psum: left unwritten); rows
     of tiles whose expert id lies outside [0, G) are left unwritten."""
+    if torch.compiler.is_compiling():  # torch.compile traces the custom op (cute_moe/library.py)
+        return torch.ops.cute_moe.m_grouped_bf16_fp4_gemm_nt_contiguous(a, b[0], b[1], d, grouped_layout,
+                                                                        use_psum_layout)
     FP4_OPS["m_grouped_bf16_fp4_gemm_nt_contiguous"](a, b, d, grouped_layout, use_psum_layout)
 
 
@@ -243,4 +255,6 @@ def m_grouped_bf16_fp4_gemm_nt_masked(a: torch.Tensor, b: tuple, d: torch.Tensor
                                       expected_m: int) -> None:
     """M-grouped masked BF16 x FP4: a bf16 [G, Mmax, K], b (int8 [G, N, K/2], sfb uint8 [G, N, K/32]),
     d [G, Mmax, N] bf16 or fp32; masked_m as ``m_grouped_bf16_gemm_nt_masked``."""
+    if torch.compiler.is_compiling():  # torch.compile traces the custom op (cute_moe/library.py)
+        return torch.ops.cute_moe.m_grouped_bf16_fp4_gemm_nt_masked(a, b[0], b[1], d, masked_m, expected_m)
     FP4_OPS["m_grouped_bf16_fp4_gemm_nt_masked"](a, b, d, masked_m, expected_m)

@@ -18,6 +18,7 @@ import torch
 
 from .hc_backward import split_sinkhorn_backward
 from .hc_reference import HC_EPS, NORM_EPS, SINKHORN_ITERS, mix_width, split_sinkhorn
+from .library import _register
 from .validation import check_contiguous, check_int_arg, check_placement, check_shape, check_tensor
 
 TILE_K = 64  # the kernel's k-tile: K must be a multiple of it, splits at most K / TILE_K
@@ -84,7 +85,16 @@ def tf32_hc_prenorm_gemm(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, sqr_
     them up). Without ``num_splits`` the call may still split K internally (``auto_splits``, to fill
     the GPU at small M) and add the partials into d / sqr_sum. Precision: b is used as bf16 hi + lo
     (~16 mantissa bits), products exact, FP32 round-to-nearest accumulation across k-tiles: at least
-    TF32-accurate (the name is DeepGEMM's)."""
+    TF32-accurate (the name is DeepGEMM's). A ``torch.library`` custom op (mutates d and sqr_sum) that
+    this function calls while torch.compile traces."""
+    if torch.compiler.is_compiling():  # torch.compile traces the custom op
+        return torch.ops.cute_moe.tf32_hc_prenorm_gemm(a, b, d, sqr_sum, num_splits)
+    _prenorm_gemm(a, b, d, sqr_sum, num_splits)
+
+
+def _prenorm_gemm(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, sqr_sum: torch.Tensor,
+                  num_splits: Optional[int]) -> None:
+    """tf32_hc_prenorm_gemm's checks and launch (its eager path and its custom op's implementation)."""
     check_tensor("a", a, (torch.bfloat16,), 2)
     check_tensor("b", b, (torch.float32,), 2)
     split = num_splits is not None
@@ -128,6 +138,15 @@ def tf32_hc_prenorm_gemm(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, sqr_
     kernel(a, b, workspace, partial_d, partial_s)
     torch.sum(partial_d, 0, out=d)
     torch.sum(partial_s, 0, out=sqr_sum)
+
+
+def _prenorm_gemm_op(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, sqr_sum: torch.Tensor,
+                     num_splits: Optional[int] = None) -> None:
+    """``cute_moe::tf32_hc_prenorm_gemm`` (writes d and sqr_sum; its fake does nothing)."""
+    _prenorm_gemm(a, b, d, sqr_sum, num_splits)
+
+
+_register("tf32_hc_prenorm_gemm", _prenorm_gemm_op, mutates=("d", "sqr_sum"))
 
 
 def auto_splits(m: int, k: int) -> int:

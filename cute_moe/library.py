@@ -1,11 +1,14 @@
 """The public GEMM ops as ``torch.library`` custom ops (``torch.ops.cute_moe.<name>``).
 
 Each op has a fake (meta) implementation, so ``torch.compile(fullgraph=True)`` traces a function
-that calls the public functions of ``cute_moe.ops``: while torch.compile traces, those functions
-call the custom op; eagerly they call the launcher directly (no dispatcher on the warm path). The
-ops that write an output tensor declare it in ``mutates_args`` and return nothing; ``grouped_mm``
-returns a new tensor. FP8 operands are passed as separate tensors and scales (custom-op schemas
-take no tuples). Importing this module registers the ops (``import cute_moe`` does).
+that calls the public functions of ``cute_moe.ops`` and ``cute_moe.fp4_ops``: while torch.compile
+traces, those functions call the custom op; eagerly they call the launcher directly (no dispatcher
+on the warm path). The ops that write an output tensor declare it in ``mutates_args`` and return
+nothing; ``grouped_mm`` returns a new tensor. Scaled operands (FP8, MXFP4) are passed as separate
+tensors and scales (custom-op schemas take no tuples). Each implementation looks its op up in the
+op table at call time. Importing this module registers the ops (``import cute_moe`` does); the
+other modules with kernels (``fp8_backward``, ``hc``, ``moe_gemms``) register theirs with
+``_register`` or ``torch.library.custom_op`` directly (docs/training.md lists every op).
 """
 
 from typing import Callable, Optional
@@ -13,6 +16,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from .fp4_ops import FP4_OPS
+from .launcher import GemmOp
 from .ops import OPS
 
 NAMESPACE = "cute_moe"
@@ -31,15 +36,19 @@ def _writes_only(*args, **kwargs) -> None:
     return None
 
 
+OpTable = dict[str, GemmOp]
+
+
 def _dense(name: str):
     def impl(a: Tensor, b: Tensor, d: Tensor, c: Optional[Tensor] = None) -> None:
         OPS[name](a, b, d, c)
     return _register(name, impl)
 
 
-def _fp8_dense(name: str):
+def _scaled_dense(name: str, table: OpTable = OPS):
+    """Both operands (tensor, scales) pairs: FP8 x FP8, FP8 x FP4."""
     def impl(a: Tensor, sfa: Tensor, b: Tensor, sfb: Tensor, d: Tensor, c: Optional[Tensor] = None) -> None:
-        OPS[name]((a, sfa), (b, sfb), d, c)
+        table[name]((a, sfa), (b, sfb), d, c)
     return _register(name, impl)
 
 
@@ -49,10 +58,18 @@ def _contiguous(name: str):
     return _register(name, impl)
 
 
-def _fp8_contiguous(name: str):
+def _scaled_contiguous(name: str, table: OpTable = OPS):
     def impl(a: Tensor, sfa: Tensor, b: Tensor, sfb: Tensor, d: Tensor, grouped_layout: Tensor,
              use_psum_layout: bool = False) -> None:
-        OPS[name]((a, sfa), (b, sfb), d, grouped_layout, use_psum_layout)
+        table[name]((a, sfa), (b, sfb), d, grouped_layout, use_psum_layout)
+    return _register(name, impl)
+
+
+def _b_scaled_contiguous(name: str, table: OpTable):
+    """A plain, B a (tensor, scales) pair: BF16 x FP4."""
+    def impl(a: Tensor, b: Tensor, sfb: Tensor, d: Tensor, grouped_layout: Tensor,
+             use_psum_layout: bool = False) -> None:
+        table[name](a, (b, sfb), d, grouped_layout, use_psum_layout)
     return _register(name, impl)
 
 
@@ -62,9 +79,16 @@ def _masked(name: str):
     return _register(name, impl)
 
 
-def _fp8_masked(name: str):
+def _scaled_masked(name: str, table: OpTable = OPS):
     def impl(a: Tensor, sfa: Tensor, b: Tensor, sfb: Tensor, d: Tensor, masked_m: Tensor, expected_m: int) -> None:
-        OPS[name]((a, sfa), (b, sfb), d, masked_m, expected_m)
+        table[name]((a, sfa), (b, sfb), d, masked_m, expected_m)
+    return _register(name, impl)
+
+
+def _b_scaled_masked(name: str, table: OpTable):
+    """A plain, B a (tensor, scales) pair: BF16 x FP4."""
+    def impl(a: Tensor, b: Tensor, sfb: Tensor, d: Tensor, masked_m: Tensor, expected_m: int) -> None:
+        table[name](a, (b, sfb), d, masked_m, expected_m)
     return _register(name, impl)
 
 
@@ -91,12 +115,20 @@ def _grouped_mm_fake(a: Tensor, b: Tensor, offs: Tensor, out_dtype: Optional[tor
 
 CUSTOM_OPS = {
     **{name: _dense(name) for name in ("bf16_gemm_nt", "bf16_gemm_nn", "bf16_gemm_tn", "bf16_gemm_tt")},
-    "fp8_gemm_nt": _fp8_dense("fp8_gemm_nt"),
+    "fp8_gemm_nt": _scaled_dense("fp8_gemm_nt"),
     **{name: _contiguous(name) for name in ("m_grouped_bf16_gemm_nt_contiguous",
                                             "m_grouped_bf16_gemm_nn_contiguous")},
-    "m_grouped_fp8_gemm_nt_contiguous": _fp8_contiguous("m_grouped_fp8_gemm_nt_contiguous"),
+    "m_grouped_fp8_gemm_nt_contiguous": _scaled_contiguous("m_grouped_fp8_gemm_nt_contiguous"),
     "m_grouped_bf16_gemm_nt_masked": _masked("m_grouped_bf16_gemm_nt_masked"),
-    "m_grouped_fp8_gemm_nt_masked": _fp8_masked("m_grouped_fp8_gemm_nt_masked"),
+    "m_grouped_fp8_gemm_nt_masked": _scaled_masked("m_grouped_fp8_gemm_nt_masked"),
     "k_grouped_bf16_gemm_tn_contiguous": _k_grouped("k_grouped_bf16_gemm_tn_contiguous"),
     "grouped_mm": _register("grouped_mm", _grouped_mm_impl, _grouped_mm_fake, mutates=()),
+    # MXFP4 weights (cute_moe/fp4_ops.py): B is always (packed codes, UE8M0 exponents)
+    **{name: build(name, FP4_OPS) for name, build in (
+        ("fp8_fp4_gemm_nt", _scaled_dense),
+        ("m_grouped_fp8_fp4_gemm_nt_contiguous", _scaled_contiguous),
+        ("m_grouped_fp8_fp4_gemm_nt_masked", _scaled_masked),
+        ("m_grouped_bf16_fp4_gemm_nt_contiguous", _b_scaled_contiguous),
+        ("m_grouped_bf16_fp4_gemm_nt_masked", _b_scaled_masked),
+    )},
 }

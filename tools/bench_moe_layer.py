@@ -30,6 +30,7 @@ about a minute, and our kernels); the full run 4 to 5 minutes.
 
 import argparse
 import functools
+import gc
 import json
 import os
 import statistics
@@ -423,6 +424,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"  skipped: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr,
                   flush=True)
             failures.append(f"{shape.label}: {type(e).__name__}")
+        gc.collect()  # captured graphs and autograd graphs sit in reference cycles: free their pools
         torch.cuda.empty_cache()
     write_report(args.out, settings, timing, memory, failures, torch.cuda.get_device_name())
     print(f"wrote {os.path.join(args.out, REPORT_STEM)}.md and .json ({time.monotonic() - began:.0f} s)",
