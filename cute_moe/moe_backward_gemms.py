@@ -13,17 +13,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import index_checks
 from .dispatch import forced_config
-from .launcher import _launches, INT32, ROW_ELEMENTS, GemmOp, on_device
-from .moe_gemms import MAX_ELEMENTS
+from .launcher import _launches, ROW_ELEMENTS, on_device
+from .moe_gemms import MAX_ELEMENTS, GatheredRowsOp
 from .operands import BF16, Operand
 from .validation import check_contiguous, check_placement, check_shape, check_tensor
 
 W2_OPERAND = Operand("bf16", major="mn")  # w2 [E, H, I]: the GEMM's B (N = I) with N contiguous
 
 
-class GatheredSwigluBackwardOp(GemmOp):
+class GatheredSwigluBackwardOp(GatheredRowsOp):
     """dh [S, 2I] and d_weight [S] of the SwiGLU expert MLP for the rows r of expert e's segment
     (cumulative ``ends``); see ``gathered_swiglu_backward_mm``."""
 
@@ -64,32 +63,22 @@ class GatheredSwigluBackwardOp(GemmOp):
         return grad_out, w2, dh, partial, h, weight, row_index, ends
 
     def validate(self, grad_out, row_index, w2, ends, h, weight, dh, partial) -> None:
-        check_tensor("grad_out", grad_out, (torch.bfloat16,), 2)
-        check_tensor("row_index", row_index, INT32, 1)
-        check_tensor("w2", w2, (torch.bfloat16,), 3)
-        check_tensor("ends", ends, INT32, 1)
+        self.check_gathered("grad_out", grad_out, row_index, "w2", w2, ends)
         check_tensor("h", h, (torch.bfloat16,), 2)
         check_tensor("weight", weight, (torch.float32,), 1)
-        tokens, hidden = grad_out.shape
-        experts, inter = w2.shape[0], w2.shape[2]
+        hidden = grad_out.shape[1]
+        inter = w2.shape[2]
         slots = row_index.shape[0]
         if w2.shape[1] != hidden:
             raise ValueError(f"w2: expected [E, {hidden}, I] (H from grad_out of shape {tuple(grad_out.shape)}), "
                              f"got {tuple(w2.shape)}")
-        if hidden == 0 or hidden % ROW_ELEMENTS:
-            raise ValueError(f"grad_out: expected H to be a positive multiple of {ROW_ELEMENTS}, got H={hidden}")
+        self.check_hidden("grad_out", hidden)
         if inter == 0 or inter % ROW_ELEMENTS:
             raise ValueError(f"w2: expected I to be a positive multiple of {ROW_ELEMENTS}, got I={inter}")
-        check_shape("ends", ends, (experts,))
-        self.check_groups("w2", experts, w2.device)
+        self.check_experts("w2", w2, ends)
         check_shape("h", h, (slots, 2 * inter))
         check_shape("weight", weight, (slots,))
-        if slots > 0 and tokens == 0:
-            raise ValueError(f"grad_out: expected at least one token row for {slots} row indices, "
-                             f"got shape {tuple(grad_out.shape)}")
-        if grad_out.numel() > MAX_ELEMENTS:
-            raise ValueError(f"grad_out: expected at most {MAX_ELEMENTS} elements (32-bit offsets), "
-                             f"got {grad_out.numel()}")
+        self.check_source_rows("grad_out", grad_out, slots)
         if slots * 2 * inter > MAX_ELEMENTS:
             raise ValueError(f"h: expected S * 2I <= {MAX_ELEMENTS} (h and dh are addressed with 32-bit offsets), "
                              f"got S={slots}, 2I={2 * inter}")
@@ -101,10 +90,6 @@ class GatheredSwigluBackwardOp(GemmOp):
             check_shape("dh_out", dh, (slots, 2 * inter))
             check_contiguous("dh_out", dh)
         check_placement(grad_out=grad_out, row_index=row_index, w2=w2, ends=ends, h=h, weight=weight, dh_out=dh)
-
-    def check_indices(self, grad_out, row_index, w2, ends, h, weight, dh, partial) -> None:
-        index_checks.check_ends("ends", ends, row_index.shape[0])
-        index_checks.check_row_indices("row_index", row_index, grad_out.shape[0])
 
 
 GATHERED_SWIGLU_BACKWARD = GatheredSwigluBackwardOp("gathered_swiglu_backward_mm", BF16, W2_OPERAND)

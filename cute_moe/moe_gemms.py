@@ -18,11 +18,51 @@ from .launcher import _launches, INT32, ROW_ELEMENTS, GemmOp, on_device
 from .operands import PRECISIONS
 from .validation import check_contiguous, check_placement, check_shape, check_tensor
 
-# The kernel addresses x, act and h with 32-bit element offsets.
+# The kernels address their gathered source, outputs and h with 32-bit element offsets.
 MAX_ELEMENTS = 2 ** 31 - 1
 
 
-class GatheredSwigluOp(GemmOp):
+class GatheredRowsOp(GemmOp):
+    """What the ops whose A rows are gathered by ``row_index`` from a bf16 source [T, H] share (GEMM1
+    and its backward dact GEMM): the checks of the source, the row index, the experts' bf16 weights
+    [E, .., ..] and their cumulative ``ends``, and the debug checks of the index tensors. Their
+    arguments begin (source, row_index, weights, ends)."""
+
+    def check_gathered(self, source_name: str, source: Tensor, row_index: Tensor, weights_name: str,
+                       weights: Tensor, ends: Tensor) -> None:
+        """Dtypes and ranks of the source, the row index, the weights and the ends."""
+        check_tensor(source_name, source, (torch.bfloat16,), 2)
+        check_tensor("row_index", row_index, INT32, 1)
+        check_tensor(weights_name, weights, (torch.bfloat16,), 3)
+        check_tensor("ends", ends, INT32, 1)
+
+    @staticmethod
+    def check_hidden(source_name: str, hidden: int) -> None:
+        """H (the source's row length, the GEMM's K) in whole 16-byte pieces."""
+        if hidden == 0 or hidden % ROW_ELEMENTS:
+            raise ValueError(f"{source_name}: expected H to be a positive multiple of {ROW_ELEMENTS}, got H={hidden}")
+
+    def check_experts(self, weights_name: str, weights: Tensor, ends: Tensor) -> None:
+        """One end per expert, and an expert count the kernel's group table holds."""
+        check_shape("ends", ends, (weights.shape[0],))
+        self.check_groups(weights_name, weights.shape[0], weights.device)
+
+    @staticmethod
+    def check_source_rows(source_name: str, source: Tensor, slots: int) -> None:
+        """A token row to gather from whenever there are slots, and 32-bit element offsets."""
+        if slots > 0 and source.shape[0] == 0:
+            raise ValueError(f"{source_name}: expected at least one token row for {slots} row indices, "
+                             f"got shape {tuple(source.shape)}")
+        if source.numel() > MAX_ELEMENTS:
+            raise ValueError(f"{source_name}: expected at most {MAX_ELEMENTS} elements (32-bit offsets), "
+                             f"got {source.numel()}")
+
+    def check_indices(self, source, row_index, weights, ends, *outputs) -> None:
+        index_checks.check_ends("ends", ends, row_index.shape[0])
+        index_checks.check_row_indices("row_index", row_index, source.shape[0])
+
+
+class GatheredSwigluOp(GatheredRowsOp):
     """act [S, I] = silu(gate) * up with [gate | up] = x[row_index[r]] . w13[e]^T for the rows r of
     expert e's segment (cumulative ``ends``); h_out [S, 2I] receives [gate | up] when given."""
 
@@ -53,40 +93,28 @@ class GatheredSwigluOp(GemmOp):
         return x, w13, act, h_out, row_index, ends
 
     def validate(self, x, row_index, w13, ends, h_out, act) -> None:
-        check_tensor("x", x, (torch.bfloat16,), 2)
-        check_tensor("row_index", row_index, INT32, 1)
-        check_tensor("w13", w13, (torch.bfloat16,), 3)
-        check_tensor("ends", ends, INT32, 1)
-        tokens, hidden = x.shape
-        experts, inter2 = w13.shape[0], w13.shape[1]
+        self.check_gathered("x", x, row_index, "w13", w13, ends)
+        hidden = x.shape[1]
+        inter2 = w13.shape[1]
         slots = row_index.shape[0]
         if w13.shape[2] != hidden:
             raise ValueError(f"w13: expected [E, 2I, {hidden}] (H from x of shape {tuple(x.shape)}), "
                              f"got {tuple(w13.shape)}")
-        if hidden == 0 or hidden % ROW_ELEMENTS:
-            raise ValueError(f"x: expected H to be a positive multiple of {ROW_ELEMENTS}, got H={hidden}")
+        self.check_hidden("x", hidden)
         if inter2 == 0 or inter2 % (2 * ROW_ELEMENTS):
             raise ValueError(f"w13: expected 2I rows with I a positive multiple of {ROW_ELEMENTS}, got 2I={inter2}")
-        check_shape("ends", ends, (experts,))
-        self.check_groups("w13", experts, w13.device)
-        if slots > 0 and tokens == 0:
-            raise ValueError(f"x: expected at least one token row for {slots} row indices, got shape {tuple(x.shape)}")
+        self.check_experts("w13", w13, ends)
+        self.check_source_rows("x", x, slots)
         if h_out is not None:
             check_tensor("h_out", h_out, (torch.bfloat16,), 2)
             check_shape("h_out", h_out, (slots, inter2))
             check_contiguous("h_out", h_out)
-        if x.numel() > MAX_ELEMENTS:
-            raise ValueError(f"x: expected at most {MAX_ELEMENTS} elements (32-bit offsets), got {x.numel()}")
         if slots * inter2 > MAX_ELEMENTS:
             raise ValueError(f"row_index: expected S * 2I <= {MAX_ELEMENTS} (h [S, 2I] is addressed with 32-bit "
                              f"offsets), got S={slots}, 2I={inter2}")
         for name, t in (("x", x), ("row_index", row_index), ("w13", w13), ("ends", ends)):
             check_contiguous(name, t)
         check_placement(x=x, row_index=row_index, w13=w13, ends=ends, h_out=h_out)
-
-    def check_indices(self, x, row_index, w13, ends, h_out, act) -> None:
-        index_checks.check_ends("ends", ends, row_index.shape[0])
-        index_checks.check_row_indices("row_index", row_index, x.shape[0])
 
 
 GATHERED_SWIGLU = GatheredSwigluOp("gathered_swiglu_grouped_mm", *PRECISIONS["bf16"])

@@ -199,15 +199,13 @@ def warp_or(x: Int32) -> Int32:
 
 
 @cute.jit
-def wait_counter(addr: Int64, target: Int64, timeout_ns: Int64) -> Int32:
-    """Spin until the 64-bit counter at ``addr`` reaches ``target`` (acquire, system scope); 1 on
-    success, 0 after ``timeout_ns`` of %globaltimer time."""
-    start = cute.arch.globaltimer()
+def timed_wait(load: cutlass.Constexpr, addr: Int64, target, start: Int64, timeout_ns: Int64) -> Int32:
+    """Spin until ``load(addr)`` (an acquire load at system scope) reaches ``target``; 1 on success, 0
+    once ``timeout_ns`` of %globaltimer time have passed since ``start``."""
     waiting = Int32(1)
     ok = Int32(0)
     while waiting != 0:
-        value = ld_acquire_sys_u64(addr)
-        if value >= target:
+        if load(addr) >= target:
             ok = Int32(1)
             waiting = Int32(0)
         elif cute.arch.globaltimer() - start > timeout_ns:
@@ -216,22 +214,22 @@ def wait_counter(addr: Int64, target: Int64, timeout_ns: Int64) -> Int32:
 
 
 @cute.jit
+def wait_counter(addr: Int64, target: Int64, timeout_ns: Int64) -> Int32:
+    """Spin until the 64-bit counter at ``addr`` reaches ``target`` (acquire, system scope); 1 on
+    success, 0 after ``timeout_ns`` of %globaltimer time."""
+    return timed_wait(ld_acquire_sys_u64, addr, target, cute.arch.globaltimer(), timeout_ns)
+
+
+@cute.jit
 def wait_flag(addr: Int64, target: Int32, timeout_ns: Int64) -> Int32:
     """Spin until the 32-bit epoch flag at ``addr`` reaches ``target`` (acquire, system scope); 1 on
     success, 0 after ``timeout_ns`` of %globaltimer time. Flags only grow, so ``>=`` also accepts a
-    later call's value (whose writer finished this call first)."""
+    later call's value (whose writer finished this call first). The first check reads no timer."""
     ok = Int32(0)
     if ld_acquire_sys_b32(addr) >= target:
         ok = Int32(1)
     else:
-        start = cute.arch.globaltimer()
-        waiting = Int32(1)
-        while waiting != 0:
-            if ld_acquire_sys_b32(addr) >= target:
-                ok = Int32(1)
-                waiting = Int32(0)
-            elif cute.arch.globaltimer() - start > timeout_ns:
-                waiting = Int32(0)
+        ok = timed_wait(ld_acquire_sys_b32, addr, target, cute.arch.globaltimer(), timeout_ns)
     return ok
 
 

@@ -1,11 +1,12 @@
 """The fused-GEMM1 benchmark on the CPU: its torch baseline's routed rows come in the order of ours
-(so the calc_diff it reports compares like rows), and its command-line errors are one line."""
+(so the calc_diff it reports compares like rows); its command-line errors, and the backward dact
+benchmark's, are one line."""
 
 import pytest
 import torch
 
 from cute_moe.moe_layer import route as sort_slots
-from cute_moe.tools import bench_gathered_swiglu
+from cute_moe.tools import bench_gathered_swiglu, bench_gathered_swiglu_backward
 from cute_moe.tools.bench_moe_layer import route
 from cute_moe.tools.grouped_mm_moe import BF16_GROUP_ALIGNMENT, permute_by_expert
 
@@ -20,9 +21,10 @@ def test_padded_torch_rows_follow_our_slot_order():
     assert torch.equal(perm.token[perm.token < tokens], token[:routed])
 
 
-def test_unknown_shape_is_a_one_line_error(capsys):
+@pytest.mark.parametrize("bench", [bench_gathered_swiglu, bench_gathered_swiglu_backward])
+def test_unknown_shape_is_a_one_line_error(capsys, bench):
     with pytest.raises(SystemExit) as exit_info:
-        bench_gathered_swiglu.main(["--shapes", "nope", "--out", "/tmp/unused"])
+        bench.main(["--shapes", "nope", "--out", "/tmp/unused"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "--shapes: unknown shape 'nope'" in err and "\n" not in err

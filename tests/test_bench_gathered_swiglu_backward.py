@@ -1,13 +1,12 @@
 """The fused backward dact benchmark on the CPU: its unfused baseline computes the formulas of the fused
-op (checked against the op's CPU stand-in with grouped_mm replaced by CPU math), and its command-line
-errors are one line."""
+op (checked against the op's CPU stand-in with grouped_mm replaced by CPU math). Its one-line
+command-line errors are tested with GEMM1's benchmark (tests/test_bench_gathered_swiglu.py)."""
 
-import pytest
 import torch
 
 from cute_moe.tools import bench_gathered_swiglu_backward as bench
 
-from test_gathered_swiglu_backward import cpu_backward
+from gathered_support import cpu_backward
 
 
 def test_unfused_baseline_computes_the_fused_formulas(monkeypatch):
@@ -29,10 +28,3 @@ def test_unfused_baseline_computes_the_fused_formulas(monkeypatch):
     torch.testing.assert_close(dh, dh_fused, rtol=0.05, atol=0.02)  # BF16 intermediates vs FP32
     torch.testing.assert_close(d_weight, d_weight_fused, rtol=0.05, atol=0.05)
 
-
-def test_unknown_shape_is_a_one_line_error(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        bench.main(["--shapes", "nope", "--out", "/tmp/unused"])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert "--shapes: unknown shape 'nope'" in err and "\n" not in err

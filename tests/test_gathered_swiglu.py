@@ -16,6 +16,8 @@ from cute_moe.moe_gemms import gathered_swiglu_grouped_mm
 from cute_moe.operands import FP8_PER_BLOCK, FP8_PER_TOKEN
 from cute_moe.specs import GemmSpec
 
+from gathered_support import accumulator_coords, gathered_products
+
 bf16 = torch.bfloat16
 SMS = 132
 
@@ -120,14 +122,11 @@ def test_debug_check_names_bad_row_indices(values, match):
 def _cpu_gathered_swiglu(x, row_index, w13, ends, h_out=None):
     """CPU stand-in of the kernel (same semantics, rows past the last end left as they were)."""
     act = torch.zeros(row_index.shape[0], w13.shape[1] // 2, dtype=bf16)
-    start = 0
-    for e, end in enumerate(ends.tolist()):
-        h = x[row_index[start:end].long()].float() @ w13[e].float().T
-        gate, up = h.chunk(2, dim=1)
-        act[start:end] = (torch.nn.functional.silu(gate) * up).to(bf16)
-        if h_out is not None:
-            h_out[start:end] = h.to(bf16)
-        start = end
+    h = gathered_products(x, row_index, ends, w13.transpose(1, 2))
+    gate, up = h.chunk(2, dim=1)
+    act[:h.shape[0]] = (torch.nn.functional.silu(gate) * up).to(bf16)
+    if h_out is not None:
+        h_out[:h.shape[0]] = h.to(bf16)
     return act
 
 
@@ -149,22 +148,10 @@ def test_accumulator_halves_pair_gate_and_up_columns(tile_m, tile_n):
     """The SwiGLU epilogue's premise: in every consumer thread, accumulator value v of the second half
     (the up part) sits on the same row as value v of the first half (the gate part), tile_n / 2 columns
     to its right, and the first half holds the columns below tile_n / 2."""
-    import cutlass
-    import cutlass.cute as cute
-
     from cute_moe.kernels.sm90.gathered_swiglu_gemm import Sm90GatheredSwigluGemm
 
     kernel = Sm90GatheredSwigluGemm(tile_m, tile_n, 1, 0, 8, 768, 2048, True)
-    coords = {}
-
-    @cute.jit
-    def trace():
-        kernel._setup(cutlass.BFloat16)
-        identity = cute.make_identity_tensor((tile_m, tile_n))
-        parts = [kernel.tiled_mma.get_slice(t).partition_C(identity) for t in range(kernel.num_consumer_threads)]
-        coords.update({t: [c[v] for v in range(cute.size(c))] for t, c in enumerate(parts)})
-
-    cute.compile(trace, options="--gpu-arch sm_90a")
+    coords = accumulator_coords(kernel, tile_m, tile_n)
     assert len(coords) == kernel.num_consumer_threads
     half = tile_n // 2
     covered = set()

@@ -6,7 +6,6 @@ name their tensors, and the epilogue's layout premises hold for the kernel's own
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from cute_moe.compile import compile_gemm
@@ -16,6 +15,8 @@ from cute_moe.kernels.sm90.gathered_swiglu_backward_rules import MIN_TILE_N, can
 from cute_moe.moe_backward_gemms import W2_OPERAND, gathered_swiglu_backward_mm
 from cute_moe.operands import BF16
 from cute_moe.specs import GemmSpec
+
+from gathered_support import accumulator_coords, cpu_backward
 
 bf16 = torch.bfloat16
 SMS = 132
@@ -114,22 +115,6 @@ def test_fake_propagates_shapes_and_dtypes():
         assert (d_weight.shape, d_weight.dtype) == ((300,), torch.float32)
 
 
-def cpu_backward(grad_out, row_index, w2, ends, h, weight):
-    """CPU stand-in of the kernel (same formulas in FP32; rows past the last end: dh 0, d_weight 0)."""
-    inter = w2.shape[2]
-    dh = torch.zeros(row_index.shape[0], 2 * inter, dtype=bf16)
-    d_weight = torch.zeros(row_index.shape[0])
-    start = 0
-    for e, end in enumerate(ends.tolist()):
-        a = grad_out[row_index[start:end].long()].float() @ w2[e].float()
-        gate, up = h[start:end].float().chunk(2, dim=1)
-        dact = a * weight[start:end, None]
-        dh[start:end] = torch.cat([torch.ops.aten.silu_backward(dact * up, gate), dact * F.silu(gate)], 1).to(bf16)
-        d_weight[start:end] = (a * F.silu(gate) * up).sum(1)
-        start = end
-    return dh, d_weight
-
-
 def test_opcheck(monkeypatch):
     from cute_moe import moe_backward_gemms
 
@@ -164,22 +149,10 @@ def test_accumulator_rows_and_quads(tile_m, tile_n):
     [0, P) of the first half lie in columns [0, tile_n / 2) and values [P, 2P) are the same rows
     tile_n / 2 columns right (the two column halves stored apart); and the 4 threads of a quad
     (consumer thread ids 4q .. 4q + 3) hold the same two rows and, together, every column of them."""
-    import cutlass
-    import cutlass.cute as cute
-
     from cute_moe.kernels.sm90.gathered_swiglu_backward_gemm import Sm90GatheredSwigluBackwardGemm
 
     kernel = Sm90GatheredSwigluBackwardGemm(tile_m, tile_n, 1, 0, 8, 768, 2048)
-    coords = {}
-
-    @cute.jit
-    def trace():
-        kernel._setup(cutlass.BFloat16)
-        identity = cute.make_identity_tensor((tile_m, tile_n))
-        parts = [kernel.tiled_mma.get_slice(t).partition_C(identity) for t in range(kernel.num_consumer_threads)]
-        coords.update({t: [c[v] for v in range(cute.size(c))] for t, c in enumerate(parts)})
-
-    cute.compile(trace, options="--gpu-arch sm_90a")
+    coords = accumulator_coords(kernel, tile_m, tile_n)
     assert len(coords) == kernel.num_consumer_threads
     half = tile_n // 2
     covered = set()

@@ -14,6 +14,8 @@ from cute_moe.kernels.sm90.config import Sm90Config
 from cute_moe.moe_gemms import gathered_swiglu_grouped_mm
 from cute_moe.testing import calc_diff
 
+from gathered_support import config_id, gathered_products, rows_over_four_decades, sorted_routing
+
 pytestmark = pytest.mark.gpu
 bf16 = torch.bfloat16
 # bf16 outputs of FP32 accumulations against an FP32 reference.
@@ -23,27 +25,15 @@ ACT_DIFF, H_DIFF = 2e-4, 1e-4
 def make_inputs(tokens: int, experts: int, inter: int, hidden: int, top_k: int, dropped: int = 0):
     """x with row magnitudes over four decades, w13, and a sorted routing: row_index (token of each
     slot), ends (uneven, experts 1 and experts-1 empty), ``dropped`` slots past the last end."""
-    scale = 10.0 ** torch.empty(tokens, 1, device="cuda").uniform_(-2, 2)
-    x = (torch.randn(tokens, hidden, device="cuda") * scale).to(bf16)
+    x = rows_over_four_decades(tokens, hidden)
     w13 = (torch.randn(experts, 2 * inter, hidden, device="cuda") / hidden ** 0.5).to(bf16)
-    slots = tokens * top_k
-    routed = slots - dropped
-    weights = torch.rand(experts, device="cuda") ** 2
-    weights[1] = weights[-1] = 0.0
-    counts = torch.distributions.Multinomial(routed, probs=weights / weights.sum()).sample().to(torch.int32)
-    ends = counts.cumsum(0, dtype=torch.int32)
-    row_index = torch.randint(0, tokens, (slots,), device="cuda", dtype=torch.int32)
+    row_index, ends = sorted_routing(tokens, experts, tokens * top_k, dropped)
     return x, w13, row_index, ends
 
 
 def reference(x, w13, row_index, ends):
     """(act, h) in FP32 for the routed slots [0, ends[-1]) (row indices clamped as the kernel does)."""
-    rows = row_index.long().clamp(0, x.shape[0] - 1)
-    h = torch.empty(int(ends[-1]), w13.shape[1], device="cuda")
-    start = 0
-    for e, end in enumerate(ends.tolist()):
-        h[start:end] = x[rows[start:end]].float() @ w13[e].float().T
-        start = end
+    h = gathered_products(x, row_index, ends, w13.transpose(1, 2))
     gate, up = h.chunk(2, dim=1)
     return F.silu(gate) * up, h
 
@@ -84,7 +74,7 @@ def test_without_h():
     Sm90Config(tile_m=64, tile_n=128),
     Sm90Config(tile_m=128, tile_n=64, cluster_m=2),
     Sm90Config(tile_m=64, tile_n=256, cluster_m=2, stages=2),
-], ids=lambda c: f"{c.tile_m}x{c.tile_n}c{c.cluster_m}s{c.stages}")
+], ids=config_id)
 def test_forced_configs(config):
     torch.manual_seed(2)
     inputs = make_inputs(257, 7, 2880, 1024, 2, 13)

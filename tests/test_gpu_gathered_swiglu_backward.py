@@ -11,12 +11,13 @@ value: ~1e-6 expected), d_weight < 1e-6 (FP32 throughout)."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from cute_moe.dispatch import force_config
 from cute_moe.kernels.sm90.config import Sm90Config
 from cute_moe.moe_backward_gemms import GATHERED_SWIGLU_BACKWARD, gathered_swiglu_backward_mm
 from cute_moe.testing import calc_diff
+
+from gathered_support import config_id, gathered_products, rows_over_four_decades, sorted_routing, swiglu_backward
 
 pytestmark = pytest.mark.gpu
 bf16 = torch.bfloat16
@@ -27,34 +28,19 @@ def make_inputs(tokens: int, experts: int, inter: int, hidden: int, top_k: int, 
     """dO with row magnitudes over four decades, w2, h (gate values on both sides of the sigmoid),
     routing weights (some 0), and a sorted routing: row_index (token of each slot) and uneven ends
     (experts 1 and experts-1 empty) ``dropped`` slots short of S."""
-    scale = 10.0 ** torch.empty(tokens, 1, device="cuda").uniform_(-2, 2)
-    grad_out = (torch.randn(tokens, hidden, device="cuda") * scale).to(bf16)
+    grad_out = rows_over_four_decades(tokens, hidden)
     w2 = (torch.randn(experts, hidden, inter, device="cuda") / hidden ** 0.5).to(bf16)
     slots = tokens * top_k
     h = torch.cat([torch.randn(slots, inter, device="cuda") * 3, torch.randn(slots, inter, device="cuda")], 1).to(bf16)
     weight = torch.rand(slots, device="cuda")
     weight[::13] = 0.0
-    probs = torch.rand(experts, device="cuda") ** 2
-    probs[1] = probs[-1] = 0.0
-    counts = torch.distributions.Multinomial(slots - dropped, probs=probs / probs.sum()).sample().to(torch.int32)
-    ends = counts.cumsum(0, dtype=torch.int32)
-    row_index = torch.randint(0, tokens, (slots,), device="cuda", dtype=torch.int32)
+    row_index, ends = sorted_routing(tokens, experts, slots, dropped)
     return grad_out, row_index, w2, ends, h, weight
 
 
 def reference(grad_out, row_index, w2, ends, h, weight):
     """(dh, d_weight) in FP32 for the routed slots [0, ends[-1]) (row indices clamped as the kernel does)."""
-    rows = row_index.long().clamp(0, grad_out.shape[0] - 1)
-    routed = int(ends[-1])
-    a = torch.empty(routed, w2.shape[2], device="cuda")
-    start = 0
-    for e, end in enumerate(ends.tolist()):
-        a[start:end] = grad_out[rows[start:end]].float() @ w2[e].float()
-        start = end
-    gate, up = h[:routed].float().chunk(2, dim=1)
-    dact = a * weight[:routed, None]
-    dh = torch.cat([torch.ops.aten.silu_backward(dact * up, gate), dact * F.silu(gate)], dim=1)
-    return dh, (a * F.silu(gate) * up).sum(1)
+    return swiglu_backward(gathered_products(grad_out, row_index, ends, w2), h, weight)
 
 
 def check(dh, d_weight, inputs):
@@ -107,7 +93,7 @@ def test_public_function_and_determinism():
     Sm90Config(tile_m=64, tile_n=128),
     Sm90Config(tile_m=128, tile_n=128, cluster_m=2),
     Sm90Config(tile_m=64, tile_n=256, cluster_m=2, stages=2),
-], ids=lambda c: f"{c.tile_m}x{c.tile_n}c{c.cluster_m}s{c.stages}")
+], ids=config_id)
 def test_forced_configs(config):
     torch.manual_seed(2)
     inputs = make_inputs(257, 7, 2880, 1024, 2, 13)

@@ -15,7 +15,7 @@ DeepSeek-V3-EP8. Writes gathered_swiglu_bench.md and .json to --out.
 
 import argparse
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -82,20 +82,32 @@ def gemm1_rows(shape: LayerShape) -> list[Row]:
     return rows
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    bench_common.add_arguments(parser, REPORT_STEM, "OLMoE-1B-7B and DeepSeek-V3-EP8 only")
+def add_layer_shape_arguments(parser: argparse.ArgumentParser, stem: str) -> None:
+    """The options of a benchmark over the layer benchmark's shapes (this one and the backward dact
+    GEMM's): --out, --quick, --shapes, --tokens."""
+    bench_common.add_arguments(parser, stem, "OLMoE-1B-7B and DeepSeek-V3-EP8 only")
     parser.add_argument("--shapes", default=None, help="comma-separated shape names, or all (default: all)")
     parser.add_argument("--tokens", type=int, default=None, help="tokens T of every shape (default: per shape)")
 
 
-def run(args: argparse.Namespace) -> int:
+def run_layer_shapes(args: argparse.Namespace, rows_of: Callable[[LayerShape], list[Row]], stem: str,
+                     title: str) -> int:
+    """Run ``rows_of`` on every selected shape and write the report ``stem``; 1 when a shape failed."""
     shapes = select_shapes(args.shapes, args.quick, args.tokens)
     require_gpu("benchmarking")
     make_out_dir(args.out)
-    rows, failures = run_jobs([(gemm1_rows, (shape,)) for shape in shapes])
-    write_report(args.out, REPORT_STEM, "MoE GEMM1 fused (gather + GEMM + SwiGLU) against unfused GEMM1s",
-                 rows, failures)
+    rows, failures = run_jobs([(rows_of, (shape,)) for shape in shapes])
+    write_report(args.out, stem, title, rows, failures)
     return 1 if failures else 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_layer_shape_arguments(parser, REPORT_STEM)
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_layer_shapes(args, gemm1_rows, REPORT_STEM,
+                            "MoE GEMM1 fused (gather + GEMM + SwiGLU) against unfused GEMM1s")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -26,10 +26,10 @@ from cute_moe.moe_layer import route as sort_slots
 from cute_moe.ops import grouped_mm
 from cute_moe.testing import calc_diff
 
-from . import bench_common
-from .bench_common import Row, randn, run_jobs, sets_for, time_pair, write_report
-from .bench_moe_layer import LayerShape, route, select_shapes
-from .command import make_out_dir, module_main, require_gpu
+from .bench_common import Row, randn, sets_for, time_pair
+from .bench_gathered_swiglu import add_layer_shape_arguments, run_layer_shapes
+from .bench_moe_layer import LayerShape, route
+from .command import module_main
 
 REPORT_STEM = "gathered_swiglu_backward_bench"
 SEED = 0
@@ -79,19 +79,12 @@ def backward_rows(shape: LayerShape) -> list[Row]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    bench_common.add_arguments(parser, REPORT_STEM, "OLMoE-1B-7B and DeepSeek-V3-EP8 only")
-    parser.add_argument("--shapes", default=None, help="comma-separated shape names, or all (default: all)")
-    parser.add_argument("--tokens", type=int, default=None, help="tokens T of every shape (default: per shape)")
+    add_layer_shape_arguments(parser, REPORT_STEM)
 
 
 def run(args: argparse.Namespace) -> int:
-    shapes = select_shapes(args.shapes, args.quick, args.tokens)
-    require_gpu("benchmarking")
-    make_out_dir(args.out)
-    rows, failures = run_jobs([(backward_rows, (shape,)) for shape in shapes])
-    write_report(args.out, REPORT_STEM, "MoE backward dact GEMM fused (dO gather + GEMM + SwiGLU backward + "
-                 "d weight) against the unfused sequence", rows, failures)
-    return 1 if failures else 0
+    return run_layer_shapes(args, backward_rows, REPORT_STEM, "MoE backward dact GEMM fused (dO gather + GEMM + "
+                            "SwiGLU backward + d weight) against the unfused sequence")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

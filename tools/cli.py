@@ -76,17 +76,31 @@ def cache_clear(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="cute-moe", description="cute-moe MoE GEMM kernels: build tools")
-    parser.add_argument("--version", action="version", version=f"cute-moe {cute_moe.__version__}")
-    add_debug_flag(parser)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+# Subcommands served by a tool module's ``add_arguments`` / ``run`` (its docstring's first line is the
+# description): (name, module, help), in the order of the help text, ``cache`` after ``precompile``.
+PRECOMPILE_COMMAND = ("precompile", precompile, "compile a model's specializations into the disk cache (no GPU)")
+TOOL_COMMANDS = (
+    ("tune", tune, "measure candidate configs on the GPU, write a tuned table"),
+    ("bench", bench, "benchmark the GEMMs against torch on the GPU"),
+    ("bench-fp4", bench_fp4, "benchmark the MXFP4-weight GEMMs against our FP8/BF16 and torch"),
+    ("bench-training", bench_training, "benchmark the backward GEMMs against torch._grouped_mm"),
+    ("bench-fp8-backward", bench_fp8_backward,
+     "benchmark the FP8 backward GEMMs against torch, our BF16 and K-major FP8 ones"),
+    ("bench-layer", bench_moe_layer, "benchmark the MoE training layer against the torch._grouped_mm reference layer"),
+    ("bench-gemm1", bench_gathered_swiglu,
+     "benchmark the MoE layer's fused GEMM1 (gather + SwiGLU) against unfused GEMM1s"),
+    ("bench-dact", bench_gathered_swiglu_backward, "benchmark the MoE layer's fused backward dact GEMM (gather + "
+     "SwiGLU backward + d weight) against the unfused sequence"),
+)
 
-    sub = commands.add_parser("precompile", help="compile a model's specializations into the disk cache (no GPU)",
-                              description=precompile.__doc__.splitlines()[0])
-    precompile.add_arguments(sub)
-    sub.set_defaults(handler=precompile.run)
 
+def _add_tool_command(commands, name: str, module, text: str) -> None:
+    sub = commands.add_parser(name, help=text, description=module.__doc__.splitlines()[0])
+    module.add_arguments(sub)
+    sub.set_defaults(handler=module.run)
+
+
+def _add_cache_command(commands) -> None:
     sub = commands.add_parser("cache", help="inspect or clean the disk cache")
     actions = sub.add_subparsers(dest="action", required=True, metavar="ACTION")
     for name, handler, text in (("ls", cache_ls, "list this build's entries"),
@@ -100,48 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
             action.add_argument("--stale", action="store_true",
                                 help="only stale objects: other builds' and those of changed kernel sources")
 
-    sub = commands.add_parser("tune", help="measure candidate configs on the GPU, write a tuned table",
-                              description=tune.__doc__.splitlines()[0])
-    tune.add_arguments(sub)
-    sub.set_defaults(handler=tune.run)
 
-    sub = commands.add_parser("bench", help="benchmark the GEMMs against torch on the GPU",
-                              description=bench.__doc__.splitlines()[0])
-    bench.add_arguments(sub)
-    sub.set_defaults(handler=bench.run)
-
-    sub = commands.add_parser("bench-fp4", help="benchmark the MXFP4-weight GEMMs against our FP8/BF16 and torch",
-                              description=bench_fp4.__doc__.splitlines()[0])
-    bench_fp4.add_arguments(sub)
-    sub.set_defaults(handler=bench_fp4.run)
-
-    sub = commands.add_parser("bench-training", help="benchmark the backward GEMMs against torch._grouped_mm",
-                              description=bench_training.__doc__.splitlines()[0])
-    bench_training.add_arguments(sub)
-    sub.set_defaults(handler=bench_training.run)
-
-    sub = commands.add_parser("bench-fp8-backward",
-                              help="benchmark the FP8 backward GEMMs against torch, our BF16 and K-major FP8 ones",
-                              description=bench_fp8_backward.__doc__.splitlines()[0])
-    bench_fp8_backward.add_arguments(sub)
-    sub.set_defaults(handler=bench_fp8_backward.run)
-
-    sub = commands.add_parser("bench-layer", help="benchmark the MoE training layer against the "
-                              "torch._grouped_mm reference layer",
-                              description=bench_moe_layer.__doc__.splitlines()[0])
-    bench_moe_layer.add_arguments(sub)
-    sub.set_defaults(handler=bench_moe_layer.run)
-
-    sub = commands.add_parser("bench-gemm1", help="benchmark the MoE layer's fused GEMM1 (gather + SwiGLU) "
-                              "against unfused GEMM1s", description=bench_gathered_swiglu.__doc__.splitlines()[0])
-    bench_gathered_swiglu.add_arguments(sub)
-    sub.set_defaults(handler=bench_gathered_swiglu.run)
-
-    sub = commands.add_parser("bench-dact", help="benchmark the MoE layer's fused backward dact GEMM (gather + "
-                              "SwiGLU backward + d weight) against the unfused sequence",
-                              description=bench_gathered_swiglu_backward.__doc__.splitlines()[0])
-    bench_gathered_swiglu_backward.add_arguments(sub)
-    sub.set_defaults(handler=bench_gathered_swiglu_backward.run)
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="cute-moe", description="cute-moe MoE GEMM kernels: build tools")
+    parser.add_argument("--version", action="version", version=f"cute-moe {cute_moe.__version__}")
+    add_debug_flag(parser)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_tool_command(commands, *PRECOMPILE_COMMAND)
+    _add_cache_command(commands)
+    for command in TOOL_COMMANDS:
+        _add_tool_command(commands, *command)
     return parser
 
 

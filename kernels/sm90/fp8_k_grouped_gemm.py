@@ -28,13 +28,12 @@ import cutlass.cute as cute
 import cutlass.pipeline as pipeline
 from cutlass import Int32
 from cutlass.memory import SmemAllocator
-from cutlass.pipeline import pipeline_init_arrive, pipeline_init_wait
+from cutlass.pipeline import pipeline_init_arrive
 
 from ..grouped_schedulers import GroupedTileScheduler
 from ..scheduler import WorkTile
 from .grouped_gemm import (CONSUMER_REGS, EPI_N, EPI_STAGES, PRODUCER_REGS, ROW_HALF, SMEM_CAPACITY,
-                           SMEM_RESERVED_BYTES, THREADS_PER_WARPGROUP, TMA_ALIGN_BYTES, WARPS_PER_WARPGROUP,
-                           Sm90GroupedGemm)
+                           SMEM_RESERVED_BYTES, THREADS_PER_WARPGROUP, Sm90GroupedGemm)
 
 SCALE_BYTES = 4  # one FP32 scale per row (A) or column (B) per stage
 
@@ -96,33 +95,14 @@ class Sm90Fp8KGroupedGemm(Sm90GroupedGemm):
         tma_atom_sfa, tma_sfa = self._scale_load_atom(mSFA, self.sfa_smem_layout, tile_m)
         tma_atom_sfb, tma_sfb = self._scale_load_atom(mSFB, self.sfb_smem_layout, tile_n)
 
-        @cute.struct
-        class SharedStorage:
-            mainloop_barriers: cute.struct.MemRange[cutlass.Int64, self.stages * 2]
-            group_values: cute.struct.MemRange[Int32, self.table_len]
-            sA: cute.struct.Align[cute.struct.MemRange[self.ab_dtype, cute.cosize(self.a_smem_layout)], 1024]
-            sB: cute.struct.Align[cute.struct.MemRange[self.ab_dtype, cute.cosize(self.b_smem_layout)], 1024]
-            sSFA: cute.struct.Align[cute.struct.MemRange[cutlass.Float32, cute.cosize(self.sfa_smem_layout)],
-                                    TMA_ALIGN_BYTES]
-            sSFB: cute.struct.Align[cute.struct.MemRange[cutlass.Float32, cute.cosize(self.sfb_smem_layout)],
-                                    TMA_ALIGN_BYTES]
-            sD: cute.struct.Align[cute.struct.MemRange[self.stage_dtype, cute.cosize(self.epi_smem_layout)], 1024]
+        self.shared_storage = self.shared_storage_type({"sSFA": cute.cosize(self.sfa_smem_layout),
+                                                         "sSFB": cute.cosize(self.sfb_smem_layout)})
 
-        self.shared_storage = SharedStorage
-
-        cluster_m, cluster_n = self.cluster_shape_mn
-        m_clusters = (max_m + (tile_m * cluster_m - 1)) // (tile_m * cluster_m)
-        num_clusters = cutlass.max(cutlass.min(max_clusters, num_groups * m_clusters * self.num_n_clusters), Int32(1))
+        num_clusters = self.k_grouped_clusters(max_clusters, max_m, num_groups)
         self.kernel(tma_atom_a, tma_a, tma_atom_b, tma_b, tma_atom_sfa, tma_sfa, tma_atom_sfb, tma_sfb, mD, mC,
                     mGroup, total_rows, max_m, num_groups, total_k, self.tiled_mma, self.cta_layout_mnk,
                     self.a_smem_layout, self.b_smem_layout, self.sfa_smem_layout, self.sfb_smem_layout,
-                    self.epi_smem_layout).launch(
-            grid=(cluster_m, cluster_n, num_clusters),
-            block=[self.threads_per_cta, 1, 1],
-            cluster=(cluster_m, cluster_n, 1),
-            min_blocks_per_mp=1,
-            stream=stream,
-        )
+                    self.epi_smem_layout).launch(**self.launch_arguments(num_clusters, stream))
 
     # ------------------------------------------------------------------ device code
     @cute.kernel
@@ -138,34 +118,25 @@ class Sm90Fp8KGroupedGemm(Sm90GroupedGemm):
             for atom in (tma_atom_a, tma_atom_b, tma_atom_sfa, tma_atom_sfb):
                 cute.nvgpu.cpasync.prefetch_descriptor(atom)
 
-        cta_rank = cute.arch.make_warp_uniform(cute.arch.block_idx_in_cluster())
-        cluster_coord = cta_layout_mnk.get_flat_coord(cta_rank)
-        _, _, cluster_id = cute.arch.block_idx()
-        _, _, num_clusters = cute.arch.grid_dim()
+        cluster_coord, cluster_id, num_clusters = self.cluster_position(cta_layout_mnk)
 
         storage = SmemAllocator().allocate(self.shared_storage)
         tile_m, tile_n, _ = self.tile_shape_mnk
         tx_bytes = (cute.size_in_bytes(self.ab_dtype, cute.slice_(a_smem_layout, (None, None, 0)))
                     + cute.size_in_bytes(self.ab_dtype, cute.slice_(b_smem_layout, (None, None, 0)))
                     + (tile_m + tile_n) * SCALE_BYTES)
-        # Each consumer warp of every CTA that receives a multicast stage releases it once.
-        mcast_size = self.num_mcast_a + self.num_mcast_b - 1
         mainloop = pipeline.PipelineTmaAsync.create(
             barrier_storage=storage.mainloop_barriers.data_ptr(),
             num_stages=self.stages,
             producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread),
-            consumer_group=pipeline.CooperativeGroup(
-                pipeline.Agent.Thread, mcast_size * self.num_consumer_wgs * WARPS_PER_WARPGROUP),
+            consumer_group=self.stage_consumers(),
             tx_count=tx_bytes,
             cta_layout_vmnk=cute.make_layout((1, *cta_layout_mnk.shape)),
             defer_sync=True,
         )
 
-        scheduler = GroupedTileScheduler(
-            self.schedule, storage.group_values.get_tensor(cute.make_layout(self.table_len)), mGroup, num_groups,
-            total_rows, max_m, Int32(1), num_clusters, cluster_coord[0], cluster_coord[1],
-            self.cluster_shape_mn[1], total_k=total_k)
-        scheduler.load_group_values(tidx, self.threads_per_cta)
+        scheduler = self.make_scheduler(storage, mGroup, num_groups, total_rows, max_m, Int32(1), num_clusters,
+                                        cluster_coord, tidx, total_k)
         # Barrier init becomes visible cluster-wide here; the wait below also orders the group table
         # (written by every thread above) before any thread walks the schedule.
         pipeline_init_arrive(cluster_shape_mn=self.cluster_shape_mn, is_relaxed=True)
@@ -176,9 +147,7 @@ class Sm90Fp8KGroupedGemm(Sm90GroupedGemm):
         sSFB = storage.sSFB.get_tensor(sfb_smem_layout)
         sD = storage.sD.get_tensor(epi_smem_layout.outer, swizzle=epi_smem_layout.inner)
 
-        warp_group_idx = cute.arch.make_warp_uniform(tidx // THREADS_PER_WARPGROUP)
-        pipeline_init_wait(cluster_shape_mn=self.cluster_shape_mn)
-        cute.arch.sync_threads()
+        warp_group_idx = self.await_barrier_init(tidx)
         if warp_group_idx == 0:
             cute.arch.setmaxregister_decrease(PRODUCER_REGS)
             if warp_idx == 0:

@@ -70,11 +70,11 @@ class Sm90GatheredSwigluBackwardGemm(Sm90GatheredSwigluGemm):
         tile_m, tile_n, tile_k = self.tile_shape_mnk
         mB = cute.make_tensor(mW2.iterator, cute.select(mW2.layout, mode=[2, 1, 0]))  # (I, H, E), I contiguous
         tma_atom_b, tma_b = self._make_load_atom(mB, self.b_smem_layout, (tile_n, tile_k), self.num_mcast_b)
-        self.shared_storage = self.gather_shared_storage()
+        self.shared_storage = self.shared_storage_type({})  # no scales
         self.backward_kernel(mGradOut, tma_atom_b, tma_b, mDh, mPartial, mH, mWeight, mRowIndex, mEnds,
                              mRowIndex.shape[0], mEnds.shape[0], mW2.shape[0], self.tiled_mma, self.cta_layout_mnk,
                              self.a_smem_layout, self.b_smem_layout, self.epi_smem_layout).launch(
-            **self.gather_launch(max_clusters, stream))
+            **self.launch_arguments(max_clusters, stream))
 
     @cute.kernel
     def backward_kernel(self, mGradOut: cute.Tensor, tma_atom_b: cute.CopyAtom, mB: cute.Tensor, mDh: cute.Tensor,

@@ -34,10 +34,10 @@ import cutlass.cute as cute
 import cutlass.pipeline as pipeline
 from cutlass import Int32
 from cutlass.memory import SmemAllocator
-from cutlass.pipeline import pipeline_init_arrive, pipeline_init_wait
+from cutlass.pipeline import pipeline_init_arrive
 
 from ..grouped_schedulers import GroupedTileScheduler
-from .grouped_gemm import THREADS_PER_WARPGROUP, WARPS_PER_WARPGROUP, Sm90GroupedGemm
+from .grouped_gemm import THREADS_PER_WARPGROUP, Sm90GroupedGemm
 from .tma_cpasync_pipeline import PipelineTmaCpAsync
 
 # setmaxnreg budgets: 128 gathering producer threads need more than the TMA-only 40 registers;
@@ -80,31 +80,11 @@ class Sm90GatheredSwigluGemm(Sm90GroupedGemm):
         # One TMA box fills half a B stage: tile_n / 2 rows of the gate or of the up weights.
         b_half_layout = self._operand_smem_layout("k", self.half_n)
         tma_atom_b, tma_b = self._make_load_atom(mB, b_half_layout, (self.half_n, tile_k), self.num_mcast_b)
-        self.shared_storage = self.gather_shared_storage()
+        self.shared_storage = self.shared_storage_type({})  # no scales
         self.gathered_kernel(mX, tma_atom_b, tma_b, mAct, mH, mRowIndex, mEnds, mRowIndex.shape[0], mEnds.shape[0],
                              mW.shape[0], self.tiled_mma, self.cta_layout_mnk, self.a_smem_layout,
                              self.b_smem_layout, self.epi_smem_layout).launch(
-            **self.gather_launch(max_clusters, stream))
-
-    def gather_shared_storage(self):
-        """Shared memory of this family's kernels: pipeline barriers, the scheduler's group table, A's
-        and B's stages and the epilogue's buffers."""
-
-        @cute.struct
-        class SharedStorage:
-            mainloop_barriers: cute.struct.MemRange[cutlass.Int64, self.stages * 2]
-            group_values: cute.struct.MemRange[Int32, self.table_len]
-            sA: cute.struct.Align[cute.struct.MemRange[self.ab_dtype, cute.cosize(self.a_smem_layout)], 1024]
-            sB: cute.struct.Align[cute.struct.MemRange[self.ab_dtype, cute.cosize(self.b_smem_layout)], 1024]
-            sD: cute.struct.Align[cute.struct.MemRange[self.stage_dtype, cute.cosize(self.epi_smem_layout)], 1024]
-
-        return SharedStorage
-
-    def gather_launch(self, max_clusters: Int32, stream) -> dict:
-        """Launch arguments of this family's kernels: ``max_clusters`` M-clusters of ``cluster_m`` CTAs."""
-        cluster_m = self.cluster_shape_mn[0]
-        return dict(grid=(cluster_m, 1, max_clusters), block=[self.threads_per_cta, 1, 1], cluster=(cluster_m, 1, 1),
-                    min_blocks_per_mp=1, stream=stream)
+            **self.launch_arguments(max_clusters, stream))
 
     @cute.kernel
     def gathered_kernel(self, mX: cute.Tensor, tma_atom_b: cute.CopyAtom, mB: cute.Tensor, mAct: cute.Tensor,
@@ -129,36 +109,27 @@ class Sm90GatheredSwigluGemm(Sm90GroupedGemm):
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         if warp_idx == 0:
             cute.nvgpu.cpasync.prefetch_descriptor(tma_atom_b)
-        cta_rank = cute.arch.make_warp_uniform(cute.arch.block_idx_in_cluster())
-        cluster_coord = cta_layout_mnk.get_flat_coord(cta_rank)
-        _, _, cluster_id = cute.arch.block_idx()
-        _, _, num_clusters = cute.arch.grid_dim()
+        cluster_coord, cluster_id, num_clusters = self.cluster_position(cta_layout_mnk)
 
         storage = SmemAllocator().allocate(self.shared_storage)
-        # Each consumer warp of every CTA that receives B's multicast releases a stage once.
         mainloop = PipelineTmaCpAsync.create(
             cpasync_threads=THREADS_PER_WARPGROUP,
             barrier_storage=storage.mainloop_barriers.data_ptr(),
             num_stages=self.stages,
-            consumer_group=pipeline.CooperativeGroup(
-                pipeline.Agent.Thread, self.num_mcast_b * self.num_consumer_wgs * WARPS_PER_WARPGROUP),
+            consumer_group=self.stage_consumers(),
             tx_count=cute.size_in_bytes(self.ab_dtype, cute.slice_(b_smem_layout, (None, None, 0))),
             cta_layout_vmnk=cute.make_layout((1, *cta_layout_mnk.shape)),
             defer_sync=True,
         )
-        scheduler = GroupedTileScheduler(
-            self.schedule, storage.group_values.get_tensor(cute.make_layout(self.table_len)), mEnds, num_groups,
-            total_rows, Int32(0), num_experts, num_clusters, cluster_coord[0], cluster_coord[1], 1)
-        scheduler.load_group_values(tidx, self.threads_per_cta)
+        scheduler = self.make_scheduler(storage, mEnds, num_groups, total_rows, Int32(0), num_experts, num_clusters,
+                                        cluster_coord, tidx)
         pipeline_init_arrive(cluster_shape_mn=self.cluster_shape_mn, is_relaxed=True)
 
         sA = storage.sA.get_tensor(a_smem_layout.outer, swizzle=a_smem_layout.inner)
         sB = storage.sB.get_tensor(b_smem_layout.outer, swizzle=b_smem_layout.inner)
         sD = storage.sD.get_tensor(epi_smem_layout.outer, swizzle=epi_smem_layout.inner)
 
-        warp_group_idx = cute.arch.make_warp_uniform(tidx // THREADS_PER_WARPGROUP)
-        pipeline_init_wait(cluster_shape_mn=self.cluster_shape_mn)
-        cute.arch.sync_threads()
+        warp_group_idx = self.await_barrier_init(tidx)
         if warp_group_idx == 0:
             cute.arch.setmaxregister_decrease(GATHER_PRODUCER_REGS)
             b_mcast_mask = cute.make_layout_image_mask(cta_layout_mnk, cluster_coord, mode=0)

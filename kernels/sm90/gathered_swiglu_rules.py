@@ -5,19 +5,15 @@ The family serves the ``gathered_swiglu`` / ``gathered_swiglu_h`` kinds: A (x, g
 index) and B (w13 [E, 2I, H]) BF16 K-major, D (act [S, I], h [S, 2I]) bf16; n = 2I, k = H.
 """
 
-import itertools
 from dataclasses import replace
 
-from .config import CLUSTERS, MAX_GROUPS, TILE_MS, TILE_NS, Sm90Config
-from .rules import admitted
+from .config import Sm90Config
+from .family_rules import check_group_count, descriptor, every_tile_and_cluster, refuse_a_multicast, refuse_swap_ab
 from .rules import rule_config as grouped_rule_config
 
 GATHERED_KINDS = ("gathered_swiglu", "gathered_swiglu_h")
 BF16_K = ("bf16", "k", "none")
-
-
-def _descriptor(operand) -> tuple[str, str, str]:
-    return operand.dtype, operand.major, operand.scale
+KERNEL = "gathered-SwiGLU"  # the kernel's name in errors
 
 
 def is_gathered_swiglu(problem) -> bool:
@@ -27,7 +23,7 @@ def is_gathered_swiglu(problem) -> bool:
 
 def check_spec(problem) -> None:
     """Refuse what the family cannot implement: operands, output type, C, group counts, odd 2I."""
-    a, b = _descriptor(problem.a), _descriptor(problem.b)
+    a, b = descriptor(problem.a), descriptor(problem.b)
     if a != BF16_K or b != BF16_K:
         raise ValueError(f"operands: the sm_90a gathered-SwiGLU kernel implements A=B={BF16_K}, got A={a}, B={b}")
     if problem.d_dtype != "bf16":
@@ -36,19 +32,15 @@ def check_spec(problem) -> None:
         raise ValueError("has_c: the gathered-SwiGLU kernel adds no C")
     if problem.n % 16 != 0:
         raise ValueError(f"n: expected 2I with I a multiple of 8, got n={problem.n}")
-    if not 1 <= problem.num_groups <= MAX_GROUPS:
-        raise ValueError(f"groups: expected between 1 and {MAX_GROUPS} groups, got {problem.num_groups}")
+    check_group_count(problem)
 
 
 def can_implement(problem, config: Sm90Config) -> None:
     """A is gathered per CTA by cp.async (no A multicast: cluster_n must be 1); the grouped GEMM's
     tiles, and B multicast along M, otherwise."""
     check_spec(problem)
-    if config.swap_ab:
-        raise ValueError("config: swap_ab is an FP4-weight kernel; the gathered-SwiGLU kernel takes swap_ab=0")
-    if config.cluster_n != 1:
-        raise ValueError(f"config: the gathered-SwiGLU kernel loads A per CTA (cluster_n=1), "
-                         f"got cluster_n={config.cluster_n}")
+    refuse_swap_ab(config, KERNEL)
+    refuse_a_multicast(config, KERNEL)
 
 
 def rule_config(problem) -> Sm90Config:
@@ -60,6 +52,4 @@ def rule_config(problem) -> Sm90Config:
 
 def candidate_configs(problem) -> list[Sm90Config]:
     """The tuning search space: every tile, clusters along M only; stages and panel default."""
-    return admitted(problem, (Sm90Config(tile_m=tile_m, tile_n=tile_n, cluster_m=cluster[0], cluster_n=cluster[1])
-                              for tile_m, tile_n, cluster in itertools.product(TILE_MS, TILE_NS, CLUSTERS)),
-                    can_implement)
+    return every_tile_and_cluster(problem, can_implement)

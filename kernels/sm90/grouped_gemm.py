@@ -48,6 +48,7 @@ ROWS_PER_CONSUMER_WARPGROUP = 64  # one WGMMA M extent
 EPI_N = 32  # columns of one epilogue sub-tile
 STORE_BITS = 128  # the epilogue writes D with 16-byte vector stores
 TMA_ALIGN_BYTES = 128  # shared-memory alignment of a TMA destination without swizzle
+STAGE_ALIGN_BYTES = 1024  # shared-memory alignment of a 128-byte-swizzled buffer (one whole swizzle pattern)
 EPI_STAGES = 2  # epilogue sub-tile buffers in shared memory
 EPILOGUE_BARRIER_ID = 1  # named barrier 0 is the CTA-wide __syncthreads
 PRODUCER_REGS = 40
@@ -223,40 +224,90 @@ class Sm90GroupedGemm:
             else:
                 mSFB = cute.make_tensor(mSFB.iterator, cute.select(mSFB.layout, mode=[1, 2, 0]))
 
-        sfa_len = cute.cosize(self.sfa_smem_layout) if self.fp8 else 1
+        self.shared_storage = self.shared_storage_type({"sSFA": cute.cosize(self.sfa_smem_layout) if self.fp8 else 1})
 
-        @cute.struct
-        class SharedStorage:
-            mainloop_barriers: cute.struct.MemRange[cutlass.Int64, self.stages * 2]
-            group_values: cute.struct.MemRange[Int32, self.table_len]
-            sA: cute.struct.Align[cute.struct.MemRange[self.ab_dtype, cute.cosize(self.a_smem_layout)], 1024]
-            sB: cute.struct.Align[cute.struct.MemRange[self.ab_dtype, cute.cosize(self.b_smem_layout)], 1024]
-            sSFA: cute.struct.Align[cute.struct.MemRange[cutlass.Float32, sfa_len], TMA_ALIGN_BYTES]
-            sD: cute.struct.Align[cute.struct.MemRange[self.stage_dtype, cute.cosize(self.epi_smem_layout)], 1024]
-
-        self.shared_storage = SharedStorage
-
-        cluster_m, cluster_n = self.cluster_shape_mn
+        cluster_m = self.cluster_shape_mn[0]
         num_clusters = max_clusters
         if cutlass.const_expr(self.kind in ("dense", "contiguous")):
             m_clusters = (total_rows + (tile_m * cluster_m - 1)) // (tile_m * cluster_m)
             num_clusters = cutlass.max(cutlass.min(max_clusters, m_clusters * self.num_n_clusters), Int32(1))
         if cutlass.const_expr(self.kind == "k_grouped"):
-            m_clusters = (max_m + (tile_m * cluster_m - 1)) // (tile_m * cluster_m)
-            num_clusters = cutlass.max(
-                cutlass.min(max_clusters, num_groups * m_clusters * self.num_n_clusters), Int32(1))
+            num_clusters = self.k_grouped_clusters(max_clusters, max_m, num_groups)
         self.kernel(tma_atom_a, tma_a, tma_atom_b, tma_b, tma_atom_b_own, tma_b_own, tma_atom_sfa, tma_sfa, mSFB,
                     mD, mC, mGroup, total_rows, max_m, num_groups, num_experts, self.tiled_mma, self.cta_layout_mnk,
                     self.a_smem_layout, self.b_smem_layout, self.sfa_smem_layout, self.epi_smem_layout,
-                    total_k).launch(
-            grid=(cluster_m, cluster_n, num_clusters),
-            block=[self.threads_per_cta, 1, 1],
-            cluster=(cluster_m, cluster_n, 1),
-            min_blocks_per_mp=1,
-            stream=stream,
-        )
+                    total_k).launch(**self.launch_arguments(num_clusters, stream))
+
+    def shared_storage_type(self, scale_buffers: dict[str, int]):
+        """The kernel's shared memory, a ``cute.struct``: the mainloop's barriers, the scheduler's group
+        table, A's and B's stages, one TMA-aligned FP32 buffer per entry of ``scale_buffers`` (field
+        name: values), then the epilogue's buffers."""
+        fields = {
+            "mainloop_barriers": cute.struct.MemRange[cutlass.Int64, self.stages * 2],
+            "group_values": cute.struct.MemRange[Int32, self.table_len],
+            "sA": cute.struct.Align[cute.struct.MemRange[self.ab_dtype, cute.cosize(self.a_smem_layout)],
+                                    STAGE_ALIGN_BYTES],
+            "sB": cute.struct.Align[cute.struct.MemRange[self.ab_dtype, cute.cosize(self.b_smem_layout)],
+                                    STAGE_ALIGN_BYTES],
+        }
+        for name, values in scale_buffers.items():
+            fields[name] = cute.struct.Align[cute.struct.MemRange[cutlass.Float32, values], TMA_ALIGN_BYTES]
+        fields["sD"] = cute.struct.Align[cute.struct.MemRange[self.stage_dtype, cute.cosize(self.epi_smem_layout)],
+                                         STAGE_ALIGN_BYTES]
+        return cute.struct(type("SharedStorage", (), {"__annotations__": fields}))
+
+    def k_grouped_clusters(self, max_clusters: Int32, max_m: Int32, num_groups: Int32) -> Int32:
+        """Clusters worth launching for the k_grouped kind: one per (group, M tile of clusters, N tile
+        of clusters) at most, ``max_clusters`` at most, at least one."""
+        tile_m, cluster_m = self.tile_shape_mnk[0], self.cluster_shape_mn[0]
+        m_clusters = (max_m + (tile_m * cluster_m - 1)) // (tile_m * cluster_m)
+        return cutlass.max(cutlass.min(max_clusters, num_groups * m_clusters * self.num_n_clusters), Int32(1))
+
+    def launch_arguments(self, num_clusters: Int32, stream) -> dict:
+        """Launch arguments of the persistent grid: ``num_clusters`` clusters of cluster_m x cluster_n
+        CTAs along the grid's z mode, one CTA per SM."""
+        cluster_m, cluster_n = self.cluster_shape_mn
+        return dict(grid=(cluster_m, cluster_n, num_clusters), block=[self.threads_per_cta, 1, 1],
+                    cluster=(cluster_m, cluster_n, 1), min_blocks_per_mp=1, stream=stream)
 
     # ------------------------------------------------------------------ device code
+    def cluster_position(self, cta_layout_mnk: cute.Layout) -> tuple:
+        """Device code: (this CTA's (m, n) coordinate in its cluster, the cluster's id, the number of
+        clusters) of the persistent grid."""
+        cta_rank = cute.arch.make_warp_uniform(cute.arch.block_idx_in_cluster())
+        cluster_coord = cta_layout_mnk.get_flat_coord(cta_rank)
+        _, _, cluster_id = cute.arch.block_idx()
+        _, _, num_clusters = cute.arch.grid_dim()
+        return cluster_coord, cluster_id, num_clusters
+
+    def await_barrier_init(self, tidx: Int32) -> Int32:
+        """Device code, after ``pipeline_init_arrive``: wait until every CTA of the cluster initialized
+        its barriers and every thread of this CTA wrote its part of the group table; returns this
+        thread's warpgroup (0: the producer's)."""
+        warp_group_idx = cute.arch.make_warp_uniform(tidx // THREADS_PER_WARPGROUP)
+        pipeline_init_wait(cluster_shape_mn=self.cluster_shape_mn)
+        cute.arch.sync_threads()
+        return warp_group_idx
+
+    def stage_consumers(self) -> pipeline.CooperativeGroup:
+        """The arrivals that release a mainloop stage: each consumer warp of every CTA the stage is
+        multicast to, once."""
+        mcast_size = self.num_mcast_a + self.num_mcast_b - 1
+        return pipeline.CooperativeGroup(pipeline.Agent.Thread,
+                                         mcast_size * self.num_consumer_wgs * WARPS_PER_WARPGROUP)
+
+    def make_scheduler(self, storage, group_src, num_groups: Int32, total_rows: Int32, max_m: Int32,
+                       num_experts: Int32, num_clusters: Int32, cluster_coord, tidx: Int32,
+                       total_k: Optional[Int32] = None) -> GroupedTileScheduler:
+        """Device code: this CTA's tile scheduler over the group table in ``storage``, the group values
+        copied there by every thread of the CTA (ordered before use by the pipeline's init wait)."""
+        scheduler = GroupedTileScheduler(
+            self.schedule, storage.group_values.get_tensor(cute.make_layout(self.table_len)), group_src, num_groups,
+            total_rows, max_m, num_experts, num_clusters, cluster_coord[0], cluster_coord[1],
+            self.cluster_shape_mn[1], total_k=total_k)
+        scheduler.load_group_values(tidx, self.threads_per_cta)
+        return scheduler
+
     @cute.kernel
     def kernel(self, tma_atom_a: cute.CopyAtom, mA: cute.Tensor, tma_atom_b: cute.CopyAtom, mB: cute.Tensor,
                tma_atom_b_own: cute.CopyAtom, mB_own: cute.Tensor, tma_atom_sfa: cute.CopyAtom, mSFA: cute.Tensor,
@@ -274,34 +325,25 @@ class Sm90GroupedGemm:
             if cutlass.const_expr(self.fp8):
                 cute.nvgpu.cpasync.prefetch_descriptor(tma_atom_sfa)
 
-        cta_rank = cute.arch.make_warp_uniform(cute.arch.block_idx_in_cluster())
-        cluster_coord = cta_layout_mnk.get_flat_coord(cta_rank)
-        _, _, cluster_id = cute.arch.block_idx()
-        _, _, num_clusters = cute.arch.grid_dim()
+        cluster_coord, cluster_id, num_clusters = self.cluster_position(cta_layout_mnk)
 
         storage = SmemAllocator().allocate(self.shared_storage)
         tx_bytes = (cute.size_in_bytes(self.ab_dtype, cute.slice_(a_smem_layout, (None, None, 0)))
                     + cute.size_in_bytes(self.ab_dtype, cute.slice_(b_smem_layout, (None, None, 0))))
         if cutlass.const_expr(self.fp8):
             tx_bytes += self.tile_shape_mnk[0] * SFA_BYTES
-        # Each consumer warp of every CTA that receives a multicast stage releases it once.
-        mcast_size = self.num_mcast_a + self.num_mcast_b - 1
         mainloop = pipeline.PipelineTmaAsync.create(
             barrier_storage=storage.mainloop_barriers.data_ptr(),
             num_stages=self.stages,
             producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread),
-            consumer_group=pipeline.CooperativeGroup(
-                pipeline.Agent.Thread, mcast_size * self.num_consumer_wgs * WARPS_PER_WARPGROUP),
+            consumer_group=self.stage_consumers(),
             tx_count=tx_bytes,
             cta_layout_vmnk=cute.make_layout((1, *cta_layout_mnk.shape)),
             defer_sync=True,
         )
 
-        scheduler = GroupedTileScheduler(
-            self.schedule, storage.group_values.get_tensor(cute.make_layout(self.table_len)), mGroup, num_groups,
-            total_rows, max_m, num_experts, num_clusters, cluster_coord[0], cluster_coord[1],
-            self.cluster_shape_mn[1], total_k=total_k)
-        scheduler.load_group_values(tidx, self.threads_per_cta)
+        scheduler = self.make_scheduler(storage, mGroup, num_groups, total_rows, max_m, num_experts, num_clusters,
+                                        cluster_coord, tidx, total_k)
         # Barrier init becomes visible cluster-wide here; the wait below also orders the group table
         # (written by every thread above) before any thread walks the schedule.
         pipeline_init_arrive(cluster_shape_mn=self.cluster_shape_mn, is_relaxed=True)
@@ -311,9 +353,7 @@ class Sm90GroupedGemm:
         sSFA = storage.sSFA.get_tensor(sfa_smem_layout if self.fp8 else cute.make_layout(1))
         sD = storage.sD.get_tensor(epi_smem_layout.outer, swizzle=epi_smem_layout.inner)
 
-        warp_group_idx = cute.arch.make_warp_uniform(tidx // THREADS_PER_WARPGROUP)
-        pipeline_init_wait(cluster_shape_mn=self.cluster_shape_mn)
-        cute.arch.sync_threads()
+        warp_group_idx = self.await_barrier_init(tidx)
         if warp_group_idx == 0:
             cute.arch.setmaxregister_decrease(PRODUCER_REGS)
             if warp_idx == 0:
