@@ -201,30 +201,18 @@ def test_tools_and_presets_know_the_fp4_precisions():
     assert set(FP4_WEIGHT_MODELS) <= set(PRESETS)
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--ep", "3"], "--ep: expected a divisor of gpt-oss-120b's 128 experts"),
-    (["--models", "nope"], "unknown model 'nope'"),
-    (["--models", "gpt-oss-120b", "--tile-sweep", "Qwen3-235B-A22B"], "--tile-sweep: expected models among"),
+@pytest.mark.parametrize("tool,argv,message", [
+    ("bench_fp4", ["--ep", "3"], "--ep: expected a divisor of gpt-oss-120b's 128 experts"),
+    ("bench_fp4", ["--models", "nope"], "unknown model 'nope'"),
+    ("bench_fp4", ["--models", "gpt-oss-120b", "--tile-sweep", "Qwen3-235B-A22B"], "--tile-sweep: expected models among"),
+    ("profile_fp4", ["--cases", "masked:x"], "--cases: expected masked:ROWS or contiguous:ROWS"),
+    ("profile_fp4", ["--pairs", "fp9"], "--pairs: expected names among"),
 ])
-def test_bench_fp4_refuses_bad_arguments_in_one_line(argv, message, capsys):
-    from cute_moe.tools import bench_fp4
+def test_fp4_tools_refuse_bad_arguments_in_one_line(tool, argv, message, capsys):
+    import importlib
 
     with pytest.raises(SystemExit) as exit_info:
-        bench_fp4.main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1
-
-
-@pytest.mark.parametrize("argv,message", [
-    (["--cases", "masked:x"], "--cases: expected masked:ROWS or contiguous:ROWS"),
-    (["--pairs", "fp9"], "--pairs: expected names among"),
-])
-def test_profile_fp4_refuses_bad_arguments_in_one_line(argv, message, capsys):
-    from cute_moe.tools import profile_fp4
-
-    with pytest.raises(SystemExit) as exit_info:
-        profile_fp4.main(argv)
+        importlib.import_module(f"cute_moe.tools.{tool}").main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
