@@ -1,9 +1,14 @@
 """Test support shared by the gathered GEMMs' tests (GEMM1 and its backward dact GEMM), CPU and GPU:
 routed inputs, FP32 references of the gathered per-expert products, the kernels' accumulator
-coordinates traced on the CPU, and config ids."""
+coordinates traced on the CPU, config ids and the forced-config runs."""
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from cute_moe.dispatch import force_config
+from cute_moe.kernels.sm90.config import Sm90Config
 
 bf16 = torch.bfloat16
 
@@ -81,3 +86,20 @@ def accumulator_coords(kernel, tile_m: int, tile_n: int) -> dict[int, list[tuple
 def config_id(config) -> str:
     """Test id of a forced config: tile, cluster_m and stages."""
     return f"{config.tile_m}x{config.tile_n}c{config.cluster_m}s{config.stages}"
+
+
+# Tiles, clusters and a 2-stage ring that both gathered GEMMs' GPU tests force (each adds one of its own).
+FORCED_CONFIGS = (
+    Sm90Config(tile_m=128, tile_n=256, cluster_m=2),
+    Sm90Config(tile_m=64, tile_n=128),
+    Sm90Config(tile_m=64, tile_n=256, cluster_m=2, stages=2),
+)
+
+
+def run_forced_config(config: Sm90Config, make_inputs: Callable[..., tuple], run: Callable[[tuple], None]) -> None:
+    """``run(inputs)`` with ``config`` forced, on fresh seeded inputs of the forced-config shape: 257
+    tokens, 7 experts, I = 2880, H = 1024, top-2, 13 dropped slots."""
+    torch.manual_seed(2)
+    inputs = make_inputs(257, 7, 2880, 1024, 2, 13)
+    with force_config(config):
+        run(inputs)

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cute_moe.dispatch import force_config
 from cute_moe.kernels.sm90.config import Sm90Config
 from cute_moe.moe_gemms import gathered_swiglu_grouped_mm
 from cute_moe.testing import calc_diff
 
-from gathered_support import config_id, gathered_products, rows_over_four_decades, sorted_routing
+from gathered_support import (FORCED_CONFIGS, config_id, gathered_products, rows_over_four_decades, run_forced_config,
+                              sorted_routing)
 
 pytestmark = pytest.mark.gpu
 bf16 = torch.bfloat16
@@ -69,17 +69,9 @@ def test_without_h():
     run_and_check(*make_inputs(200, 8, 768, 2048, 4, 9), with_h=False)
 
 
-@pytest.mark.parametrize("config", [
-    Sm90Config(tile_m=128, tile_n=256, cluster_m=2),
-    Sm90Config(tile_m=64, tile_n=128),
-    Sm90Config(tile_m=128, tile_n=64, cluster_m=2),
-    Sm90Config(tile_m=64, tile_n=256, cluster_m=2, stages=2),
-], ids=config_id)
+@pytest.mark.parametrize("config", [*FORCED_CONFIGS, Sm90Config(tile_m=128, tile_n=64, cluster_m=2)], ids=config_id)
 def test_forced_configs(config):
-    torch.manual_seed(2)
-    inputs = make_inputs(257, 7, 2880, 1024, 2, 13)
-    with force_config(config):
-        run_and_check(*inputs)
+    run_forced_config(config, make_inputs, lambda inputs: run_and_check(*inputs))
 
 
 def test_out_of_range_row_indices_are_clamped():

@@ -12,12 +12,12 @@ value: ~1e-6 expected), d_weight < 1e-6 (FP32 throughout)."""
 import pytest
 import torch
 
-from cute_moe.dispatch import force_config
 from cute_moe.kernels.sm90.config import Sm90Config
 from cute_moe.moe_backward_gemms import GATHERED_SWIGLU_BACKWARD, gathered_swiglu_backward_mm
 from cute_moe.testing import calc_diff
 
-from gathered_support import config_id, gathered_products, rows_over_four_decades, sorted_routing, swiglu_backward
+from gathered_support import (FORCED_CONFIGS, config_id, gathered_products, rows_over_four_decades, run_forced_config,
+                              sorted_routing, swiglu_backward)
 
 pytestmark = pytest.mark.gpu
 bf16 = torch.bfloat16
@@ -88,17 +88,9 @@ def test_public_function_and_determinism():
     assert torch.equal(dh, dh2) and torch.equal(d_weight, d_weight2)  # no atomics: bitwise identical
 
 
-@pytest.mark.parametrize("config", [
-    Sm90Config(tile_m=128, tile_n=256, cluster_m=2),
-    Sm90Config(tile_m=64, tile_n=128),
-    Sm90Config(tile_m=128, tile_n=128, cluster_m=2),
-    Sm90Config(tile_m=64, tile_n=256, cluster_m=2, stages=2),
-], ids=config_id)
+@pytest.mark.parametrize("config", [*FORCED_CONFIGS, Sm90Config(tile_m=128, tile_n=128, cluster_m=2)], ids=config_id)
 def test_forced_configs(config):
-    torch.manual_seed(2)
-    inputs = make_inputs(257, 7, 2880, 1024, 2, 13)
-    with force_config(config):
-        run_poisoned(inputs)
+    run_forced_config(config, make_inputs, run_poisoned)
 
 
 def test_out_of_range_row_indices_are_clamped():

@@ -12,6 +12,8 @@ import torch
 
 import cute_moe
 
+from .command import make_out_dir, require_gpu
+
 L2_BYTES = 60 * 2**20
 FP8_MAX = 448.0  # largest finite E4M3 value
 
@@ -120,11 +122,27 @@ def run_jobs(jobs: list[tuple[Callable[..., list[Row]], tuple]]) -> tuple[list[R
                 rows.append(row)
                 print(format_row(row), flush=True)
         except Exception as e:  # noqa: BLE001 - one failed row is reported, the others still run
-            print(f"  skipped: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                  file=sys.stderr, flush=True)
-            failures.append(f"{fn.__name__} {shape}: {type(e).__name__}")
+            report_failure(e, f"{fn.__name__} {shape}", failures)
         torch.cuda.empty_cache()
     return rows, failures
+
+
+def report_failure(error: Exception, job: str, failures: list[str]) -> None:
+    """A benchmark job that raised: one line on stderr (its error's type and first line), and
+    ``"<job>: <error type>"`` appended to ``failures``."""
+    first_line = str(error).splitlines()[0] if str(error) else ""
+    print(f"  skipped: {type(error).__name__}: {first_line}", file=sys.stderr, flush=True)
+    failures.append(f"{job}: {type(error).__name__}")
+
+
+def run_report(out: str, stem: str, title: str, jobs: list[tuple[Callable[..., list[Row]], tuple]]) -> int:
+    """A benchmark's whole run: require a GPU, make ``out``, run the jobs (``run_jobs``) and write
+    the report ``stem`` (``write_report``); returns 1 when a job failed, else 0."""
+    require_gpu("benchmarking")
+    make_out_dir(out)
+    rows, failures = run_jobs(jobs)
+    write_report(out, stem, title, rows, failures)
+    return 1 if failures else 0
 
 
 def write_report(out: str, stem: str, title: str, rows: list[Row], failures: list[str]) -> None:

@@ -28,9 +28,9 @@ from cute_moe.fp8_backward import _launch_k_grouped, transposed_copy
 from cute_moe.testing import calc_diff
 
 from . import bench_common
-from .bench_common import Row, quantize_rows, randn, rowwise_fp8, run_jobs, sets_for, time_pair, write_report
-from .bench_training import offsets, uneven_sizes
-from .command import make_out_dir, module_main, require_gpu
+from .bench_common import Row, quantize_rows, randn, rowwise_fp8, run_report, sets_for, time_pair
+from .bench_training import expert_of_rows, offsets, uneven_sizes
+from .command import module_main
 
 SCALE_BLOCK = 128
 DENSE_SHAPES = ((4096, 7168, 4096), (4096, 2048, 7168))  # (M, N, K)
@@ -94,8 +94,7 @@ def dense_rows(m: int, n: int, k: int) -> list[Row]:
 def nn_rows(experts: int, tokens: int, k: int, n: int) -> list[Row]:
     counts = uneven_sizes(tokens, experts, SCALE_BLOCK, seed=experts + 1, empty_group=False)
     offs = offsets(counts)
-    layout = torch.repeat_interleave(torch.arange(experts, dtype=torch.int32),
-                                     torch.tensor(counts)).to(torch.int32).cuda()
+    layout = expert_of_rows(counts)
     m = sum(counts)
     sets = sets_for((m * k + experts * k * n) * 3)
     a = [randn(m, k) for _ in range(sets)]
@@ -198,15 +197,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    require_gpu("benchmarking")
-    make_out_dir(args.out)
     count = 1 if args.quick else 2
     jobs = ([(dense_rows, s) for s in DENSE_SHAPES[:count]] + [(nn_rows, s) for s in NN_SHAPES[:count]]
             + [(k_grouped_rows, s) for s in K_GROUPED_SHAPES[:count]])
-    rows, failures = run_jobs(jobs)
-    write_report(args.out, "fp8_backward_bench",
-                 "FP8 backward GEMMs against torch, our BF16 ops and our K-major FP8 kernels", rows, failures)
-    return 1 if failures else 0
+    return run_report(args.out, "fp8_backward_bench",
+                      "FP8 backward GEMMs against torch, our BF16 ops and our K-major FP8 kernels", jobs)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -26,7 +26,7 @@ from cute_moe import hc
 from cute_moe.hc_reference import hc_post_reference, hc_pre_reference, mix_width
 from cute_moe.testing import calc_diff
 
-from .bench_common import randn, sets_for, time_pair
+from .bench_common import randn, report_failure, sets_for, time_pair
 from .command import make_out_dir, module_main, require_gpu
 
 N_STREAMS = 4
@@ -194,9 +194,7 @@ def run(args: argparse.Namespace) -> int:
                     gemm_rows.append(bench_gemm(m, k, splits))
                     print(gemm_line(gemm_rows[-1]), flush=True)
                 except Exception as e:  # noqa: BLE001 - one failed row is reported, the others still run
-                    print(f"  skipped: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                          file=sys.stderr, flush=True)
-                    failures.append(f"gemm M={m} K={k} splits={splits}: {type(e).__name__}")
+                    report_failure(e, f"gemm M={m} K={k} splits={splits}", failures)
     # One dynamic-shape compile of each block serves every (T, hidden); --quick compares with the
     # compiled reference only.
     compiled = {"reference compiled": torch.compile(reference_block, fullgraph=True, dynamic=True)}
@@ -213,9 +211,7 @@ def run(args: argparse.Namespace) -> int:
                     for row in new_rows:
                         print(hc_line(row), flush=True)
                 except Exception as e:  # noqa: BLE001 - one failed row is reported, the others still run
-                    print(f"  skipped: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                          file=sys.stderr, flush=True)
-                    failures.append(f"hc {pass_name(backward)} hidden={hidden} T={t}: {type(e).__name__}")
+                    report_failure(e, f"hc {pass_name(backward)} hidden={hidden} T={t}", failures)
                 torch.cuda.empty_cache()
     write_report(args.out, gemm_rows, hc_rows, failures)
     return 1 if failures else 0

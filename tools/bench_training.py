@@ -25,8 +25,8 @@ import cute_moe
 from cute_moe.testing import calc_diff
 
 from . import bench_common
-from .bench_common import Row, randn, run_jobs, sets_for, time_pair, write_report
-from .command import make_out_dir, module_main, require_gpu
+from .bench_common import Row, randn, run_report, sets_for, time_pair
+from .command import module_main
 
 CONTIGUOUS_ALIGNMENT = 128
 K_GROUP_MULTIPLE = 16  # weight-gradient group sizes: multiples of 16 rows, not of the 64-row k-blocks
@@ -51,6 +51,12 @@ def uneven_sizes(total: int, groups: int, multiple: int, seed: int, empty_group:
 
 def offsets(sizes: list[int]) -> torch.Tensor:
     return torch.tensor(sizes, dtype=torch.int32).cumsum(0).to(torch.int32).cuda()
+
+
+def expert_of_rows(sizes: list[int]) -> torch.Tensor:
+    """int32 on the GPU: the group of each of the ``sum(sizes)`` rows (a contiguous grouped_layout)."""
+    return torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.int32),
+                                   torch.tensor(sizes)).to(torch.int32).cuda()
 
 
 def k_grouped_rows(groups: int, m: int, n: int, sum_k: int) -> list[Row]:
@@ -102,8 +108,7 @@ def k_grouped_rows(groups: int, m: int, n: int, sum_k: int) -> list[Row]:
 def nn_rows(experts: int, tokens: int, k: int, n: int) -> list[Row]:
     counts = uneven_sizes(tokens, experts, CONTIGUOUS_ALIGNMENT, seed=experts + 1, empty_group=True)
     offs = offsets(counts)
-    layout = torch.repeat_interleave(torch.arange(experts, dtype=torch.int32),
-                                     torch.tensor(counts)).to(torch.int32).cuda()
+    layout = expert_of_rows(counts)
     m = sum(counts)
     sets = sets_for((m * k + experts * k * n) * 2 + m * n * 2)
     dy = [randn(m, k) for _ in range(sets)]
@@ -138,13 +143,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    require_gpu("benchmarking")
-    make_out_dir(args.out)
     count = 1 if args.quick else len(K_GROUPED_SHAPES)
     jobs = [(k_grouped_rows, s) for s in K_GROUPED_SHAPES[:count]] + [(nn_rows, s) for s in NN_SHAPES[:count]]
-    rows, failures = run_jobs(jobs)
-    write_report(args.out, "training_bench", "Training GEMMs against torch._grouped_mm", rows, failures)
-    return 1 if failures else 0
+    return run_report(args.out, "training_bench", "Training GEMMs against torch._grouped_mm", jobs)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -5,8 +5,10 @@ import it on first use.
 """
 
 from dataclasses import asdict, fields
+from importlib import import_module
 from pathlib import Path
-from typing import Callable
+from types import ModuleType
+from typing import Callable, NamedTuple, Optional
 
 from cute_moe.arch import KernelFamily
 
@@ -40,16 +42,39 @@ GATHERED_SWIGLU_BACKWARD_GEMM = KernelFamily("sm90_gathered_swiglu_backward_gemm
                                                       "gathered_swiglu_backward_signature.py")))))
 
 
+class _Variant(NamedTuple):
+    """One kernel family of the backend: which problems it serves, its rules module, its sources and
+    its compile helper (signature module, function)."""
+
+    serves: Optional[Callable]
+    rules: ModuleType
+    family: KernelFamily
+    compiler: tuple[str, str]
+
+
+# The families that subclass the grouped GEMM, tried in order; a problem none serves is the grouped GEMM's.
+_VARIANTS = (
+    _Variant(fp4_rules.is_fp4, fp4_rules, FP4_GROUPED_GEMM, ("fp4_signature", "compile_fp4_gemm")),
+    _Variant(gathered_swiglu_rules.is_gathered_swiglu, gathered_swiglu_rules, GATHERED_SWIGLU_GEMM,
+             ("gathered_swiglu_signature", "compile_gathered_swiglu_gemm")),
+    _Variant(gathered_swiglu_backward_rules.is_gathered_swiglu_backward, gathered_swiglu_backward_rules,
+             GATHERED_SWIGLU_BACKWARD_GEMM,
+             ("gathered_swiglu_backward_signature", "compile_gathered_swiglu_backward_gemm")),
+    _Variant(fp8_k_grouped_rules.is_fp8_k_grouped, fp8_k_grouped_rules, FP8_K_GROUPED_GEMM,
+             ("fp8_k_grouped_signature", "compile_fp8_k_grouped_gemm")),
+)
+_GROUPED = _Variant(None, rules, GROUPED_GEMM, ("signature", "compile_grouped_gemm"))
+
+
+def _variant_for(problem) -> _Variant:
+    """The family that serves ``problem`` (or spec): FP4 weights, the gathered-SwiGLU GEMM1 or its
+    backward, K-grouped FP8, or the grouped GEMM."""
+    return next((variant for variant in _VARIANTS if variant.serves(problem)), _GROUPED)
+
+
 def _rules_for(problem):
-    """The rules module of the family that serves ``problem`` (or spec): FP4 weights, K-grouped FP8,
-    the gathered-SwiGLU GEMM1 or the rest."""
-    if fp4_rules.is_fp4(problem):
-        return fp4_rules
-    if gathered_swiglu_rules.is_gathered_swiglu(problem):
-        return gathered_swiglu_rules
-    if gathered_swiglu_backward_rules.is_gathered_swiglu_backward(problem):
-        return gathered_swiglu_backward_rules
-    return fp8_k_grouped_rules if fp8_k_grouped_rules.is_fp8_k_grouped(problem) else rules
+    """The rules module of the family that serves ``problem`` (or spec)."""
+    return _variant_for(problem).rules
 
 
 class Sm90Backend:
@@ -107,35 +132,12 @@ class Sm90Backend:
 
     @staticmethod
     def kernel_family(spec) -> KernelFamily:
-        if fp4_rules.is_fp4(spec):
-            return FP4_GROUPED_GEMM
-        if gathered_swiglu_rules.is_gathered_swiglu(spec):
-            return GATHERED_SWIGLU_GEMM
-        if gathered_swiglu_backward_rules.is_gathered_swiglu_backward(spec):
-            return GATHERED_SWIGLU_BACKWARD_GEMM
-        return FP8_K_GROUPED_GEMM if fp8_k_grouped_rules.is_fp8_k_grouped(spec) else GROUPED_GEMM
+        return _variant_for(spec).family
 
     @staticmethod
     def compile(spec, config: Sm90Config) -> Callable:
-        if fp4_rules.is_fp4(spec):
-            from .fp4_signature import compile_fp4_gemm
-
-            return compile_fp4_gemm(spec, config)
-        if fp8_k_grouped_rules.is_fp8_k_grouped(spec):
-            from .fp8_k_grouped_signature import compile_fp8_k_grouped_gemm
-
-            return compile_fp8_k_grouped_gemm(spec, config)
-        if gathered_swiglu_rules.is_gathered_swiglu(spec):
-            from .gathered_swiglu_signature import compile_gathered_swiglu_gemm
-
-            return compile_gathered_swiglu_gemm(spec, config)
-        if gathered_swiglu_backward_rules.is_gathered_swiglu_backward(spec):
-            from .gathered_swiglu_backward_signature import compile_gathered_swiglu_backward_gemm
-
-            return compile_gathered_swiglu_backward_gemm(spec, config)
-        from .signature import compile_grouped_gemm
-
-        return compile_grouped_gemm(spec, config)
+        module, function = _variant_for(spec).compiler
+        return getattr(import_module(f".{module}", __package__), function)(spec, config)
 
     def num_sms(self, device_index: int) -> int:
         """SMs of the device (the rules' ``num_sms``), from cutlass's hardware info; cached."""

@@ -121,7 +121,7 @@ class Sm90GroupedGemm:
         self.num_mcast_b = self.cluster_shape_mn[0]
         self.cta_layout_mnk = cute.make_layout((*self.cluster_shape_mn, 1))
 
-        ab_bytes = (tile_m + tile_n) * tile_k * self.ab_dtype.width // 8 + (tile_m * SFA_BYTES if self.fp8 else 0)
+        ab_bytes = (tile_m + tile_n) * tile_k * self.ab_dtype.width // 8 + self.stage_scale_bytes()
         epi_bytes = tile_m * EPI_N * self.stage_dtype.width // 8 * EPI_STAGES
         table_bytes = self.table_len * 4
         fit = (SMEM_CAPACITY - SMEM_RESERVED_BYTES - epi_bytes - table_bytes) // ab_bytes
@@ -132,10 +132,19 @@ class Sm90GroupedGemm:
         row_major = LayoutEnum.ROW_MAJOR
         self.a_smem_layout = self._operand_smem_layout(self.a_major, tile_m)
         self.b_smem_layout = self._operand_smem_layout(self.b_major, tile_n)
-        self.sfa_smem_layout = cute.make_layout((tile_m, 1, self.stages), stride=(1, tile_m, tile_m))
+        self.sfa_smem_layout = self.scale_smem_layout(tile_m)
         epi_atom = cute.nvgpu.warpgroup.make_smem_layout_atom(
             sm90_utils.get_smem_layout_atom(row_major, self.stage_dtype, EPI_N), self.stage_dtype)
         self.epi_smem_layout = cute.tile_to_shape(epi_atom, (*self.epi_tile, EPI_STAGES), order=(0, 1, 2))
+
+    def stage_scale_bytes(self) -> int:
+        """Bytes of scales a mainloop stage holds besides its A and B k-blocks (FP8: one FP32 A scale
+        per tile row); they size the stage and its TMA transaction."""
+        return self.tile_shape_mnk[0] * SFA_BYTES if self.fp8 else 0
+
+    def scale_smem_layout(self, rows: int) -> cute.Layout:
+        """Staged (rows, 1, stages) smem layout of FP32 scales: one per row per stage."""
+        return cute.make_layout((rows, 1, self.stages), stride=(1, rows, rows))
 
     def _operand_smem_layout(self, major: str, tile_mn: int):
         """Staged (tile_mn, tile_k, stages) smem layout of an operand: the swizzle atom runs along the
@@ -168,17 +177,12 @@ class Sm90GroupedGemm:
         return cute.make_tensor(t.iterator, cute.make_layout((t.shape[0] * t.shape[1], t.shape[2]),
                                                              stride=(t.stride[1], 1)))
 
-    @cute.jit
-    def __call__(self, mA: cute.Tensor, mB: cute.Tensor, mD: cute.Tensor, mC: Optional[cute.Tensor],
-                 mSFA: Optional[cute.Tensor], mSFB: Optional[cute.Tensor], mGroup: Optional[cute.Tensor],
-                 max_clusters: Int32, stream):
-        """Launch: A/D are ``[rows, K]``/``[rows, N]`` (masked: ``[G, Mmax, K]``/``[G, Mmax, N]``);
-        B is ``[N, K]`` (dense) or ``[G, N, K]``; FP8 operands arrive as uint8 with SFA ``[rows, K/128]``
-        (masked ``[G, Mmax, K/128]``) MN-major and SFB ``[(G,) N/128, K/128]``; ``mGroup`` is
-        grouped_layout, masked_m, or cumulative ends (ragged, psum). MN-major operands arrive as the
-        same (MN, K) views with the MN mode contiguous. k_grouped: A ``[M, sum K]`` and B ``[N, sum K]``
-        (MN-major views of the ``[sum K, M]`` / ``[sum K, N]`` tensors), D and C ``[G, M, N]``,
-        ``mGroup`` the per-group K counts."""
+    def launch_views(self, mA: cute.Tensor, mB: cute.Tensor, mD: cute.Tensor, mC: Optional[cute.Tensor],
+                     mGroup: Optional[cute.Tensor]) -> tuple:
+        """``_setup`` for D's type, then the kernel's views of the launch operands (see ``__call__``): FP8
+        A and B as E4M3, masked A and D and k_grouped D and C as 2-D row spaces, B as (N, K, G) (dense
+        and k_grouped: a unit G mode). Returns ``(A, B, D, C, max_m, num_groups, num_experts, total_k,
+        total_rows)``."""
         self._setup(mD.element_type)
         if cutlass.const_expr(self.fp8):
             mA = cute.recast_tensor(mA, self.ab_dtype)
@@ -208,10 +212,31 @@ class Sm90GroupedGemm:
             num_experts = mB.shape[0]
             mB = cute.make_tensor(mB.iterator, cute.select(mB.layout, mode=[1, 2, 0]))  # (N, K, G)
         total_rows = mD.shape[0] if self.kind == "k_grouped" else mA.shape[0]
+        return mA, mB, mD, mC, max_m, num_groups, num_experts, total_k, total_rows
 
+    def ab_load_atoms(self, mA: cute.Tensor, mB: cute.Tensor) -> tuple:
+        """TMA atoms and tensors ``(atom_a, a, atom_b, b)`` of one stage's A and B k-blocks, A multicast
+        along the cluster's N mode and B along its M mode."""
         tile_m, tile_n, tile_k = self.tile_shape_mnk
         tma_atom_a, tma_a = self._make_load_atom(mA, self.a_smem_layout, (tile_m, tile_k), self.num_mcast_a)
         tma_atom_b, tma_b = self._make_load_atom(mB, self.b_smem_layout, (tile_n, tile_k), self.num_mcast_b)
+        return tma_atom_a, tma_a, tma_atom_b, tma_b
+
+    @cute.jit
+    def __call__(self, mA: cute.Tensor, mB: cute.Tensor, mD: cute.Tensor, mC: Optional[cute.Tensor],
+                 mSFA: Optional[cute.Tensor], mSFB: Optional[cute.Tensor], mGroup: Optional[cute.Tensor],
+                 max_clusters: Int32, stream):
+        """Launch: A/D are ``[rows, K]``/``[rows, N]`` (masked: ``[G, Mmax, K]``/``[G, Mmax, N]``);
+        B is ``[N, K]`` (dense) or ``[G, N, K]``; FP8 operands arrive as uint8 with SFA ``[rows, K/128]``
+        (masked ``[G, Mmax, K/128]``) MN-major and SFB ``[(G,) N/128, K/128]``; ``mGroup`` is
+        grouped_layout, masked_m, or cumulative ends (ragged, psum). MN-major operands arrive as the
+        same (MN, K) views with the MN mode contiguous. k_grouped: A ``[M, sum K]`` and B ``[N, sum K]``
+        (MN-major views of the ``[sum K, M]`` / ``[sum K, N]`` tensors), D and C ``[G, M, N]``,
+        ``mGroup`` the per-group K counts."""
+        mA, mB, mD, mC, max_m, num_groups, num_experts, total_k, total_rows = self.launch_views(mA, mB, mD, mC,
+                                                                                               mGroup)
+        tma_atom_a, tma_a, tma_atom_b, tma_b = self.ab_load_atoms(mA, mB)
+        tile_m, tile_n, tile_k = self.tile_shape_mnk
         # Mixed-expert clusters load a B block that the partner CTA does not share without multicast.
         tma_atom_b_own, tma_b_own = tma_atom_b, tma_b
         if cutlass.const_expr(self.schedule.mixed_clusters):
@@ -315,24 +340,20 @@ class Sm90GroupedGemm:
                num_groups: Int32, num_experts: Int32, tiled_mma: cute.TiledMma, cta_layout_mnk: cute.Layout,
                a_smem_layout: cute.ComposedLayout, b_smem_layout: cute.ComposedLayout, sfa_smem_layout: cute.Layout,
                epi_smem_layout: cute.ComposedLayout, total_k: Optional[Int32]):
-        tidx, _, _ = cute.arch.thread_idx()
-        warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
-        if warp_idx == 0:
-            cute.nvgpu.cpasync.prefetch_descriptor(tma_atom_a)
-            cute.nvgpu.cpasync.prefetch_descriptor(tma_atom_b)
-            if cutlass.const_expr(self.schedule.mixed_clusters):
-                cute.nvgpu.cpasync.prefetch_descriptor(tma_atom_b_own)
-            if cutlass.const_expr(self.fp8):
-                cute.nvgpu.cpasync.prefetch_descriptor(tma_atom_sfa)
+        scale_loads = [("sSFA", tma_atom_sfa, mSFA, sfa_smem_layout)] if self.fp8 else []
+        self.run_cta(tma_atom_a, mA, tma_atom_b, mB, tma_atom_b_own, mB_own, scale_loads, mSFB, mD, mC, mGroup,
+                     total_rows, max_m, num_groups, num_experts, tiled_mma, cta_layout_mnk, a_smem_layout,
+                     b_smem_layout, epi_smem_layout, total_k)
 
-        cluster_coord, cluster_id, num_clusters = self.cluster_position(cta_layout_mnk)
-
-        storage = SmemAllocator().allocate(self.shared_storage)
+    def make_mainloop(self, storage, a_smem_layout: cute.ComposedLayout, b_smem_layout: cute.ComposedLayout,
+                      cta_layout_mnk: cute.Layout) -> pipeline.PipelineTmaAsync:
+        """Device code: the stage ring over the barriers in ``storage``; a stage's full barrier expects
+        its A and B k-blocks and its scales (``stage_scale_bytes``) by TMA, its empty barrier one
+        arrival per consumer warp of every CTA the stage is multicast to."""
         tx_bytes = (cute.size_in_bytes(self.ab_dtype, cute.slice_(a_smem_layout, (None, None, 0)))
-                    + cute.size_in_bytes(self.ab_dtype, cute.slice_(b_smem_layout, (None, None, 0))))
-        if cutlass.const_expr(self.fp8):
-            tx_bytes += self.tile_shape_mnk[0] * SFA_BYTES
-        mainloop = pipeline.PipelineTmaAsync.create(
+                    + cute.size_in_bytes(self.ab_dtype, cute.slice_(b_smem_layout, (None, None, 0)))
+                    + self.stage_scale_bytes())
+        return pipeline.PipelineTmaAsync.create(
             barrier_storage=storage.mainloop_barriers.data_ptr(),
             num_stages=self.stages,
             producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread),
@@ -342,6 +363,37 @@ class Sm90GroupedGemm:
             defer_sync=True,
         )
 
+    def consumer_scales(self, staged: list, mSFB: Optional[cute.Tensor]) -> tuple:
+        """The consumer's (A scales, B scales): A's staged in smem (FP8; None without scales) and B's
+        in global memory."""
+        return (staged[0] if staged else None), mSFB
+
+    @cute.jit
+    def run_cta(self, tma_atom_a: cute.CopyAtom, mA: cute.Tensor, tma_atom_b: cute.CopyAtom, mB: cute.Tensor,
+                tma_atom_b_own: cute.CopyAtom, mB_own: cute.Tensor, scale_loads: list, mSFB: Optional[cute.Tensor],
+                mD: cute.Tensor, mC: Optional[cute.Tensor], mGroup: Optional[cute.Tensor], total_rows: Int32,
+                max_m: Int32, num_groups: Int32, num_experts: Int32, tiled_mma: cute.TiledMma,
+                cta_layout_mnk: cute.Layout, a_smem_layout: cute.ComposedLayout, b_smem_layout: cute.ComposedLayout,
+                epi_smem_layout: cute.ComposedLayout, total_k: Optional[Int32]):
+        """One CTA of the kernel (device code): descriptor prefetch, shared storage, stage ring and
+        scheduler, then the role split (warp 0 produces, the consumer warpgroups compute and store).
+        ``scale_loads`` lists each per-stage scale load as (storage field, TMA atom, tensor, smem
+        layout); ``mSFB`` are B's scales read from global memory (FP8 block scales) or None."""
+        tidx, _, _ = cute.arch.thread_idx()
+        warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        if warp_idx == 0:
+            cute.nvgpu.cpasync.prefetch_descriptor(tma_atom_a)
+            cute.nvgpu.cpasync.prefetch_descriptor(tma_atom_b)
+            if cutlass.const_expr(self.schedule.mixed_clusters):
+                cute.nvgpu.cpasync.prefetch_descriptor(tma_atom_b_own)
+            for scale_load in scale_loads:
+                cute.nvgpu.cpasync.prefetch_descriptor(scale_load[1])
+
+        cluster_coord, cluster_id, num_clusters = self.cluster_position(cta_layout_mnk)
+
+        storage = SmemAllocator().allocate(self.shared_storage)
+        mainloop = self.make_mainloop(storage, a_smem_layout, b_smem_layout, cta_layout_mnk)
+
         scheduler = self.make_scheduler(storage, mGroup, num_groups, total_rows, max_m, num_experts, num_clusters,
                                         cluster_coord, tidx, total_k)
         # Barrier init becomes visible cluster-wide here; the wait below also orders the group table
@@ -350,8 +402,10 @@ class Sm90GroupedGemm:
 
         sA = storage.sA.get_tensor(a_smem_layout.outer, swizzle=a_smem_layout.inner)
         sB = storage.sB.get_tensor(b_smem_layout.outer, swizzle=b_smem_layout.inner)
-        sSFA = storage.sSFA.get_tensor(sfa_smem_layout if self.fp8 else cute.make_layout(1))
+        staged = [getattr(storage, field).get_tensor(layout) for field, _, _, layout in scale_loads]
         sD = storage.sD.get_tensor(epi_smem_layout.outer, swizzle=epi_smem_layout.inner)
+        scale_copies = [(atom, tensor, smem) for (_, atom, tensor, _), smem in zip(scale_loads, staged)]
+        sSFA, consumer_sfb = self.consumer_scales(staged, mSFB)
 
         warp_group_idx = self.await_barrier_init(tidx)
         if warp_group_idx == 0:
@@ -359,22 +413,23 @@ class Sm90GroupedGemm:
             if warp_idx == 0:
                 a_mcast_mask = cute.make_layout_image_mask(cta_layout_mnk, cluster_coord, mode=1)
                 b_mcast_mask = cute.make_layout_image_mask(cta_layout_mnk, cluster_coord, mode=0)
-                self.producer(tma_atom_a, mA, tma_atom_b, mB, tma_atom_b_own, mB_own, tma_atom_sfa, mSFA, sA, sB,
-                              sSFA, mainloop, scheduler,
+                self.producer(tma_atom_a, mA, tma_atom_b, mB, tma_atom_b_own, mB_own, scale_copies, sA, sB,
+                              mainloop, scheduler,
                               a_mcast_mask if self.num_mcast_a > 1 else 0,
                               b_mcast_mask if self.num_mcast_b > 1 else 0, cluster_coord[0], cluster_coord[1],
                               cluster_id, max_m)
         else:
             cute.arch.setmaxregister_increase(CONSUMER_REGS)
-            self.consumer(tiled_mma, sA, sB, sSFA, sD, mSFB, mD, mC, mainloop, scheduler,
+            self.consumer(tiled_mma, sA, sB, sSFA, sD, consumer_sfb, mD, mC, mainloop, scheduler,
                           tidx - THREADS_PER_WARPGROUP, cluster_id)
 
     @cute.jit
     def producer(self, tma_atom_a: cute.CopyAtom, mA: cute.Tensor, tma_atom_b: cute.CopyAtom, mB: cute.Tensor,
-                 tma_atom_b_own: cute.CopyAtom, mB_own: cute.Tensor, tma_atom_sfa: cute.CopyAtom, mSFA: cute.Tensor,
-                 sA: cute.Tensor, sB: cute.Tensor, sSFA: cute.Tensor, mainloop: pipeline.PipelineTmaAsync, scheduler: GroupedTileScheduler,
+                 tma_atom_b_own: cute.CopyAtom, mB_own: cute.Tensor, scale_copies: list, sA: cute.Tensor,
+                 sB: cute.Tensor, mainloop: pipeline.PipelineTmaAsync, scheduler: GroupedTileScheduler,
                  a_mcast_mask, b_mcast_mask, cta_m: Int32, cta_n: Int32, cluster_id: Int32, max_m: Int32):
-        """TMA producer: for each scheduled tile, stream its k-blocks of A and B into the smem ring.
+        """TMA producer: for each scheduled tile, stream its k-blocks of A and B, and the scales of
+        ``scale_copies`` ((TMA atom, tensor, smem) each, see ``partition_scales``), into the smem ring.
 
         ``producer_acquire`` waits until every consumer (in every CTA the stage is multicast to) has
         released the slot; the TMA loads then arrive on the slot's full barrier with their bytes. A
@@ -411,10 +466,8 @@ class Sm90GroupedGemm:
                     tBsB_own, tBgB_own = cute.nvgpu.cpasync.tma_partition(
                         tma_atom_b_own, 0, cute.make_layout(1),
                         cute.group_modes(sB, 0, 2), cute.group_modes(gB_own, 0, 2))
-                tSsS, tSgS = tAsA, tAgA
-                if cutlass.const_expr(self.fp8):
-                    tSsS, tSgS = self.partition_sfa(tma_atom_sfa, mSFA, sSFA, tile)
-                for k_tile in cutlass.range(k_tiles, unroll=1):
+                scale_parts = self.partition_scales(scale_copies, tile)
+                for k_tile in cutlass.range(self.k_tiles_of(tile, k_tiles), unroll=1):
                     mainloop.producer_acquire(state)
                     barrier = mainloop.producer_get_barrier(state)
                     cute.copy(tma_atom_a, tAgA[(None, k_tile)], tAsA[(None, state.index)],
@@ -429,13 +482,23 @@ class Sm90GroupedGemm:
                     else:
                         cute.copy(tma_atom_b, tBgB[(None, k_tile)], tBsB[(None, state.index)],
                                   tma_bar_ptr=barrier, mcast_mask=b_mcast_mask)
-                    if cutlass.const_expr(self.fp8):
-                        cute.copy(tma_atom_sfa, tSgS[(None, k_tile)], tSsS[(None, state.index)], tma_bar_ptr=barrier)
+                    for atom, tSs, tSg in scale_parts:
+                        cute.copy(atom, tSg[(None, k_tile)], tSs[(None, state.index)], tma_bar_ptr=barrier)
                     mainloop.producer_commit(state)
                     state.advance()
             cursor = scheduler.next(cursor)
         # Wait until the consumers released every slot, so no multicast lands in an exited peer CTA.
         mainloop.producer_tail(state)
+
+    def k_tiles_of(self, tile: WorkTile, k_tiles: Int32) -> Int32:
+        """k-blocks the producer loads for a tile: ``k_tiles``, the kernel's K blocks or a k_grouped
+        tile's ``ceil(k_rows / tile_k)`` (the last one partial, its tail zeroed by the consumers)."""
+        return k_tiles
+
+    def partition_scales(self, scale_copies: list, tile: WorkTile) -> list:
+        """(TMA atom, smem partition, gmem partition) of each per-stage scale load of a tile, one
+        k-block per stage: FP8 A's scales (``partition_sfa``)."""
+        return [(atom, *self.partition_sfa(atom, tensor, smem, tile)) for atom, tensor, smem in scale_copies]
 
     def partition_sfa(self, tma_atom_sfa: cute.CopyAtom, mSFA: cute.Tensor, sSFA: cute.Tensor, tile: WorkTile):
         """TMA partition (smem, gmem) of this tile's FP8 A scales, one k-block per stage: masked tiles
@@ -452,7 +515,8 @@ class Sm90GroupedGemm:
                  sD: cute.Tensor, mSFB: Optional[cute.Tensor], mD: cute.Tensor, mC: Optional[cute.Tensor],
                  mainloop: pipeline.PipelineTmaAsync, scheduler: GroupedTileScheduler, consumer_tidx: Int32,
                  cluster_id: Int32):
-        """WGMMA consumer warpgroups: accumulate each tile in registers, then run the epilogue."""
+        """WGMMA consumer warpgroups: accumulate each tile in registers, then run the epilogue.
+        ``sSFA`` / ``mSFB``: the FP8 scales of ``consumer_scales`` (A's staged, B's global or staged)."""
         tile_m, tile_n, tile_k = self.tile_shape_mnk
         wg_layout = cute.make_layout(self.num_consumer_wgs, stride=THREADS_PER_WARPGROUP)
         thr_mma = tiled_mma.get_slice(wg_layout(consumer_tidx // THREADS_PER_WARPGROUP))
@@ -470,8 +534,9 @@ class Sm90GroupedGemm:
         if cutlass.const_expr(self.fp8):
             block_acc = cute.make_rmem_tensor(thr_mma.partition_shape_C((tile_m, self.mma_tile_n)), self.acc_dtype)
         num_k_blocks = cute.size(tCrA, mode=[2])
-        # Row of this thread's first accumulator element (see ROW_HALF for the others).
-        r0 = thr_c.partition_C(cute.make_identity_tensor((tile_m, tile_n)))[0][0]
+        # (row, column) in the tile of each accumulator element; r0: the first one's row (ROW_HALF: the others).
+        tCcC = thr_c.partition_C(cute.make_identity_tensor((tile_m, tile_n)))
+        r0 = tCcC[0][0]
 
         epilogue = self.make_epilogue(tiled_mma, sD, consumer_tidx)
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
@@ -482,15 +547,15 @@ class Sm90GroupedGemm:
             tile = scheduler.tile(cursor)
             if tile.group >= 0:
                 accumulators.fill(0.0)
-                if cutlass.const_expr(self.kind == "k_grouped"):
+                if cutlass.const_expr(self.fp8):
+                    state, release_state = self.mainloop_fp8(
+                        tiled_mma, tCrA, tCrB_parts, accumulators, block_acc, num_k_blocks, mainloop, state,
+                        release_state, sSFA, mSFB, tCcC, r0, tile)
+                elif cutlass.const_expr(self.kind == "k_grouped"):
                     if tile.k_rows > 0:  # an empty group stores zeros (+ C)
                         state, release_state = self.mainloop_k_grouped(
                             tiled_mma, tCrA, tCrB, accumulators, num_k_blocks, mainloop, state, release_state,
                             sA, sB, tile.k_rows, consumer_tidx)
-                elif cutlass.const_expr(self.fp8):
-                    state, release_state = self.mainloop_fp8(
-                        tiled_mma, tCrA, tCrB_parts, accumulators, block_acc, num_k_blocks, mainloop, state,
-                        release_state, sSFA, mSFB, r0, tile)
                 else:
                     state, release_state = self.mainloop_bf16(
                         tiled_mma, tCrA, tCrB, accumulators, num_k_blocks, mainloop, state, release_state)
@@ -586,11 +651,24 @@ class Sm90GroupedGemm:
             self.tail_barrier.arrive_and_wait()
 
     @cute.jit
+    def block_wgmmas(self, tiled_mma, block_acc, tCrA, tCrB, num_k_blocks: cutlass.Constexpr[int], stage: Int32):
+        """FP8: one 128-K block's WGMMAs of one N part (``tCrB``) into ``block_acc`` (overwritten by
+        the first), then waited on, so the promotion may read ``block_acc``."""
+        tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, False)
+        cute.nvgpu.warpgroup.fence()
+        for kb in cutlass.range_constexpr(num_k_blocks):
+            cute.gemm(tiled_mma, block_acc, tCrA[(None, None, kb, stage)], tCrB[(None, None, kb, stage)], block_acc)
+            tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
+        cute.nvgpu.warpgroup.commit_group()
+        cute.nvgpu.warpgroup.wait_group(0)
+
+    @cute.jit
     def mainloop_fp8(self, tiled_mma, tCrA, tCrB_parts, accumulators, block_acc,
                      num_k_blocks: cutlass.Constexpr[int], mainloop, state, release_state, sSFA: cute.Tensor,
-                     mSFB: cute.Tensor, r0: Int32, tile: WorkTile):
+                     mSFB: cute.Tensor, tCcC: cute.Tensor, r0: Int32, tile: WorkTile):
         """Per 128-K block and N part: WGMMAs into ``block_acc``, then
-        ``acc[part] += block_acc * sfa[row] * sfb[part]``.
+        ``acc[part] += block_acc * sfa[row] * sfb[part]`` (``tCcC``: the accumulator elements'
+        (row, column) in the tile, for a variant that scales per column).
 
         The promotion needs the part's WGMMAs complete (``wait_group(0)``); the stage is released
         after the last part's WGMMAs, its A scales read before. B's scales of the next block are
@@ -610,15 +688,7 @@ class Sm90GroupedGemm:
             scale_lo = sSFA[(r0, 0, state.index)]
             scale_hi = sSFA[(r0 + ROW_HALF, 0, state.index)]
             for part in cutlass.range_constexpr(self.n_parts):
-                tCrB = tCrB_parts[part]
-                tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, False)
-                cute.nvgpu.warpgroup.fence()
-                for kb in cutlass.range_constexpr(num_k_blocks):
-                    cute.gemm(tiled_mma, block_acc, tCrA[(None, None, kb, state.index)],
-                              tCrB[(None, None, kb, state.index)], block_acc)
-                    tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
-                cute.nvgpu.warpgroup.commit_group()
-                cute.nvgpu.warpgroup.wait_group(0)
+                self.block_wgmmas(tiled_mma, block_acc, tCrA, tCrB_parts[part], num_k_blocks, state.index)
                 if cutlass.const_expr(part == self.n_parts - 1):
                     mainloop.consumer_release(release_state)
                     release_state.advance()
