@@ -29,10 +29,12 @@ DTYPES = ("bf16", "fp8")
 FP8 = torch.float8_e4m3fn
 DEFAULT_TIMEOUT_S = 10.0
 OP_NAMES = {1: "dispatch (waiting for peers' rows)", 2: "dispatch (waiting for peers' routing)",
-            3: "combine (waiting for peers' rows)"}
+            3: "combine (waiting for peers' rows)", 4: "mega_moe (waiting for peers' inputs)",
+            5: "mega_moe (grid barrier)", 6: "mega_moe (tile dependency)",
+            7: "mega_moe (waiting for peers' expert outputs)"}
 ERROR_WORDS = 4  # [flag, op, rank, missing-rank mask]
 
-_live_buffers: "weakref.WeakSet[EPBuffer]" = weakref.WeakSet()
+_live_buffers: "weakref.WeakSet[SymmetricGroupBuffer]" = weakref.WeakSet()
 
 
 def check_buffer_args(world_size: int, num_experts: int, num_max_tokens_per_rank: int, hidden: int, num_topk: int,
@@ -119,44 +121,43 @@ def _agreed_sm_count(group, device: torch.device) -> int:
     return int(sms.item())
 
 
-class EPBuffer:
-    """Symmetric-memory buffers, signal words and compiled kernels of one EP process group.
+class SymmetricGroupBuffer:
+    """What every symmetric-memory buffer of a process group shares (EP and Mega MoE): the group,
+    device and rank, the symmetric allocation and the peers' base addresses (int64 device array), the
+    host-mapped error record that a timed-out kernel fills, and the checks that raise it.
 
-    Construction is collective (every rank of ``group``, same arguments); so are dispatch and combine.
-    """
+    Construction is collective (every rank of ``group``, same arguments)."""
 
-    def __init__(self, group, num_experts: int, num_max_tokens_per_rank: int, hidden: int, num_topk: int,
-                 dtype: str = "bf16", *, alignment: int = 128, timeout_s: float = DEFAULT_TIMEOUT_S):
+    def __init__(self, group, timeout_s: float):
         import torch.distributed as dist
+
+        if not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or not timeout_s > 0:
+            raise ValueError(f"timeout_s: expected a positive number of seconds, got {timeout_s!r}")
+        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        self.group, self.timeout_s = group, timeout_s
+        self.error = torch.zeros(ERROR_WORDS, dtype=torch.int32, pin_memory=True)
+        self.broken: str | None = None
+
+    def allocate_symmetric(self, nbytes: int) -> None:
+        """Zeroed symmetric memory of ``nbytes`` on every rank (``self.symm``) and the peers' base
+        addresses (``self.peers``); collective."""
         import torch.distributed._symmetric_memory as symm_mem
 
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        check_buffer_args(world, num_experts, num_max_tokens_per_rank, hidden, num_topk, dtype)
-        self.alignment = check_alignment(alignment)
-        if not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
-            raise ValueError(f"timeout_s: expected a positive number of seconds, got {timeout_s!r}")
-        self.device = torch.device("cuda", torch.cuda.current_device())
-        self.group, self.rank, self.timeout_s = group, rank, timeout_s
-        self.geom = EPGeometry(world, num_experts, num_max_tokens_per_rank, hidden, num_topk, dtype == "fp8",
-                               _agreed_sm_count(group, self.device), alignment)
-        g = self.geom
-        self.symm = symm_mem.empty(g.offsets()["total"], dtype=torch.uint8, device=self.device)
+        self.symm = symm_mem.empty(nbytes, dtype=torch.uint8, device=self.device)
         self.symm.zero_()
         enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
         if enable is not None and not hasattr(enable, "__deprecated__"):  # needed before rendezvous by older torch
-            enable(group.group_name)
-        self.symm_handle = symm_mem.rendezvous(self.symm, group)
+            enable(self.group.group_name)
+        self.symm_handle = symm_mem.rendezvous(self.symm, self.group)
         self.peers = torch.tensor(list(self.symm_handle.buffer_ptrs), dtype=torch.int64, device=self.device)
-        zeros = lambda n, dt=torch.int32: torch.zeros(n, dtype=dt, device=self.device)  # noqa: E731
-        self.dispatch_calls, self.combine_calls = zeros(g.num_ctas), zeros(g.num_ctas)
-        self.slot_row = zeros(g.entries)
-        self.scan = zeros(g.num_ctas * g.local_experts)
-        self.error = torch.zeros(ERROR_WORDS, dtype=torch.int32, pin_memory=True)
-        self.outputs: dict[str, tuple] = {}
-        self.sequence = 0
-        self.broken: str | None = None
+
+    def finish_setup(self) -> None:
+        """Every rank's buffer is initialized before any kernel uses it; register for ``synchronize``."""
+        import torch.distributed as dist
+
         torch.cuda.synchronize(self.device)
-        dist.barrier(group=group)
+        dist.barrier(group=self.group)
         _live_buffers.add(self)
 
     # ---- errors -------------------------------------------------------------------------------
@@ -171,6 +172,30 @@ class EPBuffer:
         """Wait for this device's work, then raise a pending timeout error."""
         torch.cuda.synchronize(self.device)
         self.check()
+
+
+class EPBuffer(SymmetricGroupBuffer):
+    """Symmetric-memory buffers, signal words and compiled kernels of one EP process group.
+
+    Construction is collective (every rank of ``group``, same arguments); so are dispatch and combine.
+    """
+
+    def __init__(self, group, num_experts: int, num_max_tokens_per_rank: int, hidden: int, num_topk: int,
+                 dtype: str = "bf16", *, alignment: int = 128, timeout_s: float = DEFAULT_TIMEOUT_S):
+        super().__init__(group, timeout_s)
+        check_buffer_args(self.world, num_experts, num_max_tokens_per_rank, hidden, num_topk, dtype)
+        self.alignment = check_alignment(alignment)
+        self.geom = EPGeometry(self.world, num_experts, num_max_tokens_per_rank, hidden, num_topk, dtype == "fp8",
+                               _agreed_sm_count(group, self.device), alignment)
+        g = self.geom
+        self.allocate_symmetric(g.offsets()["total"])
+        zeros = lambda n, dt=torch.int32: torch.zeros(n, dtype=dt, device=self.device)  # noqa: E731
+        self.dispatch_calls, self.combine_calls = zeros(g.num_ctas), zeros(g.num_ctas)
+        self.slot_row = zeros(g.entries)
+        self.scan = zeros(g.num_ctas * g.local_experts)
+        self.outputs: dict[str, tuple] = {}
+        self.sequence = 0
+        self.finish_setup()
 
     # ---- outputs ------------------------------------------------------------------------------
     def _layout_outputs(self, layout: str) -> tuple:

@@ -118,6 +118,74 @@ def fence_sys(*, loc=None, ip=None) -> None:
 
 
 @dsl_user_op
+def fence_gpu(*, loc=None, ip=None) -> None:
+    """fence.acq_rel.gpu: order this thread's prior writes (and those it observed) GPU-wide."""
+    _asm(None, [], "fence.acq_rel.gpu;", "~{memory}", loc, ip)
+
+
+@dsl_user_op
+def fence_proxy_async_global(*, loc=None, ip=None) -> None:
+    """fence.proxy.async.global: order generic-proxy global accesses against async-proxy (TMA) ones."""
+    _asm(None, [], "fence.proxy.async.global;", "~{memory}", loc, ip)
+
+
+@dsl_user_op
+def ld_acquire_gpu_b32(addr: Int64, *, loc=None, ip=None) -> Int32:
+    """GPU-scope acquire load of a 32-bit counter."""
+    return Int32(_asm(T.i32(), [_v(Int64(addr), loc, ip)], "ld.acquire.gpu.global.b32 $0, [$1];", "=r,l,~{memory}",
+                      loc, ip))
+
+
+@dsl_user_op
+def ld_acquire_gpu_u64(addr: Int64, *, loc=None, ip=None) -> Int64:
+    """GPU-scope acquire load of a 64-bit counter."""
+    return Int64(_asm(T.i64(), [_v(Int64(addr), loc, ip)], "ld.acquire.gpu.global.b64 $0, [$1];", "=l,l,~{memory}",
+                      loc, ip))
+
+
+@dsl_user_op
+def red_relaxed_gpu_add_u32(addr: Int64, x: Int32, *, loc=None, ip=None) -> None:
+    """GPU-scope relaxed (strong) add to a 32-bit counter (after ``fence_gpu``: a release)."""
+    _asm(None, [_v(Int64(addr), loc, ip), _v(Int32(x), loc, ip)], "red.relaxed.gpu.global.add.u32 [$0], $1;",
+         "l,r,~{memory}", loc, ip)
+
+
+@dsl_user_op
+def red_relaxed_gpu_add_u64(addr: Int64, *, loc=None, ip=None) -> None:
+    """GPU-scope relaxed (strong) increment of a 64-bit counter (after ``fence_gpu``: a release)."""
+    _asm(None, [_v(Int64(addr), loc, ip)], "red.relaxed.gpu.global.add.u64 [$0], 1;", "l,~{memory}", loc, ip)
+
+
+@dsl_user_op
+def atomic_add_gpu_u32(addr: Int64, x: Int32, *, loc=None, ip=None) -> Int32:
+    """GPU-scope relaxed fetch-and-add; returns the old value."""
+    return Int32(_asm(T.i32(), [_v(Int64(addr), loc, ip), _v(Int32(x), loc, ip)],
+                      "atom.relaxed.gpu.global.add.u32 $0, [$1], $2;", "=r,l,r,~{memory}", loc, ip))
+
+
+@dsl_user_op
+def st_b16(addr: Int64, x: Int32, *, loc=None, ip=None) -> None:
+    """2-byte weak store of the low half of ``x``."""
+    _asm(None, [_v(Int64(addr), loc, ip), _v(Int32(x), loc, ip)],
+         "{ .reg .b16 h; cvt.u16.u32 h, $1; st.global.b16 [$0], h; }", "l,r,~{memory}", loc, ip)
+
+
+@dsl_user_op
+def st_f32(addr: Int64, x: Float32, *, loc=None, ip=None) -> None:
+    """4-byte weak store of an FP32 value."""
+    _asm(None, [_v(Int64(addr), loc, ip), _v(Float32(x), loc, ip)], "st.global.f32 [$0], $1;", "l,f,~{memory}",
+         loc, ip)
+
+
+@dsl_user_op
+def cvt_e4m3x2(lo: Float32, hi: Float32, *, loc=None, ip=None) -> Int32:
+    """(low, high) FP32 -> two FP8 E4M3 (round to nearest even, saturating) in the low 16 bits."""
+    return Int32(_asm(T.i32(), [_v(Float32(lo), loc, ip), _v(Float32(hi), loc, ip)],
+                      "{ .reg .b16 h; cvt.rn.satfinite.e4m3x2.f32 h, $2, $1; cvt.u32.u16 $0, h; }", "=r,f,f",
+                      loc, ip))
+
+
+@dsl_user_op
 def unpack_bf16x2(x: Int32, *, loc=None, ip=None):
     """Two BF16 packed in a b32 word -> (low, high) as FP32."""
     st = _asm(ir.Type.parse("!llvm.struct<(f32,f32)>"), [_v(Int32(x), loc, ip)],

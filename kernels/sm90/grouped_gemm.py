@@ -517,27 +517,9 @@ class Sm90GroupedGemm:
                  cluster_id: Int32):
         """WGMMA consumer warpgroups: accumulate each tile in registers, then run the epilogue.
         ``sSFA`` / ``mSFB``: the FP8 scales of ``consumer_scales`` (A's staged, B's global or staged)."""
-        tile_m, tile_n, tile_k = self.tile_shape_mnk
-        wg_layout = cute.make_layout(self.num_consumer_wgs, stride=THREADS_PER_WARPGROUP)
-        thr_mma = tiled_mma.get_slice(wg_layout(consumer_tidx // THREADS_PER_WARPGROUP))
-        thr_c = tiled_mma.get_slice(consumer_tidx)  # this thread's accumulator elements
-        tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
-        tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sB))
-        # B fragments of each N part (FP8 tiles of two scale blocks; otherwise the whole tile).
-        tCrB_parts = [tCrB]
-        if cutlass.const_expr(self.n_parts > 1):
-            tCrB_parts = [tiled_mma.make_fragment_B(thr_mma.partition_B(
-                cute.local_tile(sB, (self.mma_tile_n, tile_k, self.stages), (part, 0, 0))))
-                for part in range(self.n_parts)]
-        accumulators = cute.make_rmem_tensor(thr_mma.partition_shape_C((tile_m, tile_n)), self.acc_dtype)
-        block_acc = accumulators
-        if cutlass.const_expr(self.fp8):
-            block_acc = cute.make_rmem_tensor(thr_mma.partition_shape_C((tile_m, self.mma_tile_n)), self.acc_dtype)
-        num_k_blocks = cute.size(tCrA, mode=[2])
-        # (row, column) in the tile of each accumulator element; r0: the first one's row (ROW_HALF: the others).
-        tCcC = thr_c.partition_C(cute.make_identity_tensor((tile_m, tile_n)))
-        r0 = tCcC[0][0]
-
+        tile_n = self.tile_shape_mnk[1]
+        tCrA, tCrB, tCrB_parts, accumulators, block_acc, num_k_blocks, tCcC, r0 = self.consumer_fragments(
+            tiled_mma, sA, sB, consumer_tidx)
         epilogue = self.make_epilogue(tiled_mma, sD, consumer_tidx)
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
         release_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
@@ -562,6 +544,33 @@ class Sm90GroupedGemm:
                 if tile.rows_valid > 0 and tile.n_block * tile_n < self.n:
                     epi_buffer = self.store_outputs(epilogue, accumulators, sD, mD, mC, tile, epi_buffer)
             cursor = scheduler.next(cursor)
+
+    def consumer_fragments(self, tiled_mma, sA: cute.Tensor, sB: cute.Tensor, consumer_tidx: Int32) -> tuple:
+        """Device code, consumer warpgroups: ``(tCrA, tCrB, tCrB_parts, accumulators, block_acc,
+        num_k_blocks, tCcC, r0)``: WGMMA fragments of the A and B stages (B per N part), the tile's
+        accumulators (FP8: and one part's block accumulator), k-blocks per stage, each accumulator
+        element's (row, column) in the tile and the row of the first."""
+        tile_m, tile_n, tile_k = self.tile_shape_mnk
+        wg_layout = cute.make_layout(self.num_consumer_wgs, stride=THREADS_PER_WARPGROUP)
+        thr_mma = tiled_mma.get_slice(wg_layout(consumer_tidx // THREADS_PER_WARPGROUP))
+        thr_c = tiled_mma.get_slice(consumer_tidx)  # this thread's accumulator elements
+        tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
+        tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sB))
+        # B fragments of each N part (FP8 tiles of two scale blocks; otherwise the whole tile).
+        tCrB_parts = [tCrB]
+        if cutlass.const_expr(self.n_parts > 1):
+            tCrB_parts = [tiled_mma.make_fragment_B(thr_mma.partition_B(
+                cute.local_tile(sB, (self.mma_tile_n, tile_k, self.stages), (part, 0, 0))))
+                for part in range(self.n_parts)]
+        accumulators = cute.make_rmem_tensor(thr_mma.partition_shape_C((tile_m, tile_n)), self.acc_dtype)
+        block_acc = accumulators
+        if cutlass.const_expr(self.fp8):
+            block_acc = cute.make_rmem_tensor(thr_mma.partition_shape_C((tile_m, self.mma_tile_n)), self.acc_dtype)
+        num_k_blocks = cute.size(tCrA, mode=[2])
+        # (row, column) in the tile of each accumulator element; r0: the first one's row (ROW_HALF: the others).
+        tCcC = thr_c.partition_C(cute.make_identity_tensor((tile_m, tile_n)))
+        r0 = tCcC[0][0]
+        return tCrA, tCrB, tCrB_parts, accumulators, block_acc, num_k_blocks, tCcC, r0
 
     @cute.jit
     def mainloop_bf16(self, tiled_mma, tCrA, tCrB, accumulators, num_k_blocks: cutlass.Constexpr[int],
@@ -665,10 +674,12 @@ class Sm90GroupedGemm:
     @cute.jit
     def mainloop_fp8(self, tiled_mma, tCrA, tCrB_parts, accumulators, block_acc,
                      num_k_blocks: cutlass.Constexpr[int], mainloop, state, release_state, sSFA: cute.Tensor,
-                     mSFB: cute.Tensor, tCcC: cute.Tensor, r0: Int32, tile: WorkTile):
+                     mSFB: cute.Tensor, tCcC: cute.Tensor, r0: Int32, tile: WorkTile,
+                     k_tiles: Optional[Int32] = None):
         """Per 128-K block and N part: WGMMAs into ``block_acc``, then
         ``acc[part] += block_acc * sfa[row] * sfb[part]`` (``tCcC``: the accumulator elements'
-        (row, column) in the tile, for a variant that scales per column).
+        (row, column) in the tile, for a variant that scales per column). ``k_tiles``: the K blocks
+        of the tile (default: the kernel's K, a constant).
 
         The promotion needs the part's WGMMAs complete (``wait_group(0)``); the stage is released
         after the last part's WGMMAs, its A scales read before. B's scales of the next block are
@@ -680,9 +691,10 @@ class Sm90GroupedGemm:
         sfb_rows = [cutlass.min((tile.n_block * tile_n + part * self.mma_tile_n) // FP8_SCALE_BLOCK,
                                 self.n_scale_blocks - 1) for part in range(self.n_parts)]
         sfb_next = [mSFB[(row, 0, expert)] for row in sfb_rows]
-        for k_tile in cutlass.range(self.k_tiles, unroll=1):
+        k_tiles = self.k_tiles if k_tiles is None else k_tiles
+        for k_tile in cutlass.range(k_tiles, unroll=1):
             sfb = [value for value in sfb_next]
-            if k_tile + 1 < self.k_tiles:
+            if k_tile + 1 < k_tiles:
                 sfb_next = [mSFB[(row, k_tile + 1, expert)] for row in sfb_rows]
             mainloop.consumer_wait(state)
             scale_lo = sSFA[(r0, 0, state.index)]
@@ -725,6 +737,12 @@ class Sm90GroupedGemm:
         """Write one finished tile's outputs: D (= [C +] the accumulators). Variants with other
         epilogues override this."""
         return self.store_tile(epilogue, accumulators, sD, mD, mC, tile, epi_buffer)
+
+    @cute.jit
+    def store_vector(self, values: cute.Tensor, dst: cute.Tensor, coord, tile: WorkTile):
+        """The epilogue's last step: one 16-byte vector of D ``values`` at (row in the tile, column)
+        ``coord`` into ``dst``, its place in D. Variants that send rows elsewhere override this."""
+        cute.autovec_copy(values, dst)
 
     @cute.jit
     def store_tile(self, epilogue, accumulators: cute.Tensor, sD: cute.Tensor, mD: cute.Tensor,
@@ -783,6 +801,6 @@ class Sm90GroupedGemm:
                             values = values + c_vals.load().to(self.acc_dtype)
                         out = cute.make_rmem_tensor_like(sub_tile[(None, m, n)], self.d_dtype)
                         out.store(values.to(self.d_dtype))
-                        cute.autovec_copy(out, tG[(None, m, n)])
+                        self.store_vector(out, tG[(None, m, n)], coord, tile)
             epi_buffer = (epi_buffer + 1) % EPI_STAGES
         return epi_buffer
