@@ -51,7 +51,7 @@ from cute_moe.ep_layout import num_chunks
 from .ep_combine import _sum_chunk
 from .ep_ptx import (RANKS_ALL, atomic_add_gpu_u32, await_ranks, bits_to_f32, copy_chunks, cvt_e4m3x2, fence_gpu,
                      fence_proxy_async_global, ld_acquire_gpu_b32, ld_acquire_gpu_u64, ld_b32, ld_b64,
-                     load_expert_id, record_timeout, red_relaxed_gpu_add_u32, red_relaxed_gpu_add_u64,
+                     load_expert_id, pack_bf16x2, record_timeout, red_relaxed_gpu_add_u32, red_relaxed_gpu_add_u64,
                      signal_ranks, st_b16, st_b32, st_f32, st_release_sys_b64, st_v4_pred, sync_threads_and)
 from .scheduler import WorkTile
 from .sm90.grouped_gemm import THREADS_PER_WARPGROUP, Sm90GroupedGemm
@@ -93,8 +93,10 @@ class Sm90MegaMoE(Sm90GroupedGemm):
         # The GEMM machinery sees one block_m x 256 tile shape for both GEMMs; N and K are per phase.
         super().__init__("contiguous", geom.fp8, block_m, TILE_N, 1, 1, 0, 1, max(2 * i, h), max(h, i), False)
         self.block_m = block_m
-        if not geom.fp8:
-            raise NotImplementedError("the BF16 Mega MoE kernel is not implemented yet")
+        # Both GEMMs multiply 128-wide N parts: FP8 promotes each with its weight-scale block, and the
+        # GEMM-1 epilogue finds the gate in part 0 and the up projection in part 1 (BF16 alike).
+        self.mma_tile_n = SCALE_BLOCK
+        self.n_parts = TILE_N // SCALE_BLOCK
         self.g = geom
         self.clamp = clamp
         self.sym = geom.symmetric_offsets()
@@ -127,28 +129,33 @@ class Sm90MegaMoE(Sm90GroupedGemm):
         self._setup(cutlass.BFloat16)
         pool_addr = Int64(pool.iterator.toint())
         inter_addr = Int64(inter.iterator.toint())
-        pool_sf_addr = Int64(pool_sf.iterator.toint())
-        inter_sf_addr = Int64(inter_sf.iterator.toint())
         calls = Int64(calls_tensor.iterator.toint())
-        mA1 = cute.recast_tensor(pool, self.ab_dtype)
-        mA2 = cute.recast_tensor(inter, self.ab_dtype)
-        mB1 = cute.recast_tensor(l1, self.ab_dtype)
-        mB2 = cute.recast_tensor(l2, self.ab_dtype)
+        mA1, mA2, mB1, mB2 = pool, inter, l1, l2
+        if cutlass.const_expr(self.fp8):
+            mA1, mA2, mB1, mB2 = (cute.recast_tensor(t, self.ab_dtype) for t in (pool, inter, l1, l2))
         mB1 = cute.make_tensor(mB1.iterator, cute.select(mB1.layout, mode=[1, 2, 0]))  # (N, K, L)
         mB2 = cute.make_tensor(mB2.iterator, cute.select(mB2.layout, mode=[1, 2, 0]))
-        mSFB1 = cute.make_tensor(s1.iterator, cute.select(s1.layout, mode=[1, 2, 0]))
-        mSFB2 = cute.make_tensor(s2.iterator, cute.select(s2.layout, mode=[1, 2, 0]))
         tma_atom_a1, tma_a1, tma_atom_b1, tma_b1 = self.ab_load_atoms(mA1, mB1)
         tma_atom_a2, tma_a2, tma_atom_b2, tma_b2 = self.ab_load_atoms(mA2, mB2)
-        tma_atom_sfa1, tma_sfa1 = self.sfa_load_atom(pool_sf)
-        tma_atom_sfa2, tma_sfa2 = self.sfa_load_atom(inter_sf)
+        # BF16 has no scales: their slots carry the A operands (never used).
+        pool_sf_addr, inter_sf_addr, sfb1_addr, sfb2_addr = Int64(0), Int64(0), Int64(0), Int64(0)
+        tma_atom_sfa1, tma_sfa1, tma_atom_sfa2, tma_sfa2 = tma_atom_a1, tma_a1, tma_atom_a2, tma_a2
+        scale_buffers = {}
+        if cutlass.const_expr(self.fp8):
+            pool_sf_addr = Int64(pool_sf.iterator.toint())
+            inter_sf_addr = Int64(inter_sf.iterator.toint())
+            sfb1_addr = Int64(s1.iterator.toint())
+            sfb2_addr = Int64(s2.iterator.toint())
+            tma_atom_sfa1, tma_sfa1 = self.sfa_load_atom(pool_sf)
+            tma_atom_sfa2, tma_sfa2 = self.sfa_load_atom(inter_sf)
+            scale_buffers = {"sSFA": cute.cosize(self.sfa_smem_layout)}
         # store_tile partitions a D tensor; GEMM-2's store_vector sends each vector elsewhere, so any
         # BF16 view of the right extent serves (it is never accessed).
         mOut = cute.make_tensor(cute.make_ptr(cutlass.BFloat16, pool_addr, cute.AddressSpace.gmem, assumed_align=16),
                                 cute.make_layout((self.g.pool_rows, self.g.hidden), stride=(self.g.hidden, 1)))
-        self.shared_storage = self.shared_storage_type({"sSFA": cute.cosize(self.sfa_smem_layout)})
-        self.kernel(tma_atom_a1, tma_a1, tma_atom_b1, tma_b1, tma_atom_sfa1, tma_sfa1, mSFB1,
-                    tma_atom_a2, tma_a2, tma_atom_b2, tma_b2, tma_atom_sfa2, tma_sfa2, mSFB2, mOut,
+        self.shared_storage = self.shared_storage_type(scale_buffers)
+        self.kernel(tma_atom_a1, tma_a1, tma_atom_b1, tma_b1, tma_atom_sfa1, tma_sfa1, sfb1_addr,
+                    tma_atom_a2, tma_a2, tma_atom_b2, tma_b2, tma_atom_sfa2, tma_sfa2, sfb2_addr, mOut,
                     self.tiled_mma, self.cta_layout_mnk, self.a_smem_layout, self.b_smem_layout,
                     self.sfa_smem_layout, self.epi_smem_layout, calls, y, num_tokens, peers, rank, work, err, stats,
                     pool_addr, pool_sf_addr, inter_addr, inter_sf_addr, clamp, timeout_ns).launch(
@@ -157,9 +164,9 @@ class Sm90MegaMoE(Sm90GroupedGemm):
     # ------------------------------------------------------------------ the kernel
     @cute.kernel
     def kernel(self, tma_atom_a1: cute.CopyAtom, mA1: cute.Tensor, tma_atom_b1: cute.CopyAtom, mB1: cute.Tensor,
-               tma_atom_sfa1: cute.CopyAtom, mSFA1: cute.Tensor, mSFB1: cute.Tensor,
+               tma_atom_sfa1: cute.CopyAtom, mSFA1: cute.Tensor, sfb1_addr: Int64,
                tma_atom_a2: cute.CopyAtom, mA2: cute.Tensor, tma_atom_b2: cute.CopyAtom, mB2: cute.Tensor,
-               tma_atom_sfa2: cute.CopyAtom, mSFA2: cute.Tensor, mSFB2: cute.Tensor, mOut: cute.Tensor,
+               tma_atom_sfa2: cute.CopyAtom, mSFA2: cute.Tensor, sfb2_addr: Int64, mOut: cute.Tensor,
                tiled_mma: cute.TiledMma, cta_layout_mnk: cute.Layout, a_smem_layout: cute.ComposedLayout,
                b_smem_layout: cute.ComposedLayout, sfa_smem_layout: cute.Layout, epi_smem_layout: cute.ComposedLayout,
                calls: Int64, y: Int64, num_tokens: Int32, peers: Int64, rank: Int32, work: Int64, err: Int64,
@@ -181,7 +188,7 @@ class Sm90MegaMoE(Sm90GroupedGemm):
         table = storage.group_values.get_tensor(cute.make_layout(self.table_len))
         sA = storage.sA.get_tensor(a_smem_layout.outer, swizzle=a_smem_layout.inner)
         sB = storage.sB.get_tensor(b_smem_layout.outer, swizzle=b_smem_layout.inner)
-        sSFA = storage.sSFA.get_tensor(sfa_smem_layout)
+        sSFA = storage.sSFA.get_tensor(sfa_smem_layout) if self.fp8 else None
         sD = storage.sD.get_tensor(epi_smem_layout.outer, swizzle=epi_smem_layout.inner)
 
         call = ld_b32(calls + Int64(cta) * 4)
@@ -228,7 +235,7 @@ class Sm90MegaMoE(Sm90GroupedGemm):
             cute.arch.setmaxregister_increase(TAIL_REGS)
         else:
             cute.arch.setmaxregister_increase(ROLE_REGS[self.block_m][1])
-            self.consume(tiled_mma, sA, sB, sSFA, sD, Int64(mSFB1.iterator.toint()), Int64(mSFB2.iterator.toint()), mOut, mainloop, table, blocks, parity, work,
+            self.consume(tiled_mma, sA, sB, sSFA, sD, sfb1_addr, sfb2_addr, mOut, mainloop, table, blocks, parity, work,
                          peers, inter_addr, inter_sf_addr, clamp, tidx - THREADS_PER_WARPGROUP, cta)
             cute.arch.setmaxregister_decrease(TAIL_REGS)
 
@@ -398,6 +405,15 @@ class Sm90MegaMoE(Sm90GroupedGemm):
                     lo = probe
         return lo
 
+    def block_tile(self, table: cute.Tensor, block: Int32, n_block: Int32) -> WorkTile:
+        """The tile of block ``block`` and N block ``n_block``: its expert, first pool row and the rows
+        that hold entries (the expert's rows come first in its segment; the rest is padding)."""
+        L = self.g.local_experts
+        expert = self.block_expert(table, block)
+        row_start = block * self.block_m
+        rows = cutlass.min(table[expert] + table[L + 1 + expert] - row_start, self.block_m)
+        return WorkTile(expert, row_start, rows, Int32(0), n_block, True)
+
     @cute.jit
     def produce(self, tma_atom_a1, mA1, tma_atom_b1, mB1, tma_atom_sfa1, mSFA1, tma_atom_a2, mA2, tma_atom_b2, mB2,
                 tma_atom_sfa2, mSFA2, sA: cute.Tensor, sB: cute.Tensor, sSFA: cute.Tensor,
@@ -409,14 +425,14 @@ class Sm90MegaMoE(Sm90GroupedGemm):
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
         for i in cutlass.range(cta, blocks * (g.l1_tiles + g.l2_tiles), g.num_ctas, unroll=1):
             second, block, n_block = self.tile_position(i, blocks)
+            tile = self.block_tile(table, block, n_block)
             counter = work + self.work_off["block_rows"] + Int64(parity * nb + block) * 4
-            target = Int32(self.block_m)
+            target = tile.rows_valid
             if second != 0:
                 counter = work + self.work_off["l1_done"] + Int64(parity * nb + block) * 4
                 target = Int32(g.l1_tiles)
             self.wait_local(ld_acquire_gpu_b32, counter, target, work, timeout_ns, err, OP_TILE, rank)
             fence_proxy_async_global()  # the rows were written by generic stores of other CTAs
-            tile = WorkTile(self.block_expert(table, block), block * self.block_m, Int32(0), Int32(0), n_block, True)
             if second != 0:
                 state = self.load_tile(tma_atom_a2, mA2, tma_atom_b2, mB2, tma_atom_sfa2, mSFA2, sA, sB, sSFA,
                                        mainloop, state, tile, self.k2_tiles)
@@ -453,13 +469,14 @@ class Sm90MegaMoE(Sm90GroupedGemm):
                                                       cute.group_modes(gA, 0, 2))
         tBsB, tBgB = cute.nvgpu.cpasync.tma_partition(tma_atom_b, 0, cute.make_layout(1), cute.group_modes(sB, 0, 2),
                                                       cute.group_modes(gB, 0, 2))
-        tSs, tSg = self.partition_sfa(tma_atom_sfa, mSFA, sSFA, tile)
+        scale_parts = [self.partition_sfa(tma_atom_sfa, mSFA, sSFA, tile)] if self.fp8 else []
         for k_tile in cutlass.range(k_tiles, unroll=1):
             mainloop.producer_acquire(state)
             barrier = mainloop.producer_get_barrier(state)
             cute.copy(tma_atom_a, tAgA[(None, k_tile)], tAsA[(None, state.index)], tma_bar_ptr=barrier)
             cute.copy(tma_atom_b, tBgB[(None, k_tile)], tBsB[(None, state.index)], tma_bar_ptr=barrier)
-            cute.copy(tma_atom_sfa, tSg[(None, k_tile)], tSs[(None, state.index)], tma_bar_ptr=barrier)
+            for tSs, tSg in scale_parts:
+                cute.copy(tma_atom_sfa, tSg[(None, k_tile)], tSs[(None, state.index)], tma_bar_ptr=barrier)
             mainloop.producer_commit(state)
             state.advance()
         return state
@@ -469,7 +486,7 @@ class Sm90MegaMoE(Sm90GroupedGemm):
                   pool_sf_addr: Int64, pull_warp: Int32, lane: Int32):
         """Warps 1-3: pool rows ``pull_warp, + PULL_WARPS * grid, ...`` in increasing order: copy the
         row's token (and its scales, MN-major) from the source rank, then +1 on the block's arrival
-        counter (padding rows only count)."""
+        counter (padding rows are skipped: a block waits for its entry rows only)."""
         g = self.g
         K, TM, H = g.num_topk, g.max_tokens, g.hidden
         row_bytes = H * g.act_bytes
@@ -486,17 +503,17 @@ class Sm90MegaMoE(Sm90GroupedGemm):
                 dst = pool_addr + Int64(row) * row_bytes
                 for c in cutlass.range(chunks, unroll=1):
                     copy_chunks(src, [(dst, Int32(1))], lane, [c], vecs, PULL_PER_LANE)
-                for q in cutlass.range_constexpr(-(-g.hidden_blocks // 32)):
+                for q in cutlass.range_constexpr(-(-g.hidden_blocks // 32) if g.fp8 else 0):
                     kb = lane + 32 * q
                     if kb < g.hidden_blocks:
                         scale = ld_b32(peer + self.sym["x_sf"] + Int64(token * g.hidden_blocks + kb) * 4)
                         st_b32(pool_sf_addr + (Int64(kb) * g.scale_pitch + row) * 4, scale)
-            fence_proxy_async_global()
-            cute.arch.sync_warp()
-            if lane == 0:
-                fence_gpu()
-                red_relaxed_gpu_add_u32(work + self.work_off["block_rows"] + Int64(parity * g.pool_blocks
-                                                                                   + row // self.block_m) * 4, Int32(1))
+                fence_proxy_async_global()
+                cute.arch.sync_warp()
+                if lane == 0:
+                    fence_gpu()
+                    red_relaxed_gpu_add_u32(work + self.work_off["block_rows"]
+                                            + Int64(parity * g.pool_blocks + row // self.block_m) * 4, Int32(1))
 
     @cute.jit
     def consume(self, tiled_mma: cute.TiledMma, sA: cute.Tensor, sB: cute.Tensor, sSFA: cute.Tensor,
@@ -517,9 +534,7 @@ class Sm90MegaMoE(Sm90GroupedGemm):
         row_src = work + self.work_off["row_src"]
         for i in cutlass.range(cta, blocks * (g.l1_tiles + g.l2_tiles), g.num_ctas, unroll=1):
             second, block, n_block = self.tile_position(i, blocks)
-            expert = self.block_expert(table, block)
-            rows = cutlass.min(table[expert] + table[L + 1 + expert] - block * self.block_m, self.block_m)
-            tile = WorkTile(expert, block * self.block_m, rows, Int32(0), n_block, True)
+            tile = self.block_tile(table, block, n_block)
             # Per phase: K blocks and B's scales (s1 [L, 2I/128, H/128] or s2 [L, H/128, I/128]).
             k_tiles = Int32(self.k1_tiles)
             sfb_addr = sfb1_addr
@@ -528,13 +543,17 @@ class Sm90MegaMoE(Sm90GroupedGemm):
                 k_tiles = Int32(self.k2_tiles)
                 sfb_addr = sfb2_addr
                 sfb_n, sfb_k = Int32(g.hidden_blocks), Int32(g.inter_blocks)
-            mSFB = cute.make_tensor(cute.make_ptr(Float32, sfb_addr, cute.AddressSpace.gmem, assumed_align=4),
-                                    cute.make_layout((self.sfb_rows, self.sfb_cols, L),
-                                                     stride=(sfb_k, 1, sfb_n * sfb_k)))
             accumulators.fill(0.0)
-            state, release_state = self.mainloop_fp8(
-                tiled_mma, tCrA, tCrB_parts, accumulators, block_acc, num_k_blocks, mainloop, state, release_state,
-                sSFA, mSFB, tCcC, r0, tile, k_tiles)
+            if cutlass.const_expr(self.fp8):
+                mSFB = cute.make_tensor(cute.make_ptr(Float32, sfb_addr, cute.AddressSpace.gmem, assumed_align=4),
+                                        cute.make_layout((self.sfb_rows, self.sfb_cols, L),
+                                                         stride=(sfb_k, 1, sfb_n * sfb_k)))
+                state, release_state = self.mainloop_fp8(
+                    tiled_mma, tCrA, tCrB_parts, accumulators, block_acc, num_k_blocks, mainloop, state,
+                    release_state, sSFA, mSFB, tCcC, r0, tile, k_tiles)
+            else:
+                state, release_state = self.mainloop_bf16(tiled_mma, tCrA, tCrB, accumulators, num_k_blocks,
+                                                          mainloop, state, release_state, k_tiles)
             if second != 0:
                 epi_buffer = self.store_tile(epilogue, accumulators, sD, mOut, None, CombineTile(tile, row_src, peers),
                                              epi_buffer, TILE_N, g.hidden, 0)
@@ -552,25 +571,45 @@ class Sm90MegaMoE(Sm90GroupedGemm):
                      inter_sf_addr: Int64, clamp: Float32, consumer_tidx: Int32):
         """GEMM-1 epilogue: part 0 of the accumulators holds the gate and part 1 the up projection of
         the same (row, column) (the weight transform interleaves them), so h = silu(g) * u is
-        register-local; per row, amax over the quad's 4 threads -> scale = amax / 448; h / scale as
-        E4M3 pairs into ``inter[row, 128 n_block + col]``, the scales into ``inter_sf[n_block][row]``."""
+        register-local. FP8: see ``store_fp8_rows``; BF16: h as BF16 pairs into ``inter[row, 128 n_block
+        + col]``."""
         g = self.g
         values = cute.size(acc) // 2
+        column0 = tile.n_block * SCALE_BLOCK
         amax_lo = Float32(0.0)
         amax_hi = Float32(0.0)
-        for v in cutlass.range_constexpr(values):
-            gate = acc[v]
-            up = acc[values + v]
-            if cutlass.const_expr(self.clamp):
-                gate = cute.arch.fmin(gate, clamp)
-                up = cute.arch.fmax(cute.arch.fmin(up, clamp), -clamp)
-            h = gate / (Float32(1.0) + cute.arch.exp(-gate)) * up
-            acc[v] = h
-            magnitude = cute.arch.fmax(h, -h)  # (fmax's abs form returns a sign: not an amax)
-            if cutlass.const_expr((v // 2) % 2 == 0):
-                amax_lo = cute.arch.fmax(amax_lo, magnitude)
-            else:
-                amax_hi = cute.arch.fmax(amax_hi, magnitude)
+        # Elements 4j, 4j+1 sit on row r0 and 4j+2, 4j+3 on row r0 + ROW_HALF.
+        for j in cutlass.range_constexpr(values // 4):
+            for r in cutlass.range_constexpr(4):
+                v = 4 * j + r
+                gate = acc[v]
+                up = acc[values + v]
+                if cutlass.const_expr(self.clamp):
+                    gate = cute.arch.fmin(gate, clamp)
+                    up = cute.arch.fmax(cute.arch.fmin(up, clamp), -clamp)
+                h = gate / (Float32(1.0) + cute.math.exp(-gate, fastmath=True)) * up
+                acc[v] = h
+                magnitude = cute.arch.fmax(h, -h)  # (fmax's abs form returns a sign: not an amax)
+                if cutlass.const_expr(r < 2):
+                    amax_lo = cute.arch.fmax(amax_lo, magnitude)
+                else:
+                    amax_hi = cute.arch.fmax(amax_hi, magnitude)
+        if cutlass.const_expr(self.fp8):
+            self.store_fp8_rows(acc, values, amax_lo, amax_hi, tCcC, r0, tile, column0, inter_addr, inter_sf_addr,
+                                consumer_tidx)
+        else:
+            for j in cutlass.range_constexpr(values // 2):
+                row, col = tCcC[2 * j]
+                st_b32(inter_addr + (Int64(tile.row_start + row) * g.intermediate + column0 + col) * 2,
+                       pack_bf16x2(acc[2 * j], acc[2 * j + 1]))
+
+    @cute.jit
+    def store_fp8_rows(self, acc: cute.Tensor, values: cutlass.Constexpr[int], amax_lo: Float32, amax_hi: Float32,
+                       tCcC: cute.Tensor, r0: Int32, tile: WorkTile, column0: Int32, inter_addr: Int64,
+                       inter_sf_addr: Int64, consumer_tidx: Int32):
+        """FP8 intermediate: per row, amax over the quad's 4 threads -> scale = amax / 448; h / scale as
+        E4M3 pairs into ``inter[row, 128 n_block + col]``, the scales into ``inter_sf[n_block][row]``."""
+        g = self.g
         for shift in cutlass.range_constexpr(2):
             amax_lo = cute.arch.fmax(amax_lo, cute.arch.shuffle_sync_bfly(amax_lo, offset=1 << shift))
             amax_hi = cute.arch.fmax(amax_hi, cute.arch.shuffle_sync_bfly(amax_hi, offset=1 << shift))
@@ -578,14 +617,13 @@ class Sm90MegaMoE(Sm90GroupedGemm):
         scale_hi = cute.arch.fmax(amax_hi, Float32(MIN_AMAX)) / FP8_MAX
         inv_lo = Float32(1.0) / scale_lo
         inv_hi = Float32(1.0) / scale_hi
-        column0 = tile.n_block * SCALE_BLOCK
-        for v in cutlass.range_constexpr(0, values, 2):
-            inv = inv_lo
-            if cutlass.const_expr((v // 2) % 2 == 1):
-                inv = inv_hi
-            row, col = tCcC[v]
-            packed = cvt_e4m3x2(acc[v] * inv, acc[v + 1] * inv)
-            st_b16(inter_addr + Int64(tile.row_start + row) * g.intermediate + column0 + col, packed)
+        for j in cutlass.range_constexpr(values // 4):
+            for half in cutlass.range_constexpr(2):
+                v = 4 * j + 2 * half
+                inv = inv_hi if half else inv_lo
+                row, col = tCcC[v]
+                packed = cvt_e4m3x2(acc[v] * inv, acc[v + 1] * inv)
+                st_b16(inter_addr + Int64(tile.row_start + row) * g.intermediate + column0 + col, packed)
         if consumer_tidx % QUAD == 0:
             sf_row = inter_sf_addr + (Int64(tile.n_block) * g.scale_pitch + tile.row_start + r0) * 4
             st_f32(sf_row, scale_lo)

@@ -4,9 +4,9 @@
        stats, clamp, timeout_ns)
 
 Tensors (every shape static, fixed by the geometry): pool ``[pool_rows, H]`` and inter
-``[pool_rows, I]`` uint8 (FP8 bytes), their FP32 scales ``[pool_rows, blocks]`` MN-major (row stride
+``[pool_rows, I]`` uint8 (FP8 bytes) or BF16, their FP32 scales ``[pool_rows, blocks]`` MN-major (row stride
 1, block stride ``scale_pitch``), weights l1 ``[L, 2I, H]`` / l2 ``[L, H, I]`` uint8 with block scales
-s1 ``[L, 2I/128, H/128]`` / s2 ``[L, H/128, I/128]``, calls int32 ``[grid]``. The rest cross as
+s1 ``[L, 2I/128, H/128]`` / s2 ``[L, H/128, I/128]`` (BF16: no scales, None), calls int32 ``[grid]``. The rest cross as
 64-bit addresses (y, peers' base-address array, the int32 work tables, the host-mapped error record,
 the optional stats, 0 = none) and scalars (tokens, rank, clamp, timeout). The kernel runs on the
 caller's current CUDA stream (so CUDA graphs capture it).
@@ -34,14 +34,18 @@ def _mn_major_scales(rows: int, blocks: int, pitch: int):
 
 
 def fake_arguments(geom: MegaMoEGeometry) -> tuple:
-    """Fake arguments of ``Sm90MegaMoE.__call__`` for ``geom``."""
+    """Fake arguments of ``Sm90MegaMoE.__call__`` for ``geom`` (BF16: no scale tensors)."""
     L, H, I, rows = geom.local_experts, geom.hidden, geom.intermediate, geom.pool_rows
-    u8 = cutlass.Uint8
+    act = cutlass.Uint8 if geom.fp8 else cutlass.BFloat16
+    scales = [None] * 4
+    if geom.fp8:
+        scales = [_mn_major_scales(rows, geom.hidden_blocks, geom.scale_pitch),
+                  _row_major(cutlass.Float32, (L, 2 * I // SCALE_BLOCK, geom.hidden_blocks)),
+                  _mn_major_scales(rows, geom.inter_blocks, geom.scale_pitch),
+                  _row_major(cutlass.Float32, (L, geom.hidden_blocks, geom.inter_blocks))]
     return (
-        _row_major(u8, (rows, H)), _mn_major_scales(rows, geom.hidden_blocks, geom.scale_pitch),
-        _row_major(u8, (L, 2 * I, H)), _row_major(cutlass.Float32, (L, 2 * I // SCALE_BLOCK, geom.hidden_blocks)),
-        _row_major(u8, (rows, I)), _mn_major_scales(rows, geom.inter_blocks, geom.scale_pitch),
-        _row_major(u8, (L, H, I)), _row_major(cutlass.Float32, (L, geom.hidden_blocks, geom.inter_blocks)),
+        _row_major(act, (rows, H)), scales[0], _row_major(act, (L, 2 * I, H)), scales[1],
+        _row_major(act, (rows, I)), scales[2], _row_major(act, (L, H, I)), scales[3],
         make_fake_compact_tensor(cutlass.Int32, (geom.num_ctas,), assumed_align=4),
         Int64(0), Int32(0), Int64(0), Int32(0), Int64(0), Int64(0), Int64(0), Float32(0.0), Int64(0),
         make_fake_stream(use_tvm_ffi_env_stream=True))

@@ -27,6 +27,11 @@ OPCHECKS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
 # Public names that are not ops, and why (docs/training.md, "torch.library").
 NOT_OPS = {
     "EPBuffer": "a stateful buffer over symmetric memory; dispatch / combine are its methods (out of scope)",
+    "MegaMoEBuffer": "the Mega MoE buffer over symmetric memory (a type)",
+    "get_symm_buffer_for_mega_moe": "builds a MegaMoEBuffer (collective; launches no kernel)",
+    "transform_weights_for_mega_moe": "re-lays out weights with torch ops (launches no kernel of ours)",
+    "fp8_mega_moe": "collective over a MegaMoEBuffer (a Python object a custom op cannot take), as EPBuffer's ops",
+    "bf16_mega_moe": "collective over a MegaMoEBuffer (a Python object a custom op cannot take), as EPBuffer's ops",
     "GemmSpec": "a value type",
     "KernelConfig": "the backend's config type",
     "nn": "the modules MoE and HyperConnection, over moe and hc_pre / hc_post",

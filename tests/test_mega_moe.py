@@ -504,7 +504,8 @@ def test_nccl_pipeline_equals_the_reference_at_world_one(gloo_world_of_one, monk
 
 COMPILED = [(MegaMoEGeometry(1, 16, 256, 4, 512, 256, True, 132), False, MIN_BLOCK_M),
             (MegaMoEGeometry(2, 16, 256, 4, 512, 256, True, 132), True, BLOCK_M),
-            (MegaMoEGeometry(8, 256, 8192, 8, 7168, 2048, True, 132), False, BLOCK_M)]
+            (MegaMoEGeometry(8, 256, 8192, 8, 7168, 2048, True, 132), False, BLOCK_M),
+            (MegaMoEGeometry(2, 16, 256, 4, 512, 256, False, 132), True, MIN_BLOCK_M)]  # BF16
 
 
 @pytest.mark.parametrize("geom,clamp,block_m", COMPILED)

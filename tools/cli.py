@@ -12,7 +12,7 @@ from cute_moe.arch import get_backend
 from cute_moe.specs import GemmSpec
 
 from . import (bench, bench_fp4, bench_fp8_backward, bench_gathered_swiglu, bench_gathered_swiglu_backward,
-               bench_moe_layer, bench_training, precompile, tune)
+               bench_mega_moe, bench_moe_layer, bench_training, precompile, tune)
 from .command import OneLineParser, add_debug_flag, call_handler
 
 
@@ -91,6 +91,8 @@ TOOL_COMMANDS = (
      "benchmark the MoE layer's fused GEMM1 (gather + SwiGLU) against unfused GEMM1s"),
     ("bench-dact", bench_gathered_swiglu_backward, "benchmark the MoE layer's fused backward dact GEMM (gather + "
      "SwiGLU backward + d weight) against the unfused sequence"),
+    ("bench-mega-moe", bench_mega_moe, "benchmark Mega MoE (one kernel per GPU) against the unfused and NCCL "
+     "expert-parallel pipelines"),
 )
 
 

@@ -7,8 +7,10 @@ baseline pipelines that ``cute_moe.fp8_mega_moe`` is compared with (docs/mega_mo
   repeated expert per token, optionally dropped slots (-1 and ids >= E).
 * ``reference_moe``: the layer in FP32 on the dequantized FP8 operands over all experts (optionally
   with the intermediate re-quantized as the kernel does).
-* ``unfused_mega_moe``: our own pieces: ``EPBuffer.dispatch`` (FP8, psum) -> grouped FP8 GEMM ->
-  SwiGLU (+ clamp) and 1 x 128 FP8 quantization in torch -> grouped FP8 GEMM -> ``EPBuffer.combine``.
+* ``unfused_mega_moe``: our own pieces on an EPBuffer sized for the batch (``make_ep_buffer``):
+  ``EPBuffer.dispatch`` (FP8; masked layout up to 128 tokens per rank, psum above) -> grouped FP8
+  GEMM (masked / contiguous) -> SwiGLU (+ clamp) and 1 x 128 FP8 quantization in torch -> grouped FP8
+  GEMM -> ``EPBuffer.combine``.
 * ``nccl_mega_moe``: NCCL ``all_to_all_single`` of every token row to every rank (padded to a fixed
   per-rank capacity: sync-free), local psum layout in torch, the same GEMMs and SwiGLU, per-source
   partial sums back over NCCL, FP32 sum of the ranks' partials.
@@ -23,10 +25,11 @@ import torch.nn.functional as F
 
 from cute_moe.layouts import (per_block_cast_to_fp8, per_block_dequant, per_token_cast_to_fp8,
                               per_token_dequant)
-from cute_moe.ops import m_grouped_fp8_gemm_nt_contiguous
+from cute_moe.ops import m_grouped_fp8_gemm_nt_contiguous, m_grouped_fp8_gemm_nt_masked
 
 SCALE_BLOCK = 128  # FP8: one scale per 128 values of a row / per 128 x 128 weight block
 PSUM_ALIGNMENT = 128  # expert segments of the psum layout start on this many rows (the GEMMs' default)
+MASKED_MAX_TOKENS = 128  # the unfused pipeline's layout: masked up to this many tokens per rank, psum above
 SCALE_PITCH_ALIGN = 4  # MN-major scales: elements between two K blocks, a multiple of 4 (16 bytes)
 FP8 = torch.float8_e4m3fn
 TOKEN_MAGNITUDE_SIGMA = 1.0  # log-normal spread of the per-token input magnitudes
@@ -168,18 +171,62 @@ def _expert_layers(a: tuple, psum: torch.Tensor, local_weights: tuple, h: torch.
 
 # ---- the unfused pipeline on our EP dispatch / combine ------------------------------------------
 
+def unfused_layout(num_max_tokens_per_rank: int) -> str:
+    """The unfused pipeline's receive layout for an EPBuffer sized for this many tokens per rank:
+    masked (each expert's rows at the head of its ``R * Tm`` slots, no 128-row padding: what a decode
+    engine uses) up to MASKED_MAX_TOKENS, psum (segments aligned to 128 rows) above."""
+    return "masked" if num_max_tokens_per_rank <= MASKED_MAX_TOKENS else "psum"
+
+
+def make_ep_buffer(group, num_experts: int, num_tokens: int, hidden: int, num_topk: int, timeout_s: float):
+    """The unfused pipeline's FP8 EPBuffer sized for exactly ``num_tokens`` tokens per rank (as an
+    engine sizes it for its batch: every buffer and GEMM row count follows from it). Collective."""
+    from cute_moe.ep import EPBuffer
+    return EPBuffer(group, num_experts, num_tokens, hidden, num_topk, "fp8", alignment=PSUM_ALIGNMENT,
+                    timeout_s=timeout_s)
+
+
+def unfused_dispatch(ep_buffer, x_fp8: torch.Tensor, x_sf: torch.Tensor, topk_idx: torch.Tensor,
+                     topk_weights: torch.Tensor):
+    """The unfused pipeline's dispatch (layout by ``unfused_layout`` of the buffer's token count)."""
+    layout = unfused_layout(ep_buffer.geom.max_tokens)
+    return ep_buffer.dispatch((x_fp8, x_sf), topk_idx, topk_weights, layout=layout)
+
+
+def unfused_expert_output(ep_buffer) -> torch.Tensor:
+    """A zero BF16 expert output in the layout of ``unfused_dispatch`` (for timing the communication alone)."""
+    g = ep_buffer.geom
+    shape = ((g.local_experts, g.max_m, g.hidden) if unfused_layout(g.max_tokens) == "masked"
+             else (g.psum_rows, g.hidden))
+    return torch.zeros(shape, dtype=torch.bfloat16, device=ep_buffer.device)
+
+
 def unfused_mega_moe(ep_buffer, x_fp8: torch.Tensor, x_sf: torch.Tensor, topk_idx: torch.Tensor,
                      topk_weights: torch.Tensor, local_weights: tuple, activation_clamp: float | None = None,
                      out: torch.Tensor | None = None) -> torch.Tensor:
-    """y BF16 [T, H] of this rank's tokens through our unfused pipeline. ``ep_buffer``: an FP8
-    ``cute_moe.ep.EPBuffer`` (alignment 128) of the same group and shape; ``local_weights``:
-    ``MoEWeights.local(rank, world)`` (untransformed). Collective, sync-free, capturable."""
-    d = ep_buffer.dispatch((x_fp8, x_sf), topk_idx, topk_weights, layout="psum")
-    rows, hidden = d.x.shape
-    inter = local_weights[1][0].shape[2]
-    h = torch.empty(rows, 2 * inter, dtype=torch.bfloat16, device=d.x.device)
-    y = torch.empty(rows, hidden, dtype=torch.bfloat16, device=d.x.device)
-    _expert_layers((d.x, d.scales), d.psum, local_weights, h, y, activation_clamp)
+    """y BF16 [T, H] of this rank's tokens through our unfused pipeline. ``ep_buffer``: from
+    ``make_ep_buffer`` (FP8, alignment 128) of the same group and shape; ``local_weights``:
+    ``MoEWeights.local(rank, world)`` (untransformed). Masked layout: masked grouped GEMMs with
+    ``expected_m`` = the mean rows per expert; psum: contiguous grouped GEMMs over the psum segments.
+    Collective, sync-free, capturable."""
+    d = unfused_dispatch(ep_buffer, x_fp8, x_sf, topk_idx, topk_weights)
+    (w1, s1), (w2, s2) = local_weights
+    inter = w2.shape[2]
+    g = ep_buffer.geom
+    if d.masked_m is not None:
+        experts, max_m, hidden = d.x.shape
+        expected_m = max(1, -(-g.num_ranks * g.max_tokens * g.num_topk // g.num_experts))
+        h = torch.empty(experts, max_m, 2 * inter, dtype=torch.bfloat16, device=d.x.device)
+        y = torch.empty(experts, max_m, hidden, dtype=torch.bfloat16, device=d.x.device)
+        m_grouped_fp8_gemm_nt_masked((d.x, d.scales), (w1, s1), h, d.masked_m, expected_m)
+        a, sf = _swiglu_fp8(h.view(-1, 2 * inter), activation_clamp)
+        m_grouped_fp8_gemm_nt_masked((a.view(experts, max_m, inter), sf.view(experts, max_m, -1)), (w2, s2), y,
+                                     d.masked_m, expected_m)
+    else:
+        rows, hidden = d.x.shape
+        h = torch.empty(rows, 2 * inter, dtype=torch.bfloat16, device=d.x.device)
+        y = torch.empty(rows, hidden, dtype=torch.bfloat16, device=d.x.device)
+        _expert_layers((d.x, d.scales), d.psum, local_weights, h, y, activation_clamp)
     return ep_buffer.combine(y, d.handle, out=out)
 
 
@@ -298,5 +345,6 @@ def nccl_mega_moe(state: NcclMoEState, x_fp8: torch.Tensor, x_sf: torch.Tensor, 
     return out
 
 
-__all__ = ["MoEWeights", "make_layer", "make_inputs", "swiglu", "reference_moe", "unfused_mega_moe",
+__all__ = ["MoEWeights", "make_layer", "make_inputs", "swiglu", "reference_moe", "unfused_layout", "make_ep_buffer",
+           "unfused_dispatch", "unfused_expert_output", "unfused_mega_moe",
            "NcclMoEState", "make_nccl_state", "nccl_mega_moe"]

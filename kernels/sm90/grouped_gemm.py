@@ -574,8 +574,9 @@ class Sm90GroupedGemm:
 
     @cute.jit
     def mainloop_bf16(self, tiled_mma, tCrA, tCrB, accumulators, num_k_blocks: cutlass.Constexpr[int],
-                      mainloop, state, release_state):
-        """All k-blocks of one tile, one WGMMA group in flight behind the one being issued.
+                      mainloop, state, release_state, k_tiles: Optional[Int32] = None):
+        """All k-blocks of one tile (``k_tiles``, default the kernel's K), one WGMMA group in flight
+        behind the one being issued.
 
         A stage is released only after ``wait_group(1)`` retired the WGMMAs that read it (they read
         shared memory asynchronously), i.e. one k-tile behind the one just issued; ``release_state``
@@ -590,7 +591,8 @@ class Sm90GroupedGemm:
                       tCrB[(None, None, kb, state.index)], accumulators)
         cute.nvgpu.warpgroup.commit_group()
         state.advance()
-        for k_tile in cutlass.range(1, self.k_tiles, unroll=1):
+        k_tiles = self.k_tiles if k_tiles is None else k_tiles
+        for k_tile in cutlass.range(1, k_tiles, unroll=1):
             mainloop.consumer_wait(state)
             if cutlass.const_expr(self.generic_proxy_stages):
                 cute.arch.fence_proxy("async.shared", space="cta")
