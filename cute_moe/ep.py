@@ -37,11 +37,10 @@ ERROR_WORDS = 4  # [flag, op, rank, missing-rank mask]
 _live_buffers: "weakref.WeakSet[SymmetricGroupBuffer]" = weakref.WeakSet()
 
 
-def check_buffer_args(world_size: int, num_experts: int, num_max_tokens_per_rank: int, hidden: int, num_topk: int,
-                      dtype: str) -> None:
-    """ValueError/TypeError naming the argument for a buffer that cannot be built."""
-    for name, value in (("num_experts", num_experts), ("num_max_tokens_per_rank", num_max_tokens_per_rank),
-                        ("hidden", hidden), ("num_topk", num_topk)):
+def check_group_sizes(world_size: int, num_experts: int, **sizes: int) -> None:
+    """ValueError/TypeError naming the argument: ``num_experts`` and each of ``sizes`` a positive int,
+    1..MAX_RANKS ranks sharing the experts evenly (what every buffer of a process group needs)."""
+    for name, value in {"num_experts": num_experts, **sizes}.items():
         if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError(f"{name}: expected int, got {type(value).__name__}")
         if value <= 0:
@@ -50,6 +49,13 @@ def check_buffer_args(world_size: int, num_experts: int, num_max_tokens_per_rank
         raise ValueError(f"group: expected 1..{MAX_RANKS} ranks, got {world_size}")
     if num_experts % world_size != 0:
         raise ValueError(f"num_experts: expected a multiple of the group size {world_size}, got {num_experts}")
+
+
+def check_buffer_args(world_size: int, num_experts: int, num_max_tokens_per_rank: int, hidden: int, num_topk: int,
+                      dtype: str) -> None:
+    """ValueError/TypeError naming the argument for a buffer that cannot be built."""
+    check_group_sizes(world_size, num_experts, num_max_tokens_per_rank=num_max_tokens_per_rank, hidden=hidden,
+                      num_topk=num_topk)
     if hidden % SCALE_BLOCK != 0:
         raise ValueError(f"hidden: expected a multiple of {SCALE_BLOCK}, got {hidden}")
     if num_topk > MAX_TOPK:

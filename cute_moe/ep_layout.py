@@ -119,9 +119,14 @@ class EPGeometry:
             ("dispatch_rows", p * r * tm * self.row_stride),
             ("combine_rows", p * r * tm * self.hidden * 2),
         ]
-        out, at = {}, 0
-        for name, size in sizes:
-            out[name] = at
-            at = align_up(at + size, ALIGN)
-        out["total"] = at
-        return out
+        return pack_regions(sizes)
+
+
+def pack_regions(sizes: list) -> dict[str, int]:
+    """Byte offsets of the regions ``(name, bytes)`` laid out in order, each ALIGN-aligned, plus 'total'."""
+    out, at = {}, 0
+    for name, size in sizes:
+        out[name] = at
+        at = align_up(at + size, ALIGN)
+    out["total"] = at
+    return out

@@ -24,8 +24,8 @@ from functools import lru_cache
 
 import torch
 
-from .ep import DEFAULT_TIMEOUT_S, FP8, SymmetricGroupBuffer, _agreed_sm_count
-from .mega_moe_layout import (BLOCK_M, ENTRY_POSITION_BITS, MIN_BLOCK_M, MAX_LOCAL_EXPERTS, MAX_RANKS, MAX_TOPK, MMA_TYPES,
+from .ep import DEFAULT_TIMEOUT_S, FP8, SymmetricGroupBuffer, _agreed_sm_count, check_group_sizes
+from .mega_moe_layout import (BLOCK_M, ENTRY_POSITION_BITS, MIN_BLOCK_M, MAX_LOCAL_EXPERTS, MAX_TOPK, MMA_TYPES,
                               SCALE_BLOCK, TILE_N, MegaMoEGeometry)
 from .validation import check_contiguous, check_shape, check_tensor
 
@@ -37,16 +37,8 @@ def check_mega_moe_args(world_size: int, num_experts: int, num_max_tokens_per_ra
                         intermediate_hidden: int, mma_type: str, activation: str) -> str:
     """ValueError/TypeError naming the argument for a buffer that cannot be built; returns the
     normalized ``mma_type`` ('fp8' or 'bf16')."""
-    for name, value in (("num_experts", num_experts), ("num_max_tokens_per_rank", num_max_tokens_per_rank),
-                        ("num_topk", num_topk), ("hidden", hidden), ("intermediate_hidden", intermediate_hidden)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{name}: expected int, got {type(value).__name__}")
-        if value <= 0:
-            raise ValueError(f"{name}: expected a positive value, got {value}")
-    if not 1 <= world_size <= MAX_RANKS:
-        raise ValueError(f"group: expected 1..{MAX_RANKS} ranks, got {world_size}")
-    if num_experts % world_size != 0:
-        raise ValueError(f"num_experts: expected a multiple of the group size {world_size}, got {num_experts}")
+    check_group_sizes(world_size, num_experts, num_max_tokens_per_rank=num_max_tokens_per_rank, num_topk=num_topk,
+                      hidden=hidden, intermediate_hidden=intermediate_hidden)
     if num_experts // world_size > MAX_LOCAL_EXPERTS:
         raise ValueError(f"num_experts: expected at most {MAX_LOCAL_EXPERTS} experts per rank, "
                          f"got {num_experts // world_size}")

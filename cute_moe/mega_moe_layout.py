@@ -18,22 +18,17 @@ the two expert GEMMs read them).
 
 from dataclasses import dataclass
 
-ALIGN = 128  # byte alignment of every region
+# Shared with the EP buffers: region alignment, FP8 scale block, per-call parities, the top-k limit.
+from .ep_layout import ALIGN, MAX_TOPK, PARITIES, SCALE_BLOCK, align_up, pack_regions  # noqa: F401
+
 BLOCK_M = 128  # the largest GEMM tile height: the pool is sized for segments aligned to it
 MIN_BLOCK_M = 64  # the smallest (few rows per expert: less padding); counters exist per such block
 BLOCK_SIZES = (MIN_BLOCK_M, BLOCK_M)
 TILE_N = 256  # output columns of a GEMM tile: two 128-wide parts (GEMM 1: gate block, up block)
-SCALE_BLOCK = 128  # FP8: one scale per 128 values of a row (activations) or per 128 x 128 block (weights)
-PARITIES = 2  # per-call counters alternate between two copies (call n uses n % 2)
-MAX_RANKS = 8
-MAX_TOPK = 32
 MAX_LOCAL_EXPERTS = 1024  # the kernel's segment table lives in shared memory
 MMA_TYPES = {"fp8": "fp8", "fp8xfp8": "fp8", "bf16": "bf16", "bf16xbf16": "bf16"}
+ENTRY_POSITION_BITS = 20  # entry_slot = local expert << 20 | position inside the expert (< R * Tm <= 2^20)
 GRID_BARRIERS_PER_CALL = 2  # after routing (counts final) and after the layout (row table final)
-
-
-def align_up(x: int, a: int) -> int:
-    return (x + a - 1) // a * a
 
 
 @dataclass(frozen=True)
@@ -111,7 +106,7 @@ class MegaMoEGeometry:
             ("topk_weights", tm * k * 4),
             ("combine", tm * k * h * 2),
         ]
-        return _pack(sizes)
+        return pack_regions(sizes)
 
     def work_offsets(self) -> dict[str, int]:
         """Byte offset of each local int32 table, plus 'total':
@@ -130,16 +125,6 @@ class MegaMoEGeometry:
             ("entry_slot", 4 * self.entries),
             ("row_src", 4 * self.pool_rows),
         ]
-        return _pack(sizes)
+        return pack_regions(sizes)
 
 
-ENTRY_POSITION_BITS = 20  # entry_slot = local expert << 20 | position inside the expert (< R * Tm <= 2^20)
-
-
-def _pack(sizes: list) -> dict[str, int]:
-    out, at = {}, 0
-    for name, size in sizes:
-        out[name] = at
-        at = align_up(at + size, ALIGN)
-    out["total"] = at
-    return out

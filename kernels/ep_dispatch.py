@@ -47,7 +47,7 @@ from cute_moe.ep_layout import PARITIES, VECTOR_BYTES, EPGeometry, align_up
 
 from .ep_ptx import (RANKS_ALL, atomic_add_sys_u32, await_ranks, copy_chunks, fence_sys, ld_b32, ld_b64,
                      load_expert_id, record_timeout, signal_ranks, source_tokens, st_b32, st_relaxed_sys_b32,
-                     st_release_sys_b32, st_release_sys_b64, wait_counter, wait_flag)
+                     st_release_sys_b32, st_release_sys_b64, wait_counter, wait_flag, scan_aligned_counts)
 
 # Threads per CTA, by (layout, FP8 payload), measured on 2 H200 at hidden 7168 (docs/ep.md): the
 # masked layout's latency is best with 256 (512: 17.9 -> 25.0 µs at 128 BF16 tokens); BF16 psum
@@ -320,23 +320,11 @@ class EPDispatchKernel:
     @cute.jit
     def scan_segments(self, home: Int64, scan: Int64, parity: Int32, cta: Int32, lane: Int32):
         """Psum layout, warp 0 of each CTA: scan[cta][e] = sum over e' < e of align(count[e'])."""
-        g = self.g
-        L, A = g.local_experts, g.alignment
-        running = Int32(0)
-        for c0 in cutlass.range_constexpr(0, L, 32):
-            e = c0 + lane
-            aligned = Int32(0)
-            if e < L:
-                c = ld_b32(home + self.off["expert_counters"] + Int64(parity * L + e) * 4)
-                aligned = (c + (A - 1)) // A * A
-            incl = aligned
-            for s in cutlass.range_constexpr(5):
-                up = cute.arch.shuffle_sync_up(incl, offset=1 << s)
-                if lane >= (1 << s):
-                    incl = incl + up
-            if e < L:
-                st_b32(scan + Int64(cta * L + e) * 4, running + incl - aligned)
-            running = running + cute.arch.shuffle_sync(incl, 31)
+        L = self.g.local_experts
+        counters = home + self.off["expert_counters"] + Int64(parity * L) * 4
+        row = scan + Int64(cta * L) * 4
+        scan_aligned_counts(lambda e: ld_b32(counters + Int64(e) * 4), L, self.g.alignment,
+                            lambda e, start, count: st_b32(row + Int64(e) * 4, start), lane)
 
     @cute.jit
     def publish(self, home: Int64, scan: Int64, parity: Int32, cta: Int32, worker: Int32, workers: Int32,

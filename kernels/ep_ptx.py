@@ -267,9 +267,10 @@ def warp_or(x: Int32) -> Int32:
 
 
 @cute.jit
-def timed_wait(load: cutlass.Constexpr, addr: Int64, target, start: Int64, timeout_ns: Int64) -> Int32:
-    """Spin until ``load(addr)`` (an acquire load at system scope) reaches ``target``; 1 on success, 0
-    once ``timeout_ns`` of %globaltimer time have passed since ``start``."""
+def timed_wait(load: cutlass.Constexpr, addr: Int64, target, start: Int64, timeout_ns: Int64, abort=None) -> Int32:
+    """Spin until ``load(addr)`` (an acquire load) reaches ``target``; 1 on success, 0 once
+    ``timeout_ns`` of %globaltimer time have passed since ``start`` or, with an ``abort`` word address,
+    as soon as that word is non-zero."""
     waiting = Int32(1)
     ok = Int32(0)
     while waiting != 0:
@@ -278,7 +279,35 @@ def timed_wait(load: cutlass.Constexpr, addr: Int64, target, start: Int64, timeo
             waiting = Int32(0)
         elif cute.arch.globaltimer() - start > timeout_ns:
             waiting = Int32(0)
+        if cutlass.const_expr(abort is not None):
+            if ld_b32(abort) != 0:
+                waiting = Int32(0)
     return ok
+
+
+@cute.jit
+def scan_aligned_counts(count_of: cutlass.Constexpr, num: cutlass.Constexpr[int], alignment: cutlass.Constexpr[int],
+                        store: cutlass.Constexpr, lane: Int32) -> Int32:
+    """One warp: for e < ``num``, ``store(e, start, count)`` with ``count = count_of(e)`` and ``start``
+    the exclusive prefix sum of the counts rounded up to ``alignment`` (segment starts); returns the
+    aligned total to every lane. ``count_of`` / ``store`` are traced inline (loads, stores)."""
+    running = Int32(0)
+    for c0 in cutlass.range_constexpr(0, num, 32):
+        e = c0 + lane
+        count = Int32(0)
+        aligned = Int32(0)
+        if e < num:
+            count = count_of(e)
+            aligned = (count + (alignment - 1)) // alignment * alignment
+        inclusive = aligned
+        for step in cutlass.range_constexpr(5):
+            up = cute.arch.shuffle_sync_up(inclusive, offset=1 << step)
+            if lane >= (1 << step):
+                inclusive = inclusive + up
+        if e < num:
+            store(e, running + inclusive - aligned, count)
+        running = running + cute.arch.shuffle_sync(inclusive, 31)
+    return running
 
 
 @cute.jit

@@ -52,7 +52,8 @@ from .ep_combine import _sum_chunk
 from .ep_ptx import (RANKS_ALL, atomic_add_gpu_u32, await_ranks, bits_to_f32, copy_chunks, cvt_e4m3x2, fence_gpu,
                      fence_proxy_async_global, ld_acquire_gpu_b32, ld_acquire_gpu_u64, ld_b32, ld_b64,
                      load_expert_id, pack_bf16x2, record_timeout, red_relaxed_gpu_add_u32, red_relaxed_gpu_add_u64,
-                     signal_ranks, st_b16, st_b32, st_f32, st_release_sys_b64, st_v4_pred, sync_threads_and)
+                     signal_ranks, st_b16, st_b32, st_f32, st_release_sys_b64, st_v4_pred, sync_threads_and,
+                     scan_aligned_counts, timed_wait)
 from .scheduler import WorkTile
 from .sm90.grouped_gemm import THREADS_PER_WARPGROUP, Sm90GroupedGemm
 
@@ -319,19 +320,11 @@ class Sm90MegaMoE(Sm90GroupedGemm):
         """Spin until ``load(addr) >= target`` (1), or until this rank's abort word is set or
         ``timeout_ns`` passed (0; a timeout fills the error record and sets the abort word)."""
         abort = work + self.work_off["abort"]
-        start = cute.arch.globaltimer()
-        waiting = Int32(1)
-        ok = Int32(0)
-        while waiting != 0:
-            if load(addr) >= target:
-                ok = Int32(1)
-                waiting = Int32(0)
-            elif ld_b32(abort) != 0:
-                waiting = Int32(0)
-            elif cute.arch.globaltimer() - start > timeout_ns:
+        ok = timed_wait(load, addr, target, cute.arch.globaltimer(), timeout_ns, abort)
+        if ok == 0:
+            if ld_b32(abort) == 0:  # a timeout (not another CTA's abort)
                 record_timeout(err, Int32(op), rank, Int32(0))
                 st_b32(abort, Int32(1))
-                waiting = Int32(0)
         return ok
 
     @cute.jit
@@ -339,22 +332,12 @@ class Sm90MegaMoE(Sm90GroupedGemm):
         """One warp: table[e] = start row of expert e (counts aligned to the block height, exclusive scan),
         table[L] = rows in use, table[L + 1 + e] = count of e, table[2L + 1] = blocks in use."""
         L = self.g.local_experts
-        running = Int32(0)
-        for c0 in cutlass.range_constexpr(0, L, 32):
-            e = c0 + lane
-            count = Int32(0)
-            if e < L:
-                count = ld_b32(work + self.work_off["counts"] + Int64(parity * L + e) * 4)
-            aligned = (count + (self.block_m - 1)) // self.block_m * self.block_m
-            inclusive = aligned
-            for step in cutlass.range_constexpr(5):
-                up = cute.arch.shuffle_sync_up(inclusive, offset=1 << step)
-                if lane >= (1 << step):
-                    inclusive = inclusive + up
-            if e < L:
-                table[e] = running + inclusive - aligned
-                table[L + 1 + e] = count
-            running = running + cute.arch.shuffle_sync(inclusive, 31)
+        counts = work + self.work_off["counts"] + Int64(parity * L) * 4
+
+        def store(e: Int32, start: Int32, count: Int32) -> None:
+            table[e] = start
+            table[L + 1 + e] = count
+        running = scan_aligned_counts(lambda e: ld_b32(counts + Int64(e) * 4), L, self.block_m, store, lane)
         if lane == 0:
             table[L] = running
             table[2 * L + 1] = running // self.block_m
@@ -525,11 +508,8 @@ class Sm90MegaMoE(Sm90GroupedGemm):
         intermediate, ``l1_done`` release) or the GEMM-2 epilogue (rows into the sources' combine)."""
         g = self.g
         L = g.local_experts
-        tCrA, tCrB, tCrB_parts, accumulators, block_acc, num_k_blocks, tCcC, r0 = self.consumer_fragments(
-            tiled_mma, sA, sB, consumer_tidx)
-        epilogue = self.make_epilogue(tiled_mma, sD, consumer_tidx)
-        state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
-        release_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+        (tCrA, tCrB, tCrB_parts, accumulators, block_acc, num_k_blocks, tCcC, r0, epilogue, state,
+         release_state) = self.consumer_setup(tiled_mma, sA, sB, sD, consumer_tidx)
         epi_buffer = Int32(0)
         row_src = work + self.work_off["row_src"]
         for i in cutlass.range(cta, blocks * (g.l1_tiles + g.l2_tiles), g.num_ctas, unroll=1):

@@ -349,25 +349,17 @@ def worker_bf16(rank: int, world: int) -> None:
 
 # ---- tests -------------------------------------------------------------------------------------
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("world", WORLDS)
-def test_mega_moe_small_against_references_and_baselines(world):
-    run_ranks(worker_small, world, timeout_s=BASELINE_DEADLINE_S)
+# (worker, deadline) of each test: the accuracy / baselines / routing cases, the CUDA graph + clamp +
+# timeout cases, DeepSeek-V4-Flash's shape, and the BF16 kernel.
+CASES = {"small_against_references_and_baselines": (worker_small, BASELINE_DEADLINE_S),
+         "cuda_graph_clamp_and_timeout": (worker_graph_clamp, DEADLINE_S),
+         "deepseek_v4_flash_shape": (worker_flash, BASELINE_DEADLINE_S),
+         "bf16": (worker_bf16, DEADLINE_S)}
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("world", WORLDS)
-def test_mega_moe_cuda_graph_clamp_and_timeout(world):
-    run_ranks(worker_graph_clamp, world, timeout_s=DEADLINE_S)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("world", WORLDS)
-def test_mega_moe_deepseek_v4_flash_shape(world):
-    run_ranks(worker_flash, world, timeout_s=BASELINE_DEADLINE_S)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("world", WORLDS)
-def test_bf16_mega_moe(world):
-    run_ranks(worker_bf16, world, timeout_s=DEADLINE_S)
+@pytest.mark.parametrize("case", list(CASES))
+def test_mega_moe(case, world):
+    worker, deadline = CASES[case]
+    run_ranks(worker, world, timeout_s=deadline)

@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from .collective_timing import timed_us
 from .command import make_out_dir, module_main, require_gpu
 
 HIDDEN, EXPERTS, TOPK = 7168, 256, 8
@@ -72,14 +73,7 @@ def _time_us(cases: list[tuple], samples: int) -> list[float]:
     times: list[list[float]] = [[] for _ in runs]
     for _ in range(samples):
         for run, samples_of in zip(runs, times):
-            torch.cuda.synchronize()
-            dist.barrier()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run()
-            end.record()
-            end.synchronize()
-            samples_of.append(start.elapsed_time(end) * 1e3 / CALLS_PER_SAMPLE)
+            samples_of.append(timed_us(run, CALLS_PER_SAMPLE))
     t = torch.tensor([statistics.median(x) for x in times], device="cuda")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()

@@ -43,7 +43,7 @@ def calls_for(estimate_us: float) -> int:
     return max(1, min(MAX_CALLS, math.ceil(TARGET_REPLAY_US / max(estimate_us, 1.0))))
 
 
-def _timed_us(run: Callable[[], object], calls: int) -> float:
+def timed_us(run: Callable[[], object], calls: int) -> float:
     """Microseconds per call of ``run()`` (which makes ``calls`` calls), started after a barrier."""
     import torch.distributed as dist
     torch.cuda.synchronize()
@@ -67,7 +67,7 @@ def agreed_calls(launches: dict[str, Launch]) -> dict[str, int]:
             for _ in range(ESTIMATE_CALLS):
                 launch()
         return run
-    estimates = [_timed_us(repeated(launch), ESTIMATE_CALLS) for launch in launches.values()]
+    estimates = [timed_us(repeated(launch), ESTIMATE_CALLS) for launch in launches.values()]
     return {name: calls_for(us) for name, us in zip(launches, slowest(estimates))}
 
 
@@ -91,5 +91,5 @@ def time_graphs(timed: dict[str, Timed], samples: int) -> dict[str, float]:
     values: dict[str, list[float]] = {name: [] for name in timed}
     for _ in range(samples):
         for name, t in timed.items():
-            values[name].append(_timed_us(t.replay, t.calls))
+            values[name].append(timed_us(t.replay, t.calls))
     return dict(zip(timed, slowest([statistics.median(v) for v in values.values()])))

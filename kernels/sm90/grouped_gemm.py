@@ -518,11 +518,8 @@ class Sm90GroupedGemm:
         """WGMMA consumer warpgroups: accumulate each tile in registers, then run the epilogue.
         ``sSFA`` / ``mSFB``: the FP8 scales of ``consumer_scales`` (A's staged, B's global or staged)."""
         tile_n = self.tile_shape_mnk[1]
-        tCrA, tCrB, tCrB_parts, accumulators, block_acc, num_k_blocks, tCcC, r0 = self.consumer_fragments(
-            tiled_mma, sA, sB, consumer_tidx)
-        epilogue = self.make_epilogue(tiled_mma, sD, consumer_tidx)
-        state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
-        release_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+        (tCrA, tCrB, tCrB_parts, accumulators, block_acc, num_k_blocks, tCcC, r0, epilogue, state,
+         release_state) = self.consumer_setup(tiled_mma, sA, sB, sD, consumer_tidx)
         epi_buffer = Int32(0)
         cursor = scheduler.start(cluster_id)
         while scheduler.has_tile(cursor):
@@ -545,11 +542,13 @@ class Sm90GroupedGemm:
                     epi_buffer = self.store_outputs(epilogue, accumulators, sD, mD, mC, tile, epi_buffer)
             cursor = scheduler.next(cursor)
 
-    def consumer_fragments(self, tiled_mma, sA: cute.Tensor, sB: cute.Tensor, consumer_tidx: Int32) -> tuple:
+    def consumer_setup(self, tiled_mma, sA: cute.Tensor, sB: cute.Tensor, sD: cute.Tensor,
+                       consumer_tidx: Int32) -> tuple:
         """Device code, consumer warpgroups: ``(tCrA, tCrB, tCrB_parts, accumulators, block_acc,
-        num_k_blocks, tCcC, r0)``: WGMMA fragments of the A and B stages (B per N part), the tile's
-        accumulators (FP8: and one part's block accumulator), k-blocks per stage, each accumulator
-        element's (row, column) in the tile and the row of the first."""
+        num_k_blocks, tCcC, r0, epilogue, state, release_state)``: WGMMA fragments of the A and B
+        stages (B per N part), the tile's accumulators (FP8: and one part's block accumulator),
+        k-blocks per stage, each accumulator element's (row, column) in the tile and the row of the
+        first, the epilogue's copy plans, the ring's consumer state and its release state."""
         tile_m, tile_n, tile_k = self.tile_shape_mnk
         wg_layout = cute.make_layout(self.num_consumer_wgs, stride=THREADS_PER_WARPGROUP)
         thr_mma = tiled_mma.get_slice(wg_layout(consumer_tidx // THREADS_PER_WARPGROUP))
@@ -570,7 +569,11 @@ class Sm90GroupedGemm:
         # (row, column) in the tile of each accumulator element; r0: the first one's row (ROW_HALF: the others).
         tCcC = thr_c.partition_C(cute.make_identity_tensor((tile_m, tile_n)))
         r0 = tCcC[0][0]
-        return tCrA, tCrB, tCrB_parts, accumulators, block_acc, num_k_blocks, tCcC, r0
+        epilogue = self.make_epilogue(tiled_mma, sD, consumer_tidx)
+        state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+        release_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+        return (tCrA, tCrB, tCrB_parts, accumulators, block_acc, num_k_blocks, tCcC, r0, epilogue, state,
+                release_state)
 
     @cute.jit
     def mainloop_bf16(self, tiled_mma, tCrA, tCrB, accumulators, num_k_blocks: cutlass.Constexpr[int],
