@@ -2,8 +2,9 @@
 
 For this rank's tokens ``t`` (every rank runs the same kernel at the same time):
 ``y[t] = sum over valid slots k of w[t,k] * W2[e] . act(W1[e] . x[t])``, ``e = topk_idx[t,k]``,
-``act(g, u) = silu(min(g, c)) * clamp(u, -c, c)`` (the clamp ``c`` is a compile-time option), FP8
-operands with DeepSeek block scales, the intermediate re-quantized per token per 128 columns.
+``act(g, u) = silu(min(g, c)) * clamp(u, -c, c)`` (the clamp ``c`` is a compile-time option). FP8:
+operands with DeepSeek block scales, the intermediate re-quantized per token per 128 columns; BF16:
+BF16 operands and intermediate.
 
 Phases of one call (grid = the group's SM count, one CTA per SM, all co-resident):
   P0 start    CTA 0 announces this rank's inputs to every rank: ``(call + 1) << 32 | T`` into their
@@ -16,16 +17,16 @@ Phases of one call (grid = the group's SM count, one CTA per SM, all co-resident
   P2 layout   each CTA scans the aligned counts into its shared segment table; one thread per entry
               writes ``row_src[pool row] = entry`` (-1 on padding rows).
   B2          grid barrier: the row table final.
-  P3 main     warp-specialized over one tile list (GEMM-1 tiles of every 128-row block, then GEMM-2
-              tiles; CTA c takes tiles c, c + grid, ...):
+  P3 main     warp-specialized over one tile list (GEMM-1 tiles of every block of ``block_m`` = 64 or
+              128 pool rows, then GEMM-2 tiles; CTA c takes tiles c, c + grid, ...):
               - warp 0, producer: per tile waits until its inputs exist (GEMM-1: the block's rows
                 pulled, ``block_rows``; GEMM-2: the block's GEMM-1 tiles done, ``l1_done``; acquire,
                 GPU scope, timed), then TMA-loads A (pool / intermediate + their row scales) and B
                 (expert weights) into the shared ring (``PipelineTmaAsync``).
               - warps 1-3, pull: copy every pool row from its source rank's ``x`` / ``x_sf`` (NVLink
                 or local) and release the row's block counter.
-              - two consumer warpgroups: WGMMA with per-128-K promotion (the grouped GEMM's FP8
-                mainloop); GEMM-1 epilogue = SwiGLU (+ clamp) and 1x128 FP8 quantization into the
+              - ``block_m / 64`` consumer warpgroups: WGMMA (the grouped GEMM's mainloops; FP8 with
+                per-128-K promotion); GEMM-1 epilogue = SwiGLU (+ clamp) and 1x128 FP8 quantization into the
                 local intermediate, then ``l1_done`` release; GEMM-2 epilogue = BF16 rows stored
                 straight into the source rank's ``combine[t][k]`` (16-byte stores, peer addresses).
   P4 signal   CTA barrier, +1 on every rank's ``combine_arrive[rank]`` (release, system scope).
@@ -43,10 +44,9 @@ from cutlass import Float32, Int32, Int64
 from cutlass.memory import SmemAllocator
 from cutlass.pipeline import pipeline_init_arrive
 
-from cute_moe.mega_moe_layout import (ENTRY_POSITION_BITS, SCALE_BLOCK, GRID_BARRIERS_PER_CALL, PARITIES, TILE_N,
-                                      MegaMoEGeometry)
-
 from cute_moe.ep_layout import num_chunks
+from cute_moe.mega_moe_layout import (ENTRY_POSITION_BITS, GRID_BARRIERS_PER_CALL, PARITIES, SCALE_BLOCK, TILE_N,
+                                      MegaMoEGeometry)
 
 from .ep_combine import _sum_chunk
 from .ep_ptx import (RANKS_ALL, atomic_add_gpu_u32, await_ranks, bits_to_f32, copy_chunks, cvt_e4m3x2, fence_gpu,
@@ -73,7 +73,6 @@ MIN_AMAX = 1e-4  # as layouts.per_token_cast_to_fp8
 QUAD = 4  # threads of a WGMMA accumulator quad share its rows
 ROW_HALF = 8  # element i of a thread's accumulator sits on row r0 + ROW_HALF * ((i // 2) % 2)
 VECTOR_BYTES = 16
-WORDS_PER_VECTOR = 4
 
 
 class CombineTile(WorkTile):
@@ -122,9 +121,10 @@ class Sm90MegaMoE(Sm90GroupedGemm):
                  inter_sf: cute.Tensor, l2: cute.Tensor, s2: cute.Tensor, calls_tensor: cute.Tensor, y: Int64,
                  num_tokens: Int32, peers: Int64, rank: Int32, work: Int64, err: Int64, stats: Int64,
                  clamp: Float32, timeout_ns: Int64, stream):
-        """pool ``[pool_rows, H]`` / inter ``[pool_rows, I]`` (uint8 = FP8), their scales FP32
+        """pool ``[pool_rows, H]`` / inter ``[pool_rows, I]`` (uint8 = FP8, or BF16), their scales FP32
         ``[pool_rows, blocks]`` MN-major; l1 ``[L, 2I, H]`` (gate/up interleaved) and l2 ``[L, H, I]``
-        (uint8 = FP8) with block scales s1 ``[L, 2I/128, H/128]``, s2 ``[L, H/128, I/128]``; calls
+        (uint8 = FP8, or BF16) with block scales s1 ``[L, 2I/128, H/128]``, s2 ``[L, H/128, I/128]``
+        (BF16: the four scale tensors are None); calls
         int32 ``[grid]`` (per-CTA call counters; also gives TVM-FFI the device); the rest are
         addresses and scalars (see ``kernels/mega_moe_signature.py``)."""
         self._setup(cutlass.BFloat16)

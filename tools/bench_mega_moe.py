@@ -417,9 +417,6 @@ def measure(setup: ShapeSetup, tokens: int, rank: int, world: int, samples: int,
     buf.check()
     ep.check()
     calls_note = "calls per graph: " + ", ".join(f"{name} {count}" for name, count in counts.items())
-    del ep, expert_out, nccl_state
-    gc.collect()
-    torch.cuda.empty_cache()
     return make_row(s, tokens, times, diffs, slots, touched, note=calls_note)
 
 
@@ -432,6 +429,8 @@ def bench_shape(key: str, plan: Plan, rank: int, world: int, progress: Callable[
         for tokens in plan.tokens:
             yield measure(setup, tokens, rank, world, plan.samples,
                           lambda stage, tokens=tokens: progress(f"{shape.name} T={tokens}: {stage}"))
+            gc.collect()  # this T's EPBuffer and NCCL buffers
+            torch.cuda.empty_cache()
     finally:
         del setup
         gc.collect()
