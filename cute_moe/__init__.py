@@ -14,7 +14,7 @@ from .fp8_backward import (fp8_gemm_nn, fp8_gemm_tn, fp8_gemm_tt, k_grouped_fp8_
 from .fp4_ops import (fp8_fp4_gemm_nt, m_grouped_bf16_fp4_gemm_nt_contiguous, m_grouped_bf16_fp4_gemm_nt_masked,
                       m_grouped_fp8_fp4_gemm_nt_contiguous, m_grouped_fp8_fp4_gemm_nt_masked)
 from .hc import hc_post, hc_pre, tf32_hc_prenorm_gemm
-from .mega_moe import (MegaMoEBuffer, bf16_mega_moe, fp8_mega_moe, get_symm_buffer_for_mega_moe,
+from .mega_moe import (MegaMoEBuffer, bf16_mega_moe, fp8_fp4_mega_moe, fp8_mega_moe, get_symm_buffer_for_mega_moe,
                        transform_weights_for_mega_moe)
 from .moe_layer import moe
 from .ops import (bf16_gemm_nn, bf16_gemm_nt, bf16_gemm_tn, bf16_gemm_tt, fp8_gemm_nt, grouped_mm,
@@ -42,7 +42,7 @@ __all__ = [
     # HyperConnection, the MoE layer
     "tf32_hc_prenorm_gemm", "hc_pre", "hc_post", "moe",
     # Mega MoE (DeepGEMM names)
-    "MegaMoEBuffer", "get_symm_buffer_for_mega_moe", "transform_weights_for_mega_moe", "fp8_mega_moe",
+    "MegaMoEBuffer", "get_symm_buffer_for_mega_moe", "transform_weights_for_mega_moe", "fp8_mega_moe", "fp8_fp4_mega_moe",
     "bf16_mega_moe",
     *layouts.__all__,
 ]

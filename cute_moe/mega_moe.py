@@ -24,6 +24,7 @@ from functools import lru_cache
 
 import torch
 
+from .fp4_ops import MX_BLOCK, PACKED_DTYPES as FP4_PACKED_DTYPES
 from .ep import DEFAULT_TIMEOUT_S, FP8, SymmetricGroupBuffer, _agreed_sm_count, check_group_sizes
 from .mega_moe_layout import (BLOCK_M, ENTRY_POSITION_BITS, MIN_BLOCK_M, MAX_LOCAL_EXPERTS, MAX_TOPK, MMA_TYPES,
                               SCALE_BLOCK, TILE_N, MegaMoEGeometry)
@@ -36,7 +37,7 @@ VECTOR_BYTES = 16
 def check_mega_moe_args(world_size: int, num_experts: int, num_max_tokens_per_rank: int, num_topk: int, hidden: int,
                         intermediate_hidden: int, mma_type: str, activation: str) -> str:
     """ValueError/TypeError naming the argument for a buffer that cannot be built; returns the
-    normalized ``mma_type`` ('fp8' or 'bf16')."""
+    normalized ``mma_type`` ('fp8', 'bf16' or 'fp8xfp4')."""
     check_group_sizes(world_size, num_experts, num_max_tokens_per_rank=num_max_tokens_per_rank, num_topk=num_topk,
                       hidden=hidden, intermediate_hidden=intermediate_hidden)
     if num_experts // world_size > MAX_LOCAL_EXPERTS:
@@ -52,8 +53,6 @@ def check_mega_moe_args(world_size: int, num_experts: int, num_max_tokens_per_ra
         raise ValueError(f"num_max_tokens_per_rank: expected group size x tokens below {1 << ENTRY_POSITION_BITS}, "
                          f"got {world_size} x {num_max_tokens_per_rank}")
     if not isinstance(mma_type, str) or mma_type not in MMA_TYPES:
-        if mma_type in ("fp8xfp4",):
-            raise NotImplementedError("mma_type: 'fp8xfp4' (FP4 expert weights) is not implemented yet")
         raise ValueError(f"mma_type: expected one of {sorted(MMA_TYPES)}, got {mma_type!r}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
@@ -63,7 +62,8 @@ def check_mega_moe_args(world_size: int, num_experts: int, num_max_tokens_per_ra
 class MegaMoEBuffer(SymmetricGroupBuffer):
     """Symmetric inputs and combine rows, local pool / intermediate / tables of one Mega MoE group.
 
-    ``x``, ``x_sf`` (FP8 only, else None), ``topk_idx`` (int64), ``topk_weights`` (float32): the
+    ``mma_type``: 'fp8' (FP8 activations and weights), 'fp8xfp4' (FP8 activations, MXFP4 weights) or
+    'bf16'. ``x``, ``x_sf`` (FP8 activations only, else None), ``topk_idx`` (int64), ``topk_weights`` (float32): the
     input views, ``[num_max_tokens_per_rank, ...]``; a call with ``T`` tokens reads their first ``T``
     rows. Construction is collective."""
 
@@ -75,7 +75,8 @@ class MegaMoEBuffer(SymmetricGroupBuffer):
                                    intermediate_hidden, mma_type, activation)
         self.mma_type = kind
         g = self.geom = MegaMoEGeometry(self.world, num_experts, num_max_tokens_per_rank, num_topk, hidden,
-                                        intermediate_hidden, kind == "fp8", _agreed_sm_count(group, self.device))
+                                        intermediate_hidden, kind != "bf16", _agreed_sm_count(group, self.device),
+                                        fp4=kind == "fp8xfp4")
         off = g.symmetric_offsets()
         self.allocate_symmetric(off["total"])
         act = FP8 if g.fp8 else torch.bfloat16
@@ -127,18 +128,78 @@ def transform_weights_for_mega_moe(l1_weights, l2_weights):
 
     FP8: ``l1_weights = (w1 [L, 2I, H] float8_e4m3fn, s1 [L, 2I/128, H/128] float32)`` (gate rows
     ``[0, I)``, up rows ``[I, 2I)``), ``l2_weights = (w2 [L, H, I], s2 [L, H/128, I/128])``.
+    MXFP4 (for ``fp8_fp4_mega_moe``): ``l1_weights = (w1 [L, 2I, H/2] int8 or uint8, two E2M1 codes per
+    byte as ``per_token_cast_to_fp4`` packs them, sf1 [L, 2I, H/32] uint8 UE8M0)``, ``l2_weights =
+    (w2 [L, H, I/2], sf2 [L, H, I/32])``; returns int8 codes and the exponents as int32 words, four
+    per word ([L, 2I, H/128], [L, H, I/128]; byte j of a word: 32-block j of its 128-K block; such
+    words are accepted as input too).
     BF16: plain ``[L, 2I, H]`` and ``[L, H, I]`` tensors. Returns the same structure."""
     if isinstance(l1_weights, tuple) != isinstance(l2_weights, tuple):
-        raise TypeError("l1_weights, l2_weights: expected both (weights, scales) tuples (FP8) or both tensors (BF16)")
+        raise TypeError("l1_weights, l2_weights: expected both (weights, scales) tuples (FP8, MXFP4) or both "
+                        "tensors (BF16)")
+    if isinstance(l1_weights, tuple) and _is_mxfp4(l1_weights):
+        (w1, e1), (w2, e2) = _check_fp4_weights(l1_weights, l2_weights, "input")
+        return ((_interleave_rows(w1.view(torch.int8), "l1_weights"), _interleave_rows(e1, "l1_scales")),
+                (w2.view(torch.int8).contiguous(), e2.contiguous()))
     if isinstance(l1_weights, tuple):
         (w1, s1), (w2, s2) = _check_fp8_weights(l1_weights, l2_weights)
-        block_rows = w1.shape[1] // SCALE_BLOCK
-        w1b = w1.view(torch.uint8).reshape(w1.shape[0], block_rows, SCALE_BLOCK, w1.shape[2])
-        w1t = _interleave_gate_up(w1b, "l1_weights").reshape(w1.shape).view(FP8)
+        w1t = _interleave_rows(w1.view(torch.uint8), "l1_weights").view(FP8)
         return (w1t, _interleave_gate_up(s1, "l1_scales")), (w2.contiguous(), s2.contiguous())
     w1, w2 = _check_bf16_weights(l1_weights, l2_weights)
-    w1b = w1.reshape(w1.shape[0], w1.shape[1] // SCALE_BLOCK, SCALE_BLOCK, w1.shape[2])
-    return _interleave_gate_up(w1b, "l1_weights").reshape(w1.shape), w2.contiguous()
+    return _interleave_rows(w1, "l1_weights"), w2.contiguous()
+
+
+def _interleave_rows(t: torch.Tensor, name: str) -> torch.Tensor:
+    """``_interleave_gate_up`` of the rows of ``t`` [L, 2I, ...] in blocks of 128 rows."""
+    blocks = t.reshape(t.shape[0], t.shape[1] // SCALE_BLOCK, SCALE_BLOCK, *t.shape[2:])
+    return _interleave_gate_up(blocks, name).reshape(t.shape)
+
+
+def _is_mxfp4(pair: tuple) -> bool:
+    """A (weights, scales) pair of packed E2M1 codes (int8 / uint8), not FP8."""
+    return len(pair) == 2 and isinstance(pair[0], torch.Tensor) and pair[0].dtype in FP4_PACKED_DTYPES
+
+
+def _exponent_words(name: str, sf: torch.Tensor, experts: int, rows: int, k: int) -> torch.Tensor:
+    """UE8M0 exponents ``[L, rows, K/32]`` uint8 (or already packed int32 words ``[L, rows, K/128]``) as
+    int32 words ``[L, rows, K/128]``, four exponents per word."""
+    if isinstance(sf, torch.Tensor) and sf.dtype == torch.int32:
+        check_tensor(name, sf, (torch.int32,), 3)
+        check_shape(name, sf, (experts, rows, k // SCALE_BLOCK))
+        return sf
+    if isinstance(sf, torch.Tensor) and sf.dtype == torch.float32:
+        raise TypeError(f"{name}: expected uint8 UE8M0 exponents [L, N, K/32] or int32 words [L, N, K/128], got "
+                        f"float32; convert power-of-two scales with cute_moe.float_to_ue8m0")
+    check_tensor(name, sf, (torch.uint8,), 3)
+    check_shape(name, sf, (experts, rows, k // MX_BLOCK))
+    return sf.contiguous().view(torch.int32)
+
+
+def _check_fp4_weights(l1_weights, l2_weights, stage: str) -> tuple:
+    """((w1, e1), (w2, e2)) of MXFP4 weights, exponents as int32 words; ``stage`` 'input' accepts
+    uint8 exponents too, 'kernel' only the words ``transform_weights_for_mega_moe`` returns."""
+    for name, pair in (("l1_weights", l1_weights), ("l2_weights", l2_weights)):
+        if not isinstance(pair, tuple) or len(pair) != 2:
+            raise TypeError(f"{name}: expected a (packed weights, exponents) tuple for MXFP4")
+    (w1, s1), (w2, s2) = l1_weights, l2_weights
+    check_tensor("l1_weights", w1, FP4_PACKED_DTYPES, 3)
+    check_tensor("l2_weights", w2, FP4_PACKED_DTYPES, 3)
+    experts, two_i, half_h = w1.shape
+    if two_i % (2 * SCALE_BLOCK) != 0:
+        raise ValueError(f"l1_weights: expected 2 x intermediate rows, a multiple of {2 * SCALE_BLOCK}, "
+                         f"got shape {tuple(w1.shape)}")
+    hidden, inter = 2 * half_h, two_i // 2
+    if hidden % SCALE_BLOCK != 0:
+        raise ValueError(f"l1_weights: expected hidden = 2 x packed columns a multiple of {SCALE_BLOCK}, "
+                         f"got shape {tuple(w1.shape)}")
+    check_shape("l2_weights", w2, (experts, hidden, inter // 2))
+    if stage == "kernel":
+        for name, words, rows, k in (("l1_scales", s1, two_i, hidden), ("l2_scales", s2, hidden, inter)):
+            check_tensor(name, words, (torch.int32,), 3)
+            check_shape(name, words, (experts, rows, k // SCALE_BLOCK))
+        return (w1, s1), (w2, s2)
+    return ((w1, _exponent_words("l1_scales", s1, experts, two_i, hidden)),
+            (w2, _exponent_words("l2_scales", s2, experts, hidden, inter)))
 
 
 def _weight_dims(w1: torch.Tensor, w2: torch.Tensor) -> tuple[int, int, int]:
@@ -217,11 +278,16 @@ def _check_call(y: torch.Tensor, buffer: MegaMoEBuffer, stats, activation_clamp,
             raise ValueError(f"activation_clamp: expected a positive finite number, got {activation_clamp!r}")
 
 
-def _check_weights_for(buffer: MegaMoEBuffer, w1: torch.Tensor, w2: torch.Tensor) -> None:
+def _check_weights_for(buffer: MegaMoEBuffer, tensors: dict) -> None:
+    """The weight tensors (name -> tensor, in the kernel's layout) fit ``buffer``: shapes (MXFP4: K
+    packed in halves), contiguity, device."""
     g = buffer.geom
-    check_shape("l1_weights", w1, (g.local_experts, 2 * g.intermediate, g.hidden))
-    check_shape("l2_weights", w2, (g.local_experts, g.hidden, g.intermediate))
-    for name, t in (("l1_weights", w1), ("l2_weights", w2)):
+    packing = 2 if g.fp4 else 1
+    shapes = {"l1_weights": (g.local_experts, 2 * g.intermediate, g.hidden // packing),
+              "l2_weights": (g.local_experts, g.hidden, g.intermediate // packing)}
+    for name, t in tensors.items():
+        if name in shapes:
+            check_shape(name, t, shapes[name])
         check_contiguous(name, t)
         if t.device != buffer.device:
             raise ValueError(f"{name}: expected a tensor on {buffer.device}, got {t.device}")
@@ -231,6 +297,7 @@ def _launch(y: torch.Tensor, w1, s1, w2, s2, buffer: MegaMoEBuffer, stats, activ
     g = buffer.geom
     fn = _kernel_fn(g, activation_clamp is not None, block_height(g, y.shape[0]))
     as_bytes = (lambda t: t.view(torch.uint8)) if g.fp8 else (lambda t: t)  # noqa: E731
+    # FP8 x FP4: s1 / s2 are the int32 exponent words, passed as they are.
     scales = (s1, buffer.pool_sf, s2, buffer.inter_sf) if g.fp8 else (None, None, None, None)
     fn(as_bytes(buffer.pool), scales[1], as_bytes(w1), scales[0], as_bytes(buffer.inter), scales[3], as_bytes(w2),
        scales[2], buffer.calls, y.data_ptr(), y.shape[0], buffer.peers.data_ptr(), buffer.rank,
@@ -247,11 +314,7 @@ def fp8_mega_moe(y: torch.Tensor, l1_weights, l2_weights, buffer: MegaMoEBuffer,
     ``+=`` rows received per local expert. Collective."""
     _check_call(y, buffer, cumulative_local_expert_recv_stats, activation_clamp, "fp8")
     (w1, s1), (w2, s2) = _check_fp8_weights(l1_weights, l2_weights)
-    _check_weights_for(buffer, w1, w2)
-    for name, t in (("l1_scales", s1), ("l2_scales", s2)):
-        check_contiguous(name, t)
-        if t.device != buffer.device:
-            raise ValueError(f"{name}: expected a tensor on {buffer.device}, got {t.device}")
+    _check_weights_for(buffer, {"l1_weights": w1, "l2_weights": w2, "l1_scales": s1, "l2_scales": s2})
     _launch(y, w1, s1, w2, s2, buffer, cumulative_local_expert_recv_stats, activation_clamp)
 
 
@@ -262,9 +325,23 @@ def bf16_mega_moe(y: torch.Tensor, l1_weights: torch.Tensor, l2_weights: torch.T
     the SwiGLU output stays BF16."""
     _check_call(y, buffer, cumulative_local_expert_recv_stats, activation_clamp, "bf16")
     w1, w2 = _check_bf16_weights(l1_weights, l2_weights)
-    _check_weights_for(buffer, w1, w2)
+    _check_weights_for(buffer, {"l1_weights": w1, "l2_weights": w2})
     _launch(y, w1, None, w2, None, buffer, cumulative_local_expert_recv_stats, activation_clamp)
 
 
+def fp8_fp4_mega_moe(y: torch.Tensor, l1_weights: tuple, l2_weights: tuple, buffer: MegaMoEBuffer,
+                     cumulative_local_expert_recv_stats: torch.Tensor | None = None,
+                     activation_clamp: float | None = None) -> None:
+    """``fp8_mega_moe`` with MXFP4 expert weights (a buffer built with ``mma_type='fp8xfp4'``):
+    ``transform_weights_for_mega_moe``'s MXFP4 output, packed E2M1 codes with one UE8M0 exponent per
+    32 K. The weights are widened to FP8 on chip; the result equals the FP8 recipe on the dequantized
+    weights up to FP32 accumulation order (an element ``2^-9`` or more below its 128-K block's
+    largest scale is rounded to E4M3's subnormal grid)."""
+    _check_call(y, buffer, cumulative_local_expert_recv_stats, activation_clamp, "fp8xfp4")
+    (w1, e1), (w2, e2) = _check_fp4_weights(l1_weights, l2_weights, "kernel")
+    _check_weights_for(buffer, {"l1_weights": w1, "l2_weights": w2, "l1_scales": e1, "l2_scales": e2})
+    _launch(y, w1, e1, w2, e2, buffer, cumulative_local_expert_recv_stats, activation_clamp)
+
+
 __all__ = ["MegaMoEBuffer", "get_symm_buffer_for_mega_moe", "transform_weights_for_mega_moe", "fp8_mega_moe",
-           "bf16_mega_moe"]
+           "bf16_mega_moe", "fp8_fp4_mega_moe"]

@@ -26,7 +26,7 @@ MIN_BLOCK_M = 64  # the smallest (few rows per expert: less padding); counters e
 BLOCK_SIZES = (MIN_BLOCK_M, BLOCK_M)
 TILE_N = 256  # output columns of a GEMM tile: two 128-wide parts (GEMM 1: gate block, up block)
 MAX_LOCAL_EXPERTS = 1024  # the kernel's segment table lives in shared memory
-MMA_TYPES = {"fp8": "fp8", "fp8xfp8": "fp8", "bf16": "bf16", "bf16xbf16": "bf16"}
+MMA_TYPES = {"fp8": "fp8", "fp8xfp8": "fp8", "bf16": "bf16", "bf16xbf16": "bf16", "fp8xfp4": "fp8xfp4"}
 ENTRY_POSITION_BITS = 20  # entry_slot = local expert << 20 | position inside the expert (< R * Tm <= 2^20)
 GRID_BARRIERS_PER_CALL = 2  # after routing (counts final) and after the layout (row table final)
 
@@ -43,6 +43,11 @@ class MegaMoEGeometry:
     intermediate: int
     fp8: bool
     num_ctas: int  # persistent grid (the group's smallest SM count): every CTA is co-resident
+    fp4: bool = False  # MXFP4 expert weights (with FP8 activations)
+
+    def __post_init__(self):
+        if self.fp4 and not self.fp8:
+            raise ValueError("fp4: MXFP4 expert weights need FP8 activations (fp8=True)")
 
     @property
     def local_experts(self) -> int:

@@ -37,6 +37,8 @@ error record names the operation and the missing ranks; the kernel then finishes
 (addresses stay inside their buffers whatever the data) and leaves ``y`` untouched.
 """
 
+from typing import Union
+
 import cutlass
 import cutlass.cute as cute
 import cutlass.pipeline as pipeline
@@ -103,6 +105,7 @@ class Sm90MegaMoE(Sm90GroupedGemm):
         self.work_off = geom.work_offsets()
         self.table_len = 2 * geom.local_experts + 2  # segment starts [L + 1], counts [L], blocks
         tile_k = self.tile_shape_mnk[2]
+        self.b_tile_k = tile_k  # B's k-block extent in its stored elements
         self.k1_tiles = h // tile_k
         self.k2_tiles = i // tile_k
         self.threads = self.threads_per_cta
@@ -111,9 +114,12 @@ class Sm90MegaMoE(Sm90GroupedGemm):
         # power of two >= L).
         span = 1 << max(geom.local_experts - 1, 0).bit_length()
         self.search_steps = [span >> (d + 1) for d in range(span.bit_length() - 1)]
-        # B's block scales of either GEMM as one (N blocks, K blocks, L) view with runtime strides.
+        # B's block scales of either GEMM as one (N blocks, K blocks, L) view with runtime strides:
+        # its extent, and per GEMM its N blocks and K blocks.
         self.sfb_rows = max(2 * geom.inter_blocks, geom.hidden_blocks)
         self.sfb_cols = max(geom.hidden_blocks, geom.inter_blocks)
+        self.sfb_n = (2 * geom.inter_blocks, geom.hidden_blocks)
+        self.sfb_k = (geom.hidden_blocks, geom.inter_blocks)
 
     # ------------------------------------------------------------------ launch
     @cute.jit
@@ -133,9 +139,8 @@ class Sm90MegaMoE(Sm90GroupedGemm):
         calls = Int64(calls_tensor.iterator.toint())
         mA1, mA2, mB1, mB2 = pool, inter, l1, l2
         if cutlass.const_expr(self.fp8):
-            mA1, mA2, mB1, mB2 = (cute.recast_tensor(t, self.ab_dtype) for t in (pool, inter, l1, l2))
-        mB1 = cute.make_tensor(mB1.iterator, cute.select(mB1.layout, mode=[1, 2, 0]))  # (N, K, L)
-        mB2 = cute.make_tensor(mB2.iterator, cute.select(mB2.layout, mode=[1, 2, 0]))
+            mA1, mA2 = (cute.recast_tensor(t, self.ab_dtype) for t in (pool, inter))
+        mB1, mB2 = (self.weight_view(t) for t in (l1, l2))
         tma_atom_a1, tma_a1, tma_atom_b1, tma_b1 = self.ab_load_atoms(mA1, mB1)
         tma_atom_a2, tma_a2, tma_atom_b2, tma_b2 = self.ab_load_atoms(mA2, mB2)
         # BF16 has no scales: their slots carry the A operands (never used).
@@ -162,6 +167,21 @@ class Sm90MegaMoE(Sm90GroupedGemm):
                     pool_addr, pool_sf_addr, inter_addr, inter_sf_addr, clamp, timeout_ns).launch(
             **self.launch_arguments(Int32(self.g.num_ctas), stream))
 
+    def weight_view(self, weights: cute.Tensor) -> cute.Tensor:
+        """Trace time: expert weights ``[L, N, K]`` as the GEMMs' B operand, (N, K, L) of ``ab_dtype``."""
+        if cutlass.const_expr(self.fp8):
+            weights = cute.recast_tensor(weights, self.ab_dtype)
+        return cute.make_tensor(weights.iterator, cute.select(weights.layout, mode=[1, 2, 0]))
+
+    def shared_tensors(self, storage, a_smem_layout: cute.ComposedLayout, b_smem_layout: cute.ComposedLayout,
+                       sfa_smem_layout: cute.Layout, epi_smem_layout: cute.ComposedLayout) -> dict:
+        """Device code: the CTA's shared-memory tensors by name: the A and B stages (``sA``, ``sB``),
+        A's staged row scales (``sSFA``, FP8; else None), the epilogue's buffers (``sD``)."""
+        return {"sA": storage.sA.get_tensor(a_smem_layout.outer, swizzle=a_smem_layout.inner),
+                "sB": storage.sB.get_tensor(b_smem_layout.outer, swizzle=b_smem_layout.inner),
+                "sSFA": storage.sSFA.get_tensor(sfa_smem_layout) if self.fp8 else None,
+                "sD": storage.sD.get_tensor(epi_smem_layout.outer, swizzle=epi_smem_layout.inner)}
+
     # ------------------------------------------------------------------ the kernel
     @cute.kernel
     def kernel(self, tma_atom_a1: cute.CopyAtom, mA1: cute.Tensor, tma_atom_b1: cute.CopyAtom, mB1: cute.Tensor,
@@ -169,7 +189,8 @@ class Sm90MegaMoE(Sm90GroupedGemm):
                tma_atom_a2: cute.CopyAtom, mA2: cute.Tensor, tma_atom_b2: cute.CopyAtom, mB2: cute.Tensor,
                tma_atom_sfa2: cute.CopyAtom, mSFA2: cute.Tensor, sfb2_addr: Int64, mOut: cute.Tensor,
                tiled_mma: cute.TiledMma, cta_layout_mnk: cute.Layout, a_smem_layout: cute.ComposedLayout,
-               b_smem_layout: cute.ComposedLayout, sfa_smem_layout: cute.Layout, epi_smem_layout: cute.ComposedLayout,
+               b_smem_layout: Union[cute.ComposedLayout, cute.Layout], sfa_smem_layout: cute.Layout,
+               epi_smem_layout: cute.ComposedLayout,
                calls: Int64, y: Int64, num_tokens: Int32, peers: Int64, rank: Int32, work: Int64, err: Int64,
                stats: Int64, pool_addr: Int64, pool_sf_addr: Int64, inter_addr: Int64, inter_sf_addr: Int64,
                clamp: Float32, timeout_ns: Int64):
@@ -187,10 +208,7 @@ class Sm90MegaMoE(Sm90GroupedGemm):
         mainloop = self.make_mainloop(storage, a_smem_layout, b_smem_layout, cta_layout_mnk)
         pipeline_init_arrive(cluster_shape_mn=self.cluster_shape_mn, is_relaxed=True)
         table = storage.group_values.get_tensor(cute.make_layout(self.table_len))
-        sA = storage.sA.get_tensor(a_smem_layout.outer, swizzle=a_smem_layout.inner)
-        sB = storage.sB.get_tensor(b_smem_layout.outer, swizzle=b_smem_layout.inner)
-        sSFA = storage.sSFA.get_tensor(sfa_smem_layout) if self.fp8 else None
-        sD = storage.sD.get_tensor(epi_smem_layout.outer, swizzle=epi_smem_layout.inner)
+        smem = self.shared_tensors(storage, a_smem_layout, b_smem_layout, sfa_smem_layout, epi_smem_layout)
 
         call = ld_b32(calls + Int64(cta) * 4)
         parity = call % PARITIES
@@ -228,16 +246,16 @@ class Sm90MegaMoE(Sm90GroupedGemm):
             cute.arch.setmaxregister_decrease(ROLE_REGS[self.block_m][0])
             if warp_idx == 0:
                 self.produce(tma_atom_a1, mA1, tma_atom_b1, mB1, tma_atom_sfa1, mSFA1, tma_atom_a2, mA2, tma_atom_b2,
-                             mB2, tma_atom_sfa2, mSFA2, sA, sB, sSFA, mainloop, table, blocks, parity, work, cta,
-                             timeout_ns, err, rank)
+                             mB2, tma_atom_sfa2, mSFA2, smem["sA"], smem["sB"], smem["sSFA"], mainloop, table,
+                             blocks, parity, work, cta, timeout_ns, err, rank)
             else:
                 self.pull_rows(blocks, parity, peers, work, pool_addr, pool_sf_addr,
                                cta * PULL_WARPS + warp_idx - 1, lane)
             cute.arch.setmaxregister_increase(TAIL_REGS)
         else:
             cute.arch.setmaxregister_increase(ROLE_REGS[self.block_m][1])
-            self.consume(tiled_mma, sA, sB, sSFA, sD, sfb1_addr, sfb2_addr, mOut, mainloop, table, blocks, parity, work,
-                         peers, inter_addr, inter_sf_addr, clamp, tidx - THREADS_PER_WARPGROUP, cta)
+            self.consume(tiled_mma, smem, sfb1_addr, sfb2_addr, mOut, mainloop, table, blocks, parity, work, peers,
+                         inter_addr, inter_sf_addr, clamp, tidx - THREADS_PER_WARPGROUP, cta)
             cute.arch.setmaxregister_decrease(TAIL_REGS)
 
         # P4 / P5: signal the expert outputs, wait for everyone's, reduce this rank's tokens.
@@ -447,7 +465,7 @@ class Sm90MegaMoE(Sm90GroupedGemm):
         the tile's expert, A's row scales."""
         tile_m, tile_n, tile_k = self.tile_shape_mnk
         gA = cute.local_tile(cute.domain_offset((tile.row_start, 0), mA), (tile_m, tile_k), (0, None))
-        gB = cute.local_tile(mB, (tile_n, tile_k), (tile.n_block, None, tile.group))
+        gB = cute.local_tile(mB, (tile_n, self.b_tile_k), (tile.n_block, None, tile.group))
         tAsA, tAgA = cute.nvgpu.cpasync.tma_partition(tma_atom_a, 0, cute.make_layout(1), cute.group_modes(sA, 0, 2),
                                                       cute.group_modes(gA, 0, 2))
         tBsB, tBgB = cute.nvgpu.cpasync.tma_partition(tma_atom_b, 0, cute.make_layout(1), cute.group_modes(sB, 0, 2),
@@ -499,41 +517,36 @@ class Sm90MegaMoE(Sm90GroupedGemm):
                                             + Int64(parity * g.pool_blocks + row // self.block_m) * 4, Int32(1))
 
     @cute.jit
-    def consume(self, tiled_mma: cute.TiledMma, sA: cute.Tensor, sB: cute.Tensor, sSFA: cute.Tensor,
-                sD: cute.Tensor, sfb1_addr: Int64, sfb2_addr: Int64, mOut: cute.Tensor,
+    def consume(self, tiled_mma: cute.TiledMma, smem: dict, sfb1_addr: Int64, sfb2_addr: Int64, mOut: cute.Tensor,
                 mainloop: pipeline.PipelineTmaAsync, table: cute.Tensor, blocks: Int32, parity: Int32, work: Int64,
                 peers: Int64, inter_addr: Int64, inter_sf_addr: Int64, clamp: Float32, consumer_tidx: Int32,
                 cta: Int32):
-        """Consumer warpgroups: the FP8 mainloop of each tile, then the GEMM-1 epilogue (SwiGLU, FP8
-        intermediate, ``l1_done`` release) or the GEMM-2 epilogue (rows into the sources' combine)."""
+        """Consumer warpgroups: the mainloop of each tile (``multiply_tile``), then the GEMM-1 epilogue
+        (SwiGLU, FP8 intermediate, ``l1_done`` release) or the GEMM-2 epilogue (rows into the sources'
+        combine)."""
         g = self.g
-        L = g.local_experts
+        sD = smem["sD"]
         (tCrA, tCrB, tCrB_parts, accumulators, block_acc, num_k_blocks, tCcC, r0, epilogue, state,
-         release_state) = self.consumer_setup(tiled_mma, sA, sB, sD, consumer_tidx)
+         release_state) = self.consumer_setup(tiled_mma, smem["sA"], self.mma_b_source(smem), sD, consumer_tidx)
         epi_buffer = Int32(0)
+        wide = Int32(0)  # k-blocks multiplied so far (the FP4 variant's widened-buffer ring position)
         row_src = work + self.work_off["row_src"]
         for i in cutlass.range(cta, blocks * (g.l1_tiles + g.l2_tiles), g.num_ctas, unroll=1):
             second, block, n_block = self.tile_position(i, blocks)
             tile = self.block_tile(table, block, n_block)
-            # Per phase: K blocks and B's scales (s1 [L, 2I/128, H/128] or s2 [L, H/128, I/128]).
+            # Per phase: K blocks and B's scales (s1 [L, 2I/128, H/128] or s2 [L, H/128, I/128]; FP4:
+            # exponent words [L, 2I, H/128] or [L, H, I/128]).
             k_tiles = Int32(self.k1_tiles)
             sfb_addr = sfb1_addr
-            sfb_n, sfb_k = Int32(2 * g.inter_blocks), Int32(g.hidden_blocks)
+            sfb_n, sfb_k = Int32(self.sfb_n[0]), Int32(self.sfb_k[0])
             if second != 0:
                 k_tiles = Int32(self.k2_tiles)
                 sfb_addr = sfb2_addr
-                sfb_n, sfb_k = Int32(g.hidden_blocks), Int32(g.inter_blocks)
+                sfb_n, sfb_k = Int32(self.sfb_n[1]), Int32(self.sfb_k[1])
             accumulators.fill(0.0)
-            if cutlass.const_expr(self.fp8):
-                mSFB = cute.make_tensor(cute.make_ptr(Float32, sfb_addr, cute.AddressSpace.gmem, assumed_align=4),
-                                        cute.make_layout((self.sfb_rows, self.sfb_cols, L),
-                                                         stride=(sfb_k, 1, sfb_n * sfb_k)))
-                state, release_state = self.mainloop_fp8(
-                    tiled_mma, tCrA, tCrB_parts, accumulators, block_acc, num_k_blocks, mainloop, state,
-                    release_state, sSFA, mSFB, tCcC, r0, tile, k_tiles)
-            else:
-                state, release_state = self.mainloop_bf16(tiled_mma, tCrA, tCrB, accumulators, num_k_blocks,
-                                                          mainloop, state, release_state, k_tiles)
+            state, release_state, wide = self.multiply_tile(
+                tiled_mma, tCrA, tCrB, tCrB_parts, accumulators, block_acc, num_k_blocks, mainloop, state,
+                release_state, wide, smem, sfb_addr, sfb_n, sfb_k, tCcC, r0, tile, k_tiles, consumer_tidx)
             if second != 0:
                 epi_buffer = self.store_tile(epilogue, accumulators, sD, mOut, None, CombineTile(tile, row_src, peers),
                                              epi_buffer, TILE_N, g.hidden, 0)
@@ -545,6 +558,31 @@ class Sm90MegaMoE(Sm90GroupedGemm):
                     fence_gpu()
                     red_relaxed_gpu_add_u32(work + self.work_off["l1_done"] + Int64(parity * g.pool_blocks + block) * 4,
                                             Int32(1))
+
+    def mma_b_source(self, smem: dict) -> cute.Tensor:
+        """The shared-memory B tiles WGMMA reads: the B stages."""
+        return smem["sB"]
+
+    @cute.jit
+    def multiply_tile(self, tiled_mma, tCrA, tCrB, tCrB_parts, accumulators, block_acc,
+                      num_k_blocks: cutlass.Constexpr[int], mainloop, state, release_state, wide: Int32, smem: dict,
+                      sfb_addr: Int64, sfb_n: Int32, sfb_k: Int32, tCcC: cute.Tensor, r0: Int32, tile: WorkTile,
+                      k_tiles: Int32, consumer_tidx: Int32):
+        """All k-blocks of one tile into ``accumulators``: the grouped GEMM's FP8 mainloop (B's block
+        scales: a (N blocks, K blocks, L) view of ``sfb_addr`` with row pitch ``sfb_k`` and ``sfb_n``
+        rows per expert) or its BF16 one. Returns the ring states and ``wide`` (unchanged here; the
+        FP4 variant's override uses it and ``consumer_tidx``)."""
+        if cutlass.const_expr(self.fp8):
+            mSFB = cute.make_tensor(cute.make_ptr(Float32, sfb_addr, cute.AddressSpace.gmem, assumed_align=4),
+                                    cute.make_layout((self.sfb_rows, self.sfb_cols, self.g.local_experts),
+                                                     stride=(sfb_k, 1, sfb_n * sfb_k)))
+            state, release_state = self.mainloop_fp8(
+                tiled_mma, tCrA, tCrB_parts, accumulators, block_acc, num_k_blocks, mainloop, state,
+                release_state, smem["sSFA"], mSFB, tCcC, r0, tile, k_tiles)
+        else:
+            state, release_state = self.mainloop_bf16(tiled_mma, tCrA, tCrB, accumulators, num_k_blocks,
+                                                      mainloop, state, release_state, k_tiles)
+        return state, release_state, wide
 
     @cute.jit
     def store_swiglu(self, acc: cute.Tensor, tCcC: cute.Tensor, r0: Int32, tile: WorkTile, inter_addr: Int64,

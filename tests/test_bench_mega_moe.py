@@ -188,7 +188,7 @@ def test_report_files(tmp_path):
     table = [line for line in md.splitlines() if line.startswith("| DeepSeek")]
     assert len(table) == 4 and all(line.count("|") == bench.HEADER.splitlines()[0].count("|") for line in table)
     assert table[0] == ("| DeepSeek-V4-Flash | 128 | 200.0 | 300.0 | 500.0 | 1.50x | 2.50x | "
-                        f"{6 * 4096 * 2048 * 768 / 200e6:.0f} | {128 * FLASH.expert_bytes / 200e3:.0f} | 180.0 | "
+                        f"{6 * 4096 * 2048 * 768 / 200e6:.0f} | {128 * FLASH.expert_bytes('fp8') / 200e3:.0f} | 180.0 | "
                         "80.0 | 75% | 3.0e-04 | ok |")
     assert "GPU: NVIDIA H200. ranks: 2" in md and "Accuracy FAIL: DeepSeek-V4-Flash T=8: FAIL: calc_diff unfused" in md
     assert "Failed jobs: rank 0 DeepSeek-V3: ValueError" in md

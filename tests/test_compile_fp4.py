@@ -140,7 +140,7 @@ def test_fp4_specs_belong_to_their_own_kernel_family():
     assert backend.kernel_family(GemmSpec("masked", 256, 256, arch="sm_90a")) is GROUPED_GEMM
     names = {path.name for path in FP4_GROUPED_GEMM.sources}
     assert {"fp4_grouped_gemm.py", "fp4_signature.py", "grouped_gemm.py", "fp4_swap_gemm.py",
-            "fp4_fragment_bits.py"} <= names
+            "fp4_fragment_bits.py", "fp4_widen.py"} <= names
 
 
 @pytest.mark.parametrize("config,match", [

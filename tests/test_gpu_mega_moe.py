@@ -1,4 +1,5 @@
-"""Multi-process GPU tests of cute_moe.fp8_mega_moe (docs/mega_moe.md section 4, tests 1-11).
+"""Multi-process GPU tests of cute_moe.fp8_mega_moe, bf16_mega_moe and fp8_fp4_mega_moe (docs/mega_moe.md
+section 4, tests 1-11).
 
 One process per GPU (world 1 always, 2 when two GPUs exist), NCCL group, children joined with a
 deadline (cute_moe.ep_launch.run_ranks). The Mega MoE kernel compiles once per (geometry, clamp) in
@@ -30,6 +31,8 @@ from cute_moe.testing import calc_diff  # noqa: E402
 WORLDS = [1, 2] if torch.cuda.device_count() >= 2 else [1]
 DEADLINE_S = 100.0  # per test: one Mega MoE compile (~1 min) plus the calls
 BASELINE_DEADLINE_S = 150.0  # workers that also compile the EP kernels and the baselines' GEMMs
+FP4_DEADLINE_S = 300.0  # six FP8 x FP4 Mega MoE variants, two shapes' baselines
+FP4_TIMEOUT_S = 60.0  # the FP8 x FP4 buffers' cross-GPU wait limit (a peer may still compile a baseline GEMM)
 SMALL = dict(num_experts=16, num_max_tokens_per_rank=256, num_topk=4, hidden=512, intermediate_hidden=256)
 FLASH = dict(num_experts=256, num_max_tokens_per_rank=128, num_topk=6, hidden=4096, intermediate_hidden=2048)
 WEIGHT_SEED = 1234
@@ -50,16 +53,19 @@ class Layer:
     """One rank's view of a test layer: the buffer, all experts' weights (reference), its experts'
     weights untransformed (baselines) and transformed (the kernel)."""
 
-    def __init__(self, rank: int, world: int, shape: dict, timeout_s: float = 10.0):
+    def __init__(self, rank: int, world: int, shape: dict, timeout_s: float = 10.0, weights: str = "fp8"):
         import torch.distributed as dist
 
         import cute_moe
         from cute_moe.tools.mega_moe_pipelines import make_layer
         torch.backends.cuda.matmul.allow_tf32 = False
         self.rank, self.world, self.shape = rank, world, shape
-        self.buf = cute_moe.get_symm_buffer_for_mega_moe(dist.group.WORLD, **shape, timeout_s=timeout_s)
+        mma_type = "fp8xfp4" if weights == "fp4" else "fp8"
+        self.run = cute_moe.fp8_fp4_mega_moe if weights == "fp4" else cute_moe.fp8_mega_moe
+        self.buf = cute_moe.get_symm_buffer_for_mega_moe(dist.group.WORLD, **shape, mma_type=mma_type,
+                                                         timeout_s=timeout_s)
         self.weights = make_layer(shape["num_experts"], shape["hidden"], shape["intermediate_hidden"], WEIGHT_SEED,
-                                  "cuda")
+                                  "cuda", weights=weights)
         self.local = self.weights.local(rank, world)
         self.l1, self.l2 = cute_moe.transform_weights_for_mega_moe(*self.local)
         self.num_local = shape["num_experts"] // world
@@ -83,11 +89,9 @@ class Layer:
         b.topk_weights[t:].fill_(float("nan"))
 
     def call(self, inputs, stats=None, clamp=None) -> torch.Tensor:
-        import cute_moe
         self.fill(*inputs)
         y = torch.full((inputs[0].shape[0], self.shape["hidden"]), float("nan"), dtype=torch.bfloat16, device="cuda")
-        cute_moe.fp8_mega_moe(y, self.l1, self.l2, self.buf, cumulative_local_expert_recv_stats=stats,
-                              activation_clamp=clamp)
+        self.run(y, self.l1, self.l2, self.buf, cumulative_local_expert_recv_stats=stats, activation_clamp=clamp)
         self.buf.synchronize()
         return y
 
@@ -143,7 +147,7 @@ def _compare_baselines(layer: Layer, inputs, y, clamp=None) -> None:
     s = layer.shape
     if not hasattr(layer, "ep"):  # SMALL (256 tokens): the psum layout; FLASH (128): masked
         layer.ep = make_ep_buffer(dist.group.WORLD, s["num_experts"], s["num_max_tokens_per_rank"], s["hidden"],
-                                  s["num_topk"], timeout_s=10.0)
+                                  s["num_topk"], timeout_s=layer.buf.timeout_s)
         layer.nccl = make_nccl_state(dist.group.WORLD, s["num_experts"], s["num_max_tokens_per_rank"],
                                      s["num_topk"], s["hidden"], s["intermediate_hidden"], "cuda")
     x_fp8, x_sf, idx, w = inputs
@@ -347,6 +351,69 @@ def worker_bf16(rank: int, world: int) -> None:
         dist.barrier()
 
 
+def _precompile(layer: Layer, clamps: tuple) -> None:
+    """Compile every block height's kernel before the first call: the ranks pick their block heights
+    per call, so one rank's first call of a variant may otherwise compile while its peers wait."""
+    from cute_moe import mega_moe
+    from cute_moe.mega_moe_layout import BLOCK_SIZES
+    for block_m in BLOCK_SIZES:
+        for clamp in clamps:
+            mega_moe._kernel_fn(layer.buf.geom, clamp, block_m)
+
+
+def worker_fp4(rank: int, world: int) -> None:
+    """fp8_fp4_mega_moe (MXFP4 weights, 32-blocks up to 2^12 apart: both widening paths) at the small
+    shape (block heights 128 and 64) and at DeepSeek-V4-Flash's: against the FP32 references on the
+    dequantized weights and the unfused / NCCL pipelines on our FP8 x FP4 grouped GEMMs; a CUDA graph
+    replayed with new inputs, with the clamp; stats."""
+    import torch.distributed as dist
+
+    import cute_moe
+    tm = SMALL["num_max_tokens_per_rank"]
+    layer = Layer(rank, world, SMALL, timeout_s=FP4_TIMEOUT_S, weights="fp4")
+    _precompile(layer, (False, True))
+    stats = torch.zeros(layer.num_local, dtype=torch.int32, device="cuda")
+    expected = torch.zeros_like(stats)
+    rounds = [("uniform", [200, 137], 0.0), ("dropped slots", [tm, 61], 0.2), ("rank 1 with 0 tokens", [33, 0], 0.0),
+              ("few rows per expert", [7, 33], 0.05)]
+    for seed, (name, tokens, drop) in enumerate(rounds):
+        inputs = layer.inputs(tokens[rank % 2], seed, drop_fraction=drop)
+        y = layer.call(inputs, stats)
+        expected += _received_counts(layer, inputs[2])
+        layer.check(y, inputs, what=f"FP4 {name} (rank {rank})")
+        _compare_baselines(layer, inputs, y)
+        dist.barrier()
+    assert torch.equal(stats, expected), f"stats {stats.tolist()} != received rows {expected.tolist()}"
+    t = [150, 20][rank % 2]
+    y = torch.empty(t, SMALL["hidden"], dtype=torch.bfloat16, device="cuda")
+    layer.call(layer.inputs(t, 9, magnitude=CLAMP_MAGNITUDE), clamp=CLAMP)  # compiles the clamped variant
+    dist.barrier()
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        cute_moe.fp8_fp4_mega_moe(y, layer.l1, layer.l2, layer.buf, activation_clamp=CLAMP)
+    torch.cuda.current_stream().wait_stream(stream)
+    for replay in range(2):
+        inputs = layer.inputs(t, 20 + replay, drop_fraction=0.1, magnitude=CLAMP_MAGNITUDE)
+        layer.fill(*inputs)
+        y.fill_(float("nan"))
+        torch.cuda.synchronize()
+        dist.barrier()
+        graph.replay()
+        layer.buf.synchronize()
+        layer.check(y, inputs, CLAMP, f"FP4 graph replay {replay}")
+        dist.barrier()
+    del graph
+    flash = Layer(rank, world, FLASH, timeout_s=FP4_TIMEOUT_S, weights="fp4")
+    _precompile(flash, (False,))
+    for seed, tokens in enumerate([[128, 93], [8, 128]]):
+        inputs = flash.inputs(tokens[rank % 2], seed, drop_fraction=0.05)
+        y = flash.call(inputs)
+        flash.check(y, inputs, what=f"FP4 Flash call {seed}")
+        _compare_baselines(flash, inputs, y)
+        dist.barrier()
+
+
 # ---- tests -------------------------------------------------------------------------------------
 
 # (worker, deadline) of each test: the accuracy / baselines / routing cases, the CUDA graph + clamp +
@@ -354,7 +421,8 @@ def worker_bf16(rank: int, world: int) -> None:
 CASES = {"small_against_references_and_baselines": (worker_small, BASELINE_DEADLINE_S),
          "cuda_graph_clamp_and_timeout": (worker_graph_clamp, DEADLINE_S),
          "deepseek_v4_flash_shape": (worker_flash, BASELINE_DEADLINE_S),
-         "bf16": (worker_bf16, DEADLINE_S)}
+         "bf16": (worker_bf16, DEADLINE_S),
+         "fp8_fp4": (worker_fp4, FP4_DEADLINE_S)}
 
 
 @pytest.mark.gpu

@@ -9,7 +9,8 @@ import torch
 import cute_moe
 from cute_moe import ep, mega_moe, ops
 from cute_moe.ep_launch import free_port
-from cute_moe.layouts import per_block_cast_to_fp8, per_block_dequant, per_token_dequant
+from cute_moe.layouts import (per_block_cast_to_fp8, per_block_dequant, per_token_dequant, per_token_dequant_fp4,
+                              ue8m0_to_float)
 from cute_moe.mega_moe_layout import (ALIGN, BLOCK_M, BLOCK_SIZES, ENTRY_POSITION_BITS, MIN_BLOCK_M, PARITIES, TILE_N, MegaMoEGeometry,
                                       align_up)
 from cute_moe.testing import calc_diff
@@ -187,6 +188,50 @@ def test_bf16_transform_argument_errors(make, error, match):
         cute_moe.transform_weights_for_mega_moe(*make(w1, w2))
 
 
+def _fp4_layer(experts: int = 3, hidden: int = 256, inter: int = 384, seed: int = 0) -> tuple:
+    """Untransformed MXFP4 weights ((w1 int8, e1 uint8), (w2, e2)) and their FP32 dequantized W1."""
+    layer = pipes.make_layer(experts, hidden, inter, seed, "cpu", weights="fp4")
+    w1 = torch.stack([layer.dequantized(e)[0] for e in range(experts)])
+    return ((layer.w1, layer.s1), (layer.w2, layer.s2)), w1
+
+
+def test_fp4_transform_interleaves_codes_and_exponent_words():
+    ((w1, e1), (w2, e2)), dequant_w1 = _fp4_layer()
+    (w1t, s1t), (w2t, s2t) = cute_moe.transform_weights_for_mega_moe((w1, e1), (w2, e2))
+    assert w1t.dtype == torch.int8 and s1t.dtype == torch.int32 and s1t.shape == (3, 768, 2)
+    assert torch.equal(w1t, _interleaved_reference(w1, 128))
+    assert torch.equal(s1t, _interleaved_reference(e1.view(torch.int32), 128))
+    # byte j of a word is the exponent of 32-block j of its 128-K block (little-endian)
+    assert torch.equal(s1t.view(torch.uint8), _interleaved_reference(e1, 128))
+    for e in range(3):  # the codes and exponents move together: the matrix is the reordered one
+        exps = ue8m0_to_float(s1t[e].view(torch.uint8))
+        assert torch.equal(per_token_dequant_fp4(w1t[e], exps), _interleaved_reference(dequant_w1[e][None], 128)[0])
+    assert torch.equal(w2t, w2) and torch.equal(s2t.view(torch.uint8), e2) and s2t.shape == (3, 256, 3)
+    # int32 words are accepted as input too (DeepGEMM's packed form) and give the same result
+    again = cute_moe.transform_weights_for_mega_moe((w1, e1.view(torch.int32)), (w2.view(torch.uint8), e2))
+    assert torch.equal(again[0][1], s1t) and torch.equal(again[1][0], w2t)
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda l1, l2: ((l1[0], ue8m0_to_float(l1[1])), l2), TypeError,
+     r"^l1_scales: expected uint8 UE8M0 exponents .* got float32; convert"),
+    (lambda l1, l2: ((l1[0], l1[1].to(torch.int16)), l2), TypeError, r"^l1_scales: expected dtype uint8"),
+    (lambda l1, l2: ((l1[0], l1[1][:, :, :4]), l2), ValueError, r"^l1_scales: expected shape \(3, 768, 8\)"),
+    (lambda l1, l2: (l1, (l2[0], l2[1].view(torch.int32)[:, :, :1])), ValueError,
+     r"^l2_scales: expected shape \(3, 256, 3\)"),
+    (lambda l1, l2: ((l1[0][:, :640], l1[1][:, :640]), l2), ValueError, r"^l1_weights: expected 2 x intermediate"),
+    (lambda l1, l2: (l1, (l2[0][:, :, :64], l2[1])), ValueError, r"^l2_weights: expected shape \(3, 256, 192\)"),
+    (lambda l1, l2: ((l1[0][:, :, :96], l1[1][:, :, :6]), (l2[0][:, :192], l2[1][:, :192])), ValueError,
+     r"^l1_weights: expected hidden = 2 x packed columns a multiple of 128"),
+    (lambda l1, l2: (l1, (l2[0],)), TypeError, r"^l2_weights: expected a \(packed weights, exponents\) tuple"),
+    (lambda l1, l2: (l1, (l2[0].to(torch.int16), l2[1])), TypeError, r"^l2_weights: expected dtype"),
+])
+def test_fp4_transform_argument_errors(make, error, match):
+    l1, l2 = _fp4_layer()[0]
+    with pytest.raises(error, match=match):
+        cute_moe.transform_weights_for_mega_moe(*make(l1, l2))
+
+
 # ---- buffer arguments ------------------------------------------------------------------------------
 
 GOOD_BUFFER = (2, 256, 128, 6, 4096, 2048, "fp8", "swiglu")  # world, E, Tm, K, H, I, mma_type, activation
@@ -215,7 +260,6 @@ def _buffer_args(**changes):
     (dict(num_max_tokens_per_rank=1 << 19), ValueError, r"^num_max_tokens_per_rank: expected group size x tokens"),
     (dict(mma_type="fp16"), ValueError, r"^mma_type: expected one of"),
     (dict(mma_type=8), ValueError, r"^mma_type: expected one of"),
-    (dict(mma_type="fp8xfp4"), NotImplementedError, r"^mma_type: 'fp8xfp4'"),
     (dict(activation="gelu"), ValueError, r"^activation: expected one of"),
 ])
 def test_buffer_argument_errors(changes, error, match):
@@ -227,6 +271,7 @@ def test_buffer_arguments_accepted_and_mma_type_normalized():
     assert mega_moe.check_mega_moe_args(**_buffer_args()) == "fp8"
     assert mega_moe.check_mega_moe_args(**_buffer_args(mma_type="fp8xfp8")) == "fp8"
     assert mega_moe.check_mega_moe_args(**_buffer_args(mma_type="bf16xbf16")) == "bf16"
+    assert mega_moe.check_mega_moe_args(**_buffer_args(mma_type="fp8xfp4")) == "fp8xfp4"
     assert mega_moe.check_mega_moe_args(8, 256, 8192, 8, 7168, 2048, "bf16", "swiglu") == "bf16"
 
 
@@ -239,7 +284,7 @@ def _host_buffer(mma_type: str = "fp8", device: str = "meta") -> mega_moe.MegaMo
     """A MegaMoEBuffer without process group or memory: what the pre-launch checks read. Its device is
     'meta' so that CPU tensors count as 'another device' and meta tensors as the right one."""
     buf = mega_moe.MegaMoEBuffer.__new__(mega_moe.MegaMoEBuffer)
-    buf.geom = MegaMoEGeometry(2, 2 * E_LOCAL, TM, K, H, I, mma_type == "fp8", 4)
+    buf.geom = MegaMoEGeometry(2, 2 * E_LOCAL, TM, K, H, I, mma_type != "bf16", 4, fp4=mma_type == "fp8xfp4")
     buf.mma_type, buf.device, buf.rank, buf.world, buf.timeout_s = mma_type, torch.device(device), 0, 2, 1.0
     buf.error = torch.zeros(ep.ERROR_WORDS, dtype=torch.int32)
     buf.broken = None
@@ -360,6 +405,53 @@ def test_buffer_kind_and_type_are_checked(launches):
         cute_moe.bf16_mega_moe(buffer=_host_buffer("bf16"), **dict(bf16_args, l1_weights=args["l1_weights"][0]))
 
 
+def _fp4_call_args(tokens: int = TM) -> dict:
+    meta = dict(device="meta")
+    return dict(y=torch.empty(tokens, H, dtype=torch.bfloat16, **meta),
+                l1_weights=(torch.empty(E_LOCAL, 2 * I, H // 2, dtype=torch.int8, **meta),
+                            torch.empty(E_LOCAL, 2 * I, H // 128, dtype=torch.int32, **meta)),
+                l2_weights=(torch.empty(E_LOCAL, H, I // 2, dtype=torch.int8, **meta),
+                            torch.empty(E_LOCAL, H, I // 128, dtype=torch.int32, **meta)),
+                cumulative_local_expert_recv_stats=None, activation_clamp=None)
+
+
+@pytest.mark.parametrize("mutate, error, match", [
+    (lambda a: _with_weight(a, "l1_weights", 1, lambda t: torch.empty(E_LOCAL, 2 * I, H // 32, dtype=torch.uint8,
+                                                                        device="meta")),
+     TypeError, r"^l1_scales: expected dtype int32"),  # untransformed exponents
+    (lambda a: _with_weight(a, "l2_weights", 1, lambda t: t[:, :, :0]), ValueError, r"^l2_scales: expected shape"),
+    (lambda a: _with_weight(a, "l1_weights", 0, lambda t: torch.empty(E_LOCAL, 2 * I, H, dtype=FP8, device="meta")),
+     TypeError, r"^l1_weights: expected dtype int8 or uint8"),
+    (lambda a: [_with_weight(a, layer, pos, lambda t: torch.cat([t, t]))
+                for layer in ("l1_weights", "l2_weights") for pos in (0, 1)],
+     ValueError, r"^l1_weights: expected shape \(2, 256, 128\)"),  # all experts instead of this rank's
+    (lambda a: _with_weight(a, "l2_weights", 0, _noncontig), ValueError, r"^l2_weights: expected a contiguous"),
+    (lambda a: _with_weight(a, "l1_weights", 1, lambda t: torch.empty(t.shape, dtype=torch.int32)), ValueError,
+     r"^l1_scales: expected a tensor on meta"),
+])
+def test_fp4_call_argument_errors(launches, mutate, error, match):
+    args = _fp4_call_args()
+    mutate(args)
+    with pytest.raises(error, match=match):
+        cute_moe.fp8_fp4_mega_moe(buffer=_host_buffer("fp8xfp4"), **args)
+    assert not launches
+
+
+def test_fp4_calls_need_an_fp8xfp4_buffer(launches):
+    cute_moe.fp8_fp4_mega_moe(buffer=_host_buffer("fp8xfp4"), **_fp4_call_args())
+    assert len(launches) == 1
+    with pytest.raises(ValueError, match=r"^buffer: expected a buffer built with mma_type='fp8xfp4', got 'fp8'"):
+        cute_moe.fp8_fp4_mega_moe(buffer=_host_buffer("fp8"), **_fp4_call_args())
+    with pytest.raises(ValueError, match=r"^buffer: expected a buffer built with mma_type='fp8', got 'fp8xfp4'"):
+        cute_moe.fp8_mega_moe(buffer=_host_buffer("fp8xfp4"), **_fp8_call_args())
+    assert len(launches) == 1
+
+
+def test_fp4_geometry_needs_fp8_activations():
+    with pytest.raises(ValueError, match="^fp4: MXFP4 expert weights need FP8 activations"):
+        MegaMoEGeometry(2, 16, 8, 4, 256, 128, False, 4, fp4=True)
+
+
 # ---- timeout errors (ops 4-7) ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("op, words", [(4, "mega_moe (waiting for peers' inputs)"), (5, "mega_moe (grid barrier)"),
@@ -415,6 +507,21 @@ def test_make_layer_is_deterministic_and_sliced_per_rank():
     assert w1.is_contiguous() and w2.shape == (2, 256, 128) and s1.shape == (2, 2, 2)
     with pytest.raises(ValueError, match="rank, world"):
         a.local(0, 3)
+
+
+def test_make_layer_fp4_has_far_apart_block_exponents():
+    a = pipes.make_layer(4, 256, 128, 5, "cpu", weights="fp4")
+    assert torch.equal(a.w1, pipes.make_layer(4, 256, 128, 5, "cpu", weights="fp4").w1)
+    assert (a.w1.dtype, a.s1.dtype, a.w1.shape, a.s1.shape, a.w2.shape, a.s2.shape) == (
+        torch.int8, torch.uint8, (4, 256, 128), (4, 256, 8), (4, 256, 64), (4, 256, 4))
+    assert (a.hidden, a.intermediate, a.fp4) == (256, 128, True)
+    spread = a.s1.view(4, 256, 2, 4).int()
+    spread = (spread.amax(-1) - spread.amin(-1)).flatten()
+    assert (spread > 8).any() and (spread <= 5).float().mean() > 0.5  # both widening paths occur
+    w1, w2 = a.dequantized(1)
+    assert w1.shape == (256, 256) and w2.shape == (256, 128) and w1.dtype == torch.float32
+    with pytest.raises(ValueError, match="^weights: expected one of"):
+        pipes.make_layer(4, 256, 128, 5, "cpu", weights="fp16")
 
 
 def test_make_inputs_routing_and_drops():
@@ -505,7 +612,9 @@ def test_nccl_pipeline_equals_the_reference_at_world_one(gloo_world_of_one, monk
 COMPILED = [(MegaMoEGeometry(1, 16, 256, 4, 512, 256, True, 132), False, MIN_BLOCK_M),
             (MegaMoEGeometry(2, 16, 256, 4, 512, 256, True, 132), True, BLOCK_M),
             (MegaMoEGeometry(8, 256, 8192, 8, 7168, 2048, True, 132), False, BLOCK_M),
-            (MegaMoEGeometry(2, 16, 256, 4, 512, 256, False, 132), True, MIN_BLOCK_M)]  # BF16
+            (MegaMoEGeometry(2, 16, 256, 4, 512, 256, False, 132), True, MIN_BLOCK_M),  # BF16
+            (MegaMoEGeometry(2, 16, 256, 4, 512, 256, True, 132, fp4=True), False, MIN_BLOCK_M),  # FP8 x FP4
+            (MegaMoEGeometry(2, 256, 128, 6, 4096, 2048, True, 132, fp4=True), True, BLOCK_M)]
 
 
 @pytest.mark.parametrize("geom,clamp,block_m", COMPILED)

@@ -1,6 +1,7 @@
 """Benchmark Mega MoE (cute_moe.fp8_mega_moe) against our unfused pipeline and an NCCL all-to-all pipeline.
 
     python3 -m cute_moe.tools.bench_mega_moe --out DIR [--world N] [--quick] [--shapes flash,v3] [--tokens 8,128]
+                                             [--weights fp8|fp4]
     cute-moe bench-mega-moe --out DIR [--quick]
 
 One process per GPU (cute_moe.ep_launch.run_ranks, an NCCL group of ``--world`` ranks, default every
@@ -8,7 +9,8 @@ visible GPU). Shapes: DeepSeek-V4-Flash (hidden 4096, intermediate 2048, 256 exp
 DeepSeek-V3 (7168, 2048, 256, top-8); tokens per rank 1, 8, 32, 128, 512, 2048, 8192 (``--quick``:
 8, 128, 2048). Data (tools/mega_moe_pipelines): FP8 weights with one scale per 128 x 128 block, the
 same on every rank; per rank, tokens of varied magnitudes cast to FP8 1 x 128 and uniform random
-top-k routing (distinct experts, no dropped slot).
+top-k routing (distinct experts, no dropped slot). ``--weights fp4``: MXFP4 expert weights (one UE8M0
+exponent per 32 K), ours = ``fp8_fp4_mega_moe`` and the baselines' GEMMs the FP8 x FP4 grouped GEMMs.
 
 Contenders per (shape, T), in the same processes, interleaved:
 
@@ -71,6 +73,8 @@ WEIGHT_SEED, INPUT_SEED = 0, 1
 RANK_SEED_STRIDE = 1009  # input seed of rank r at T tokens: INPUT_SEED + r * stride + T
 DEFAULT_TIMEOUT_S = 1200.0
 SCALE_BLOCK = 128  # FP8 weights: one FP32 scale per 128 x 128 block
+MX_BLOCK = 32  # MXFP4 weights: one UE8M0 exponent per 32 K
+WEIGHT_FORMATS = {"fp8": "fp8", "fp4": "fp8xfp4"}  # --weights -> the buffer's mma_type
 # Cross-GPU wait limit of both buffers: a shape's first calls compile kernels on each rank while a
 # peer's kernel may already wait for it (the default 10 s could expire on a cold compile cache).
 BUFFER_TIMEOUT_S = 120.0
@@ -90,10 +94,12 @@ class MegaShape:
         """Useful FLOPs of ``slots`` (token, slot) rows: GEMM-1 (2I x H) and GEMM-2 (H x I)."""
         return 2 * slots * (2 * self.intermediate * self.hidden + self.hidden * self.intermediate)
 
-    @property
-    def expert_bytes(self) -> int:
-        """FP8 weight bytes of one expert (W1 [2I, H] and W2 [H, I]) with their FP32 block scales."""
+    def expert_bytes(self, weights: str) -> int:
+        """Weight bytes of one expert (W1 [2I, H] and W2 [H, I]) with their scales: FP8 with one FP32
+        scale per 128 x 128 block, or MXFP4 (half a byte per weight, one byte per 32)."""
         elements = 3 * self.hidden * self.intermediate
+        if weights == "fp4":
+            return elements // 2 + elements // MX_BLOCK
         return elements + 4 * elements // (SCALE_BLOCK * SCALE_BLOCK)
 
 
@@ -219,7 +225,7 @@ class MegaRow:
 
 
 def make_row(shape: MegaShape, tokens: int, times: dict[str, float], diffs: dict[str, float], slots: float,
-             touched_experts: float, note: str = "") -> MegaRow:
+             touched_experts: float, weights: str = "fp8", note: str = "") -> MegaRow:
     """The row of one measurement: ``times`` µs of ours, ours_local, unfused, nccl, comm; ``diffs``
     calc_diff of unfused (ours vs it), local, nccl; ``slots`` / ``touched_experts`` per rank (means)."""
     ours = times["ours"]
@@ -227,7 +233,7 @@ def make_row(shape: MegaShape, tokens: int, times: dict[str, float], diffs: dict
     status = "ok" if not failed else f"FAIL: calc_diff {', '.join(failed)} (limit {DIFF_LIMIT:g})"
     return MegaRow(shape.name, tokens, ours, times["unfused"], times["nccl"], times["ours_local"], times["comm"],
                    times["unfused"] / ours, times["nccl"] / ours, shape.flops(slots) / ours / 1e6,
-                   touched_experts * shape.expert_bytes / ours / 1e3,
+                   touched_experts * shape.expert_bytes(weights) / ours / 1e3,
                    1 - (ours - times["ours_local"]) / times["comm"], diffs["unfused"], diffs["local"],
                    diffs["nccl"], status, note)
 
@@ -308,6 +314,7 @@ class Plan:
     samples: int
     out: str
     settings: tuple[tuple[str, str], ...]
+    weights: str = "fp8"  # a key of WEIGHT_FORMATS
 
 
 @dataclass
@@ -320,19 +327,20 @@ class ShapeSetup:
     buffer: object  # MegaMoEBuffer for the run's largest T
 
 
-def build_shape(shape: MegaShape, rank: int, world: int, max_tokens: int) -> ShapeSetup:
-    """This rank's weights (copies of its experts only) and the Mega MoE buffer."""
+def build_shape(shape: MegaShape, rank: int, world: int, max_tokens: int, weights: str) -> ShapeSetup:
+    """This rank's weights (copies of its experts only; ``weights`` 'fp8' or 'fp4') and the Mega MoE buffer."""
     import torch.distributed as dist
 
     import cute_moe
     from .mega_moe_pipelines import make_layer
-    layer = make_layer(shape.experts, shape.hidden, shape.intermediate, WEIGHT_SEED, "cuda")
+    layer = make_layer(shape.experts, shape.hidden, shape.intermediate, WEIGHT_SEED, "cuda", weights=weights)
     local = tuple((w.clone(), s.clone()) for w, s in layer.local(rank, world))  # views would keep all experts
     del layer
     torch.cuda.empty_cache()
     group = dist.group.WORLD
     buffer = cute_moe.get_symm_buffer_for_mega_moe(group, shape.experts, max_tokens, shape.top_k, shape.hidden,
-                                                   shape.intermediate, "fp8", timeout_s=BUFFER_TIMEOUT_S)
+                                                   shape.intermediate, WEIGHT_FORMATS[weights],
+                                                   timeout_s=BUFFER_TIMEOUT_S)
     return ShapeSetup(shape, local, cute_moe.transform_weights_for_mega_moe(*local), buffer)
 
 
@@ -340,7 +348,7 @@ def _finite(value: float) -> float:
     return value if math.isfinite(value) else math.inf
 
 
-def measure(setup: ShapeSetup, tokens: int, rank: int, world: int, samples: int,
+def measure(setup: ShapeSetup, tokens: int, rank: int, world: int, samples: int, weights: str,
             progress: Callable[[str], None]) -> MegaRow:
     """Accuracy, then the interleaved timing of the five contenders at ``tokens`` tokens per rank."""
     import torch.distributed as dist
@@ -375,7 +383,8 @@ def measure(setup: ShapeSetup, tokens: int, rank: int, world: int, samples: int,
         return write
 
     def ours(name: str) -> Callable[[], None]:
-        return lambda: cute_moe.fp8_mega_moe(out[name], *setup.mega_weights, buf)
+        run = cute_moe.fp8_fp4_mega_moe if weights == "fp4" else cute_moe.fp8_mega_moe
+        return lambda: run(out[name], *setup.mega_weights, buf)
 
     def unfused(topk_idx: torch.Tensor, name: str) -> Callable[[], object]:
         return lambda: unfused_mega_moe(ep, x_fp8, x_sf, topk_idx, weights, setup.local_weights, out=out[name])
@@ -417,17 +426,17 @@ def measure(setup: ShapeSetup, tokens: int, rank: int, world: int, samples: int,
     buf.check()
     ep.check()
     calls_note = "calls per graph: " + ", ".join(f"{name} {count}" for name, count in counts.items())
-    return make_row(s, tokens, times, diffs, slots, touched, note=calls_note)
+    return make_row(s, tokens, times, diffs, slots, touched, weights, note=calls_note)
 
 
 def bench_shape(key: str, plan: Plan, rank: int, world: int, progress: Callable[[str], None]) -> Iterator[MegaRow]:
     """Rows of one shape, one per token count, on buffers built for the largest."""
     shape = SHAPES[key]
     progress(f"{shape.name}: weights and buffers")
-    setup = build_shape(shape, rank, world, max(plan.tokens))
+    setup = build_shape(shape, rank, world, max(plan.tokens), plan.weights)
     try:
         for tokens in plan.tokens:
-            yield measure(setup, tokens, rank, world, plan.samples,
+            yield measure(setup, tokens, rank, world, plan.samples, plan.weights,
                           lambda stage, tokens=tokens: progress(f"{shape.name} T={tokens}: {stage}"))
             gc.collect()  # this T's EPBuffer and NCCL buffers
             torch.cuda.empty_cache()
@@ -470,6 +479,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                f"{QUICK_SAMPLES} replays (about 2 to 3 minutes on 2 H200)")
     parser.add_argument("--world", type=int, help="ranks, one GPU each (default: every visible GPU)")
     parser.add_argument("--shapes", help=f"comma-separated among {', '.join(SHAPES)}, or all (default: all)")
+    parser.add_argument("--weights", choices=list(WEIGHT_FORMATS), default="fp8",
+                        help="expert weights: fp8 (fp8_mega_moe, default) or fp4 (MXFP4, fp8_fp4_mega_moe)")
     parser.add_argument("--tokens", help="comma-separated tokens per rank (default: "
                         f"{','.join(map(str, TOKENS))}; --quick: {','.join(map(str, QUICK_TOKENS))})")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
@@ -507,7 +518,8 @@ def run(args: argparse.Namespace) -> int:
                 "routing": "uniform random top-k, distinct experts, no dropped slot",
                 "unfused": "EPBuffer sized for each T; masked layout up to 128 tokens per rank, psum above",
                 "seeds": f"weights {WEIGHT_SEED}, inputs {INPUT_SEED} + {RANK_SEED_STRIDE} * rank + T"}
-    plan = Plan(tuple(shape_keys), tuple(tokens), samples, args.out, tuple(settings.items()))
+    settings["expert weights"] = "MXFP4 (fp8_fp4_mega_moe)" if args.weights == "fp4" else "FP8 128 x 128 blocks"
+    plan = Plan(tuple(shape_keys), tuple(tokens), samples, args.out, tuple(settings.items()), args.weights)
     print(f"[bench_mega_moe] {world} rank(s), shapes {', '.join(SHAPES[k].name for k in shape_keys)}, "
           f"tokens {', '.join(map(str, tokens))}", file=sys.stderr, flush=True)
     try:

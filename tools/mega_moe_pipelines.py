@@ -2,15 +2,16 @@
 baseline pipelines that ``cute_moe.fp8_mega_moe`` is compared with (docs/mega_moe.md, section 4).
 
 * ``make_layer``: all experts' weights of one layer, identical on every rank (same seed), FP8 with
-  one scale per 128 x 128 block; ``MoEWeights.local`` slices this rank's experts.
+  one scale per 128 x 128 block, or MXFP4 (E2M1 codes with one UE8M0 exponent per 32 K, some
+  32-blocks far below their neighbours); ``MoEWeights.local`` slices this rank's experts.
 * ``make_inputs``: one rank's tokens (varied magnitudes, FP8 1 x 128), top-k routing without a
   repeated expert per token, optionally dropped slots (-1 and ids >= E).
-* ``reference_moe``: the layer in FP32 on the dequantized FP8 operands over all experts (optionally
+* ``reference_moe``: the layer in FP32 on the dequantized operands over all experts (optionally
   with the intermediate re-quantized as the kernel does).
 * ``unfused_mega_moe``: our own pieces on an EPBuffer sized for the batch (``make_ep_buffer``):
   ``EPBuffer.dispatch`` (FP8; masked layout up to 128 tokens per rank, psum above) -> grouped FP8
-  GEMM (masked / contiguous) -> SwiGLU (+ clamp) and 1 x 128 FP8 quantization in torch -> grouped FP8
-  GEMM -> ``EPBuffer.combine``.
+  (or FP8 x FP4) GEMM (masked / contiguous) -> SwiGLU (+ clamp) and 1 x 128 FP8 quantization in torch
+  -> grouped GEMM -> ``EPBuffer.combine``.
 * ``nccl_mega_moe``: NCCL ``all_to_all_single`` of every token row to every rank (padded to a fixed
   per-rank capacity: sync-free), local psum layout in torch, the same GEMMs and SwiGLU, per-source
   partial sums back over NCCL, FP32 sum of the ranks' partials.
@@ -23,8 +24,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cute_moe.layouts import (per_block_cast_to_fp8, per_block_dequant, per_token_cast_to_fp8,
-                              per_token_dequant)
+from cute_moe.fp4_ops import m_grouped_fp8_fp4_gemm_nt_contiguous, m_grouped_fp8_fp4_gemm_nt_masked
+from cute_moe.layouts import (float_to_ue8m0, per_block_cast_to_fp8, per_block_dequant, per_token_cast_to_fp4,
+                              per_token_cast_to_fp8, per_token_dequant, per_token_dequant_fp4, ue8m0_to_float)
 from cute_moe.ops import m_grouped_fp8_gemm_nt_contiguous, m_grouped_fp8_gemm_nt_masked
 
 SCALE_BLOCK = 128  # FP8: one scale per 128 values of a row / per 128 x 128 weight block
@@ -36,14 +38,22 @@ TOKEN_MAGNITUDE_SIGMA = 1.0  # log-normal spread of the per-token input magnitud
 ROW_MAGNITUDE_SIGMA = 0.5  # log-normal spread of the weights' output channels
 EXPERT_MAGNITUDE_SIGMA = 0.3  # log-normal spread between experts
 OUT_OF_RANGE_SPAN = 1000  # dropped slots written as ids in [E, E + span) (half of them; the rest -1)
+WEIGHT_FORMATS = ("fp8", "fp4")
+MX_BLOCK = 32  # MXFP4: K elements per UE8M0 exponent
+# MXFP4 weights: this share of 32-blocks is scaled down by 2^-shift, shift uniform in [1, 12], before
+# quantization, so blocks of one 128-K block have exponents up to 12 apart (the kernel's exact path).
+SMALL_BLOCK_SHARE = 0.1
+SMALL_BLOCK_MAX_SHIFT = 12
 
 
 # ---- weights and inputs -------------------------------------------------------------------------
 
 @dataclass
 class MoEWeights:
-    """One layer's FP8 expert weights over all ``num_experts`` experts (gate rows [0, I), then up rows
-    [I, 2I) in ``w1``): w1 [E, 2I, H], s1 [E, 2I/128, H/128], w2 [E, H, I], s2 [E, H/128, I/128]."""
+    """One layer's expert weights over all ``num_experts`` experts (gate rows [0, I), then up rows
+    [I, 2I) in ``w1``). FP8: w1 [E, 2I, H], s1 [E, 2I/128, H/128], w2 [E, H, I], s2 [E, H/128,
+    I/128]; MXFP4: w1 int8 [E, 2I, H/2] (two E2M1 codes per byte), s1 uint8 UE8M0 [E, 2I, H/32], w2
+    [E, H, I/2], s2 [E, H, I/32]."""
 
     w1: torch.Tensor
     s1: torch.Tensor
@@ -51,16 +61,27 @@ class MoEWeights:
     s2: torch.Tensor
 
     @property
+    def fp4(self) -> bool:
+        return self.w1.dtype == torch.int8
+
+    @property
     def num_experts(self) -> int:
         return self.w1.shape[0]
 
     @property
     def hidden(self) -> int:
-        return self.w1.shape[2]
+        return self.w1.shape[2] * (2 if self.fp4 else 1)
 
     @property
     def intermediate(self) -> int:
-        return self.w2.shape[2]
+        return self.w2.shape[2] * (2 if self.fp4 else 1)
+
+    def dequantized(self, expert: int) -> tuple:
+        """FP32 (W1 [2I, H], W2 [H, I]) of one expert."""
+        if self.fp4:
+            return tuple(per_token_dequant_fp4(w[expert], ue8m0_to_float(s[expert]))
+                         for w, s in ((self.w1, self.s1), (self.w2, self.s2)))
+        return per_block_dequant(self.w1[expert], self.s1[expert]), per_block_dequant(self.w2[expert], self.s2[expert])
 
     def local(self, rank: int, world: int) -> tuple:
         """((w1, s1), (w2, s2)) of rank ``rank``'s experts ``[rank * L, (rank + 1) * L)``, L = E / world
@@ -81,11 +102,34 @@ def _expert_matrix(rows: int, cols: int, gen: torch.Generator, device) -> torch.
     return torch.randn(rows, cols, generator=gen, device=device) * row_scale * matrix_scale / cols ** 0.5
 
 
-def make_layer(num_experts: int, hidden: int, inter: int, seed: int, device) -> MoEWeights:
+def _mxfp4(matrix: torch.Tensor, gen: torch.Generator) -> tuple:
+    """(int8 codes [N, K/2], uint8 exponents [N, K/32]) of ``matrix`` after scaling a random share of
+    its 32-blocks far down (see SMALL_BLOCK_SHARE)."""
+    rows, cols = matrix.shape
+    blocks = matrix.view(rows, cols // MX_BLOCK, MX_BLOCK)
+    small = torch.rand(rows, cols // MX_BLOCK, 1, generator=gen, device=matrix.device) < SMALL_BLOCK_SHARE
+    shift = torch.randint(1, SMALL_BLOCK_MAX_SHIFT + 1, small.shape, generator=gen, device=matrix.device)
+    blocks = torch.where(small, blocks * torch.exp2(-shift.float()), blocks)
+    codes, sf = per_token_cast_to_fp4(blocks.view(rows, cols), use_ue8m0=True, gran_k=MX_BLOCK)
+    return codes, float_to_ue8m0(sf)
+
+
+def make_layer(num_experts: int, hidden: int, inter: int, seed: int, device, weights: str = "fp8") -> MoEWeights:
     """All experts' weights, generated expert by expert from ``seed`` on ``device`` (identical on every
-    rank: same seed, same generator), FP8-quantized per 128 x 128 block."""
+    rank: same seed, same generator), FP8-quantized per 128 x 128 block or (``weights='fp4'``) MXFP4."""
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights: expected one of {WEIGHT_FORMATS}, got {weights!r}")
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed)
+    if weights == "fp4":
+        w1 = torch.empty(num_experts, 2 * inter, hidden // 2, dtype=torch.int8, device=device)
+        s1 = torch.empty(num_experts, 2 * inter, hidden // MX_BLOCK, dtype=torch.uint8, device=device)
+        w2 = torch.empty(num_experts, hidden, inter // 2, dtype=torch.int8, device=device)
+        s2 = torch.empty(num_experts, hidden, inter // MX_BLOCK, dtype=torch.uint8, device=device)
+        for e in range(num_experts):
+            w1[e], s1[e] = _mxfp4(_expert_matrix(2 * inter, hidden, gen, device), gen)
+            w2[e], s2[e] = _mxfp4(_expert_matrix(hidden, inter, gen, device), gen)
+        return MoEWeights(w1, s1, w2, s2)
     w1 = torch.empty(num_experts, 2 * inter, hidden, dtype=FP8, device=device)
     s1 = torch.empty(num_experts, 2 * inter // SCALE_BLOCK, -(-hidden // SCALE_BLOCK), dtype=torch.float32,
                      device=device)
@@ -135,7 +179,7 @@ def reference_moe(x_fp8: torch.Tensor, x_sf: torch.Tensor, topk_idx: torch.Tenso
                   weights: MoEWeights, activation_clamp: float | None = None,
                   quantize_intermediate: bool = False) -> torch.Tensor:
     """FP32 [T, H]: ``y[t] = sum over valid k of w[t,k] * W2[e] . act(W1[e] . x[t])`` on the dequantized
-    FP8 inputs and weights, over all experts (ids outside [0, E) are dropped; such tokens get 0).
+    FP8 inputs and FP8 / MXFP4 weights, over all experts (ids outside [0, E) are dropped; such tokens get 0).
     ``quantize_intermediate``: act re-quantized 1 x 128 (``per_token_cast_to_fp8``) before W2, as the
     kernel does. Loops over the experts in use (synchronizes the host: tests and checks only)."""
     x = per_token_dequant(x_fp8, x_sf)
@@ -144,8 +188,7 @@ def reference_moe(x_fp8: torch.Tensor, x_sf: torch.Tensor, topk_idx: torch.Tenso
     used = idx[(idx >= 0) & (idx < weights.num_experts)].unique().tolist()
     for e in used:
         tok, slot = (idx == e).nonzero(as_tuple=True)
-        w1 = per_block_dequant(weights.w1[e], weights.s1[e])
-        w2 = per_block_dequant(weights.w2[e], weights.s2[e])
+        w1, w2 = weights.dequantized(e)
         act = swiglu(x[tok] @ w1.T, activation_clamp)
         if quantize_intermediate:
             act = per_token_dequant(*per_token_cast_to_fp8(act))
@@ -160,13 +203,21 @@ def _swiglu_fp8(h: torch.Tensor, activation_clamp: float | None) -> tuple:
     return per_token_cast_to_fp8(swiglu(h, activation_clamp))
 
 
+def _grouped_gemms(local_weights: tuple) -> tuple:
+    """(contiguous, masked) grouped GEMM ops of the weights' format: FP8, or FP8 x FP4 (int8 codes)."""
+    if local_weights[0][0].dtype == torch.int8:
+        return m_grouped_fp8_fp4_gemm_nt_contiguous, m_grouped_fp8_fp4_gemm_nt_masked
+    return m_grouped_fp8_gemm_nt_contiguous, m_grouped_fp8_gemm_nt_masked
+
+
 def _expert_layers(a: tuple, psum: torch.Tensor, local_weights: tuple, h: torch.Tensor, y: torch.Tensor,
                    activation_clamp: float | None) -> None:
     """y [M, H] BF16 = GEMM-2(SwiGLU-FP8(GEMM-1(a))) over the psum segments of ``psum``; rows outside
     every segment are left as they were (never read by the callers)."""
     (w1, s1), (w2, s2) = local_weights
-    m_grouped_fp8_gemm_nt_contiguous(a, (w1, s1), h, psum, use_psum_layout=True)
-    m_grouped_fp8_gemm_nt_contiguous(_swiglu_fp8(h, activation_clamp), (w2, s2), y, psum, use_psum_layout=True)
+    contiguous, _ = _grouped_gemms(local_weights)
+    contiguous(a, (w1, s1), h, psum, use_psum_layout=True)
+    contiguous(_swiglu_fp8(h, activation_clamp), (w2, s2), y, psum, use_psum_layout=True)
 
 
 # ---- the unfused pipeline on our EP dispatch / combine ------------------------------------------
@@ -211,17 +262,17 @@ def unfused_mega_moe(ep_buffer, x_fp8: torch.Tensor, x_sf: torch.Tensor, topk_id
     Collective, sync-free, capturable."""
     d = unfused_dispatch(ep_buffer, x_fp8, x_sf, topk_idx, topk_weights)
     (w1, s1), (w2, s2) = local_weights
-    inter = w2.shape[2]
+    inter = w1.shape[1] // 2
+    _, masked = _grouped_gemms(local_weights)
     g = ep_buffer.geom
     if d.masked_m is not None:
         experts, max_m, hidden = d.x.shape
         expected_m = max(1, -(-g.num_ranks * g.max_tokens * g.num_topk // g.num_experts))
         h = torch.empty(experts, max_m, 2 * inter, dtype=torch.bfloat16, device=d.x.device)
         y = torch.empty(experts, max_m, hidden, dtype=torch.bfloat16, device=d.x.device)
-        m_grouped_fp8_gemm_nt_masked((d.x, d.scales), (w1, s1), h, d.masked_m, expected_m)
+        masked((d.x, d.scales), (w1, s1), h, d.masked_m, expected_m)
         a, sf = _swiglu_fp8(h.view(-1, 2 * inter), activation_clamp)
-        m_grouped_fp8_gemm_nt_masked((a.view(experts, max_m, inter), sf.view(experts, max_m, -1)), (w2, s2), y,
-                                     d.masked_m, expected_m)
+        masked((a.view(experts, max_m, inter), sf.view(experts, max_m, -1)), (w2, s2), y, d.masked_m, expected_m)
     else:
         rows, hidden = d.x.shape
         h = torch.empty(rows, 2 * inter, dtype=torch.bfloat16, device=d.x.device)

@@ -24,8 +24,8 @@ GROUPED_GEMM = KernelFamily("sm90_grouped_gemm", tuple(sorted(
 # The FP4-weight family (B widened on chip) subclasses the grouped GEMM's kernel and reuses its signature helpers.
 FP4_GROUPED_GEMM = KernelFamily("sm90_fp4_grouped_gemm", tuple(sorted(
     GROUPED_GEMM.sources + tuple(_KERNELS / "sm90" / name
-                                 for name in ("fp4_grouped_gemm.py", "fp4_signature.py", "fp4_widen_bits.py",
-                                              "fp4_swap_gemm.py", "fp4_fragment_bits.py")))))
+                                 for name in ("fp4_grouped_gemm.py", "fp4_signature.py", "fp4_widen.py",
+                                              "fp4_widen_bits.py", "fp4_swap_gemm.py", "fp4_fragment_bits.py")))))
 # The K-grouped FP8 family (1 x 128 scales on both operands) subclasses the grouped GEMM's kernel too.
 FP8_K_GROUPED_GEMM = KernelFamily("sm90_fp8_k_grouped_gemm", tuple(sorted(
     GROUPED_GEMM.sources + tuple(_KERNELS / "sm90" / name

@@ -43,47 +43,19 @@ import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import Float32, Int32
 from cutlass.memory import SmemAllocator
 from cutlass.pipeline import pipeline_init_arrive, pipeline_init_wait
-from cutlass._mlir.dialects import llvm
-from cutlass.cutlass_dsl import T, dsl_user_op
 from cutlass.tensor_utils import LayoutEnum
 
 from ..grouped_schedulers import GroupedTileScheduler
 from ..scheduler import WorkTile
 from .grouped_gemm import (CONSUMER_REGS, EPI_N, EPI_STAGES, PRODUCER_REGS, ROW_HALF, ROWS_PER_CONSUMER_WARPGROUP,
-                           SFA_BYTES, SMEM_CAPACITY, SMEM_RESERVED_BYTES, THREADS_PER_WARPGROUP, TMA_ALIGN_BYTES,
-                           WARPS_PER_WARPGROUP, Sm90GroupedGemm)
+                           SFA_BYTES, THREADS_PER_WARPGROUP, TMA_ALIGN_BYTES, WARPS_PER_WARPGROUP, Sm90GroupedGemm)
 from . import fp4_widen_bits as widen_bits
+from .fp4_widen import BYTE_MASK, MX_BLOCK, SWIZZLE_ALIGN_BYTES, WIDEN_BARRIER_ID, E2m1Widening
 
-MX_BLOCK = 32  # K elements per UE8M0 exponent
-PACKED_PER_BLOCK = MX_BLOCK // 2  # bytes of one 32-element block
 WIDE_BUFFERS = 3  # widened B tiles in flight (see the module docstring)
-WIDEN_BARRIER_ID = 2  # 0: __syncthreads, 1: the epilogue's barrier
-BYTE_MASK = 0xFF
-# An E2M1 code's three magnitude bits (e1 e0 m) placed at FP32 bits 24..22 and its sign at bit 31
-# give exactly value(code) * 2^-126: exponent field e (e >= 1: 2^(e-127) * (1 + m/2); e = 0: the
-# subnormal m * 2^-127). The kernels multiply by 2^126 (folded into the scale for FP8) in FP32
-# without flush-to-zero.
-E2M1_MAG_MASK = 0x7
-E2M1_SIGN_BIT = 0x8
-E2M1_MAG_SHIFT = 22
-E2M1_RAW_SHIFT = 126
-FP32_SIGN_SHIFT = 28  # E2M1 sign bit (bit 3) -> FP32 sign bit (bit 31)
-FP32_MANTISSA_BITS = 23
-FP32_BIAS = 127
-FP32_SUBNORMAL_2_POW_M127 = 1 << 22  # 2^-127, UE8M0 exponent 0
-FP32_MIN_NORMAL_EXP = 1
-SWIZZLE_ALIGN_BYTES = 1024  # a 128-byte swizzle pattern repeats every 1024 bytes
 
 
-@dsl_user_op
-def prmt(a, b, selector, *, loc=None, ip=None) -> Int32:
-    """PTX ``prmt.b32`` (byte permute of the 8 bytes ``b:a``); pure, so the compiler may schedule it."""
-    return Int32(llvm.inline_asm(T.i32(), [Int32(x).ir_value(loc=loc, ip=ip) for x in (a, b, selector)],
-                                 "prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", has_side_effects=False,
-                                 is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip))
-
-
-class Sm90Fp4GroupedGemm(Sm90GroupedGemm):
+class Sm90Fp4GroupedGemm(E2m1Widening, Sm90GroupedGemm):
     """Compile-time configuration of one FP4-weight specialization (see the module docstring).
 
     ``fp8`` selects FP8 x FP4 (tile_k 128) or BF16 x FP4 (tile_k 64); kinds: dense, contiguous, psum,
@@ -131,15 +103,6 @@ class Sm90Fp4GroupedGemm(Sm90GroupedGemm):
             sm90_utils.get_smem_layout_atom(row_major, self.stage_dtype, EPI_N), self.stage_dtype)
         self.epi_smem_layout = cute.tile_to_shape(epi_atom, (*self.epi_tile, EPI_STAGES), order=(0, 1, 2))
 
-    def stage_count(self, stage_bytes: int, fixed_bytes: int) -> int:
-        """Stages of ``stage_bytes`` that fit in shared memory beside ``fixed_bytes``, the group table and
-        the barriers (the requested count when smaller); at least 2."""
-        fit = (SMEM_CAPACITY - SMEM_RESERVED_BYTES - self.table_len * 4 - fixed_bytes) // stage_bytes
-        stages = fit if self.requested_stages == 0 else min(self.requested_stages, fit)
-        if stages < 2:
-            raise ValueError(f"stages: tile {self.tile_shape_mnk} leaves room for {fit} stages, need 2")
-        return stages
-
     def k_major_atom(self):
         """The swizzled K-major shared-memory atom of one ``tile_k`` row of ``ab_dtype`` (128 bytes)."""
         return cute.nvgpu.warpgroup.make_smem_layout_atom(
@@ -169,15 +132,6 @@ class Sm90Fp4GroupedGemm(Sm90GroupedGemm):
             max_clusters, rows, stream)
 
     # ------------------------------------------------------------------ launch helpers (both FP4 kernels)
-    def storage_struct(self, **buffers):
-        """The CTA's shared-memory struct: the stage ring's mbarriers, the scheduler's group table, then
-        ``buffers`` in order (name -> (element type, count, alignment in bytes))."""
-        fields = {"mainloop_barriers": cute.struct.MemRange[cutlass.Int64, self.stages * 2],
-                  "group_values": cute.struct.MemRange[Int32, self.table_len]}
-        for name, (dtype, count, alignment) in buffers.items():
-            fields[name] = cute.struct.Align[cute.struct.MemRange[dtype, count], alignment]
-        return cute.struct(type("SharedStorage", (), {"__annotations__": fields}))
-
     def launch_operands(self, mA: cute.Tensor, mB: cute.Tensor, mD: cute.Tensor, mSFA: Optional[cute.Tensor],
                         mSFB: cute.Tensor, mGroup: Optional[cute.Tensor]):
         """``_setup`` for D's type, then the kernels' views of the launch operands (FP8 A as E4M3; masked
@@ -357,12 +311,6 @@ class Sm90Fp4GroupedGemm(Sm90GroupedGemm):
         return tuple(pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
                      for _ in range(count))
 
-    @staticmethod
-    def set_block_accumulate(tiled_mma: cute.TiledMma, first_mma: cute.TiledMma):
-        """FP8 block accumulators: a block's first WGMMA overwrites (``first_mma``), the others add."""
-        first_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, False)
-        tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
-
     def mma_slices(self, tiled_mma: cute.TiledMma, consumer_tidx: Int32):
         """This thread's warpgroup slice of the tiled MMA (operand fragments, shared-memory
         descriptors) and its thread slice (accumulator coordinates)."""
@@ -456,16 +404,6 @@ class Sm90Fp4GroupedGemm(Sm90GroupedGemm):
             mainloop.consumer_release(release_state)
             release_state.advance()
         return state, release_state, wide
-
-    @cute.jit
-    def mma_fp8_block(self, tiled_mma, first_mma, tCrA, tCrB, block_acc, num_k_blocks: cutlass.Constexpr[int],
-                      stage: Int32, buffer: Int32):
-        """Issue and commit one 128-K block's WGMMAs into ``block_acc`` (overwritten by the first)."""
-        cute.nvgpu.warpgroup.fence()
-        for kb in cutlass.range_constexpr(num_k_blocks):
-            mma = first_mma if kb == 0 else tiled_mma
-            cute.gemm(mma, block_acc, tCrA[(None, None, kb, stage)], tCrB[(None, None, kb, buffer)], block_acc)
-        cute.nvgpu.warpgroup.commit_group()
 
     @cute.jit
     def promote_fp8_block(self, accumulators, block_acc, mainloop, release_state, sSFA: cute.Tensor,
@@ -563,56 +501,7 @@ class Sm90Fp4GroupedGemm(Sm90GroupedGemm):
                 else:
                     exponent = exponents[round_]
                     fast = exponent >= widen_bits.BF16_MIN_EXP and exponent <= widen_bits.BF16_MAX_EXP
-                packed = cute.make_rmem_tensor((PACKED_PER_BLOCK,), cutlass.Uint8)
-                cute.autovec_copy(cute.local_tile(sP[(n, None, stage)], (PACKED_PER_BLOCK,), (b,)), packed)
-                widened = cute.make_rmem_tensor((MX_BLOCK,), self.ab_dtype)
-                words = cute.recast_tensor(packed, Int32)
-                if fast:
-                    self.widen_words(words, cute.recast_tensor(widened, Int32), exponent)
-                else:
-                    self.widen_exact(words, widened, exponent)
-                cute.autovec_copy(widened, cute.local_tile(sW[(n, None, buffer)], (MX_BLOCK,), (b,)))
-
-    @cute.jit
-    def widen_words(self, words: cute.Tensor, out: cute.Tensor, exponent: Int32):
-        """Fast path: 4 packed words -> 8 (E4M3) / 16 (BF16) widened words by byte-permute lookups
-        (``fp4_widen_bits``); ``exponent`` is the block shift (FP8) or the UE8M0 exponent (BF16)."""
-        if cutlass.const_expr(self.fp8):
-            tables = widen_bits.e4m3_tables(exponent)
-            for j in cutlass.range_constexpr(PACKED_PER_BLOCK // 4):
-                first, second = widen_bits.e4m3_words(words[j], tables, prmt)
-                out[2 * j] = first
-                out[2 * j + 1] = second
-        else:
-            tables = widen_bits.bf16_tables(exponent, prmt)
-            for j in cutlass.range_constexpr(PACKED_PER_BLOCK // 4):
-                w0, w1, w2, w3 = widen_bits.bf16_words(words[j], tables, prmt)
-                out[4 * j] = w0
-                out[4 * j + 1] = w1
-                out[4 * j + 2] = w2
-                out[4 * j + 3] = w3
-
-    @cute.jit
-    def widen_exact(self, words: cute.Tensor, widened: cute.Tensor, exponent: Int32):
-        """Exact FP32 path for every exponent (the fast path's domain ends at subnormal or infinite
-        results): codes placed as FP32 ``value * 2^-126``, scaled without flush-to-zero, rounded once.
-        ``exponent`` is the block shift (FP8) or the UE8M0 exponent (BF16)."""
-        shift = exponent
-        if cutlass.const_expr(self.fp8):
-            shift = exponent + FP32_BIAS + E2M1_RAW_SHIFT  # value * 2^(e - e_max)
-        scale = self.pow2(shift)  # BF16: value * 2^(e - 127), after the 2^126 below
-        bits = cute.make_rmem_tensor((MX_BLOCK,), Int32)
-        for j in cutlass.range_constexpr(PACKED_PER_BLOCK):
-            byte = (words[j // 4] >> (8 * (j % 4))) & BYTE_MASK  # bytes taken here, inside the slow path
-            bits[2 * j] = (byte & E2M1_MAG_MASK) << E2M1_MAG_SHIFT | (byte & E2M1_SIGN_BIT) << FP32_SIGN_SHIFT
-            high = byte >> 4
-            bits[2 * j + 1] = ((high & E2M1_MAG_MASK) << E2M1_MAG_SHIFT
-                               | (high & E2M1_SIGN_BIT) << FP32_SIGN_SHIFT)
-        values = cute.recast_tensor(bits, Float32).load()
-        if cutlass.const_expr(not self.fp8):
-            values = values * Float32(2.0 ** E2M1_RAW_SHIFT)  # exact, normal results
-        values = values * scale
-        widened.store(values.to(self.ab_dtype))
+                self.widen_item(sP, sW, stage, buffer, n, b, exponent, fast)
 
     @cute.jit
     def scale_exponent(self, mSFB: cute.Tensor, n: Int32, kb: Int32, group: Int32) -> Int32:
@@ -621,14 +510,3 @@ class Sm90Fp4GroupedGemm(Sm90GroupedGemm):
         if n < self.n and kb < self.k_scale_blocks:
             exponent = Int32(mSFB[(n, kb, group)]) & BYTE_MASK  # the load sign-extends the byte
         return exponent
-
-    @cute.jit
-    def pow2(self, biased: Int32) -> Float32:
-        """2^(biased - 127) exactly for biased in [0, 254] (0 gives the subnormal 2^-127); 0 below."""
-        bits = cute.make_rmem_tensor((1,), Int32)
-        bits[0] = Int32(0)
-        if biased == 0:
-            bits[0] = Int32(FP32_SUBNORMAL_2_POW_M127)
-        if biased >= FP32_MIN_NORMAL_EXP:
-            bits[0] = biased << FP32_MANTISSA_BITS
-        return cute.recast_tensor(bits, Float32)[0]

@@ -15,7 +15,8 @@ from cute_moe.operands import dsl_type
 from cute_moe.specs import GemmSpec
 
 from .config import Sm90Config
-from .fp4_grouped_gemm import MX_BLOCK, Sm90Fp4GroupedGemm
+from .fp4_grouped_gemm import Sm90Fp4GroupedGemm
+from .fp4_widen import MX_BLOCK
 from .fp4_swap_gemm import Sm90Fp4SwapGemm
 from .signature import ALIGN_BYTES, _row_major, row_space_arguments
 

@@ -52,9 +52,9 @@ from ..scheduler import WorkTile
 from . import fp4_fragment_bits as fragment_bits
 from . import fp4_widen_bits as widen_bits
 from .config import MAX_GROUPS
-from .fp4_grouped_gemm import (BYTE_MASK, E2M1_MAG_MASK, E2M1_MAG_SHIFT, E2M1_RAW_SHIFT, E2M1_SIGN_BIT,
-                               FP32_BIAS, FP32_SIGN_SHIFT, MX_BLOCK, SWIZZLE_ALIGN_BYTES, Sm90Fp4GroupedGemm,
-                               prmt)
+from .fp4_grouped_gemm import Sm90Fp4GroupedGemm
+from .fp4_widen import (BYTE_MASK, E2M1_MAG_MASK, E2M1_MAG_SHIFT, E2M1_RAW_SHIFT, E2M1_SIGN_BIT, FP32_BIAS,
+                        FP32_SIGN_SHIFT, MX_BLOCK, SWIZZLE_ALIGN_BYTES, prmt)
 from .grouped_gemm import CONSUMER_REGS, PRODUCER_REGS, SFA_BYTES, THREADS_PER_WARPGROUP, TMA_ALIGN_BYTES
 
 WEIGHT_ROWS_PER_WARPGROUP = 64  # WGMMA's M

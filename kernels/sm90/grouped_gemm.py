@@ -113,10 +113,7 @@ class Sm90GroupedGemm:
         self.d_dtype = d_dtype
         # C is added in FP32 before rounding, so an epilogue with C stages FP32 values in shared memory.
         self.stage_dtype = self.acc_dtype if self.has_c else d_dtype
-        self.tiled_mma = sm90_utils.make_trivial_tiled_mma(
-            self.ab_dtype, self.ab_dtype, _layout(self.a_major).sm90_mma_major_mode(),
-            _layout(self.b_major).sm90_mma_major_mode(), self.acc_dtype,
-            (self.num_consumer_wgs, 1, 1), tiler_mn=(ROWS_PER_CONSUMER_WARPGROUP, self.mma_tile_n))
+        self.tiled_mma = self.make_tiled_mma()
         self.num_mcast_a = self.cluster_shape_mn[1]
         self.num_mcast_b = self.cluster_shape_mn[0]
         self.cta_layout_mnk = cute.make_layout((*self.cluster_shape_mn, 1))
@@ -136,6 +133,14 @@ class Sm90GroupedGemm:
         epi_atom = cute.nvgpu.warpgroup.make_smem_layout_atom(
             sm90_utils.get_smem_layout_atom(row_major, self.stage_dtype, EPI_N), self.stage_dtype)
         self.epi_smem_layout = cute.tile_to_shape(epi_atom, (*self.epi_tile, EPI_STAGES), order=(0, 1, 2))
+
+    def make_tiled_mma(self) -> cute.TiledMma:
+        """The consumers' tiled WGMMA (after ``ab_dtype`` is set): one 64-row warpgroup slice per
+        consumer warpgroup, ``mma_tile_n`` columns."""
+        return sm90_utils.make_trivial_tiled_mma(
+            self.ab_dtype, self.ab_dtype, _layout(self.a_major).sm90_mma_major_mode(),
+            _layout(self.b_major).sm90_mma_major_mode(), self.acc_dtype,
+            (self.num_consumer_wgs, 1, 1), tiler_mn=(ROWS_PER_CONSUMER_WARPGROUP, self.mma_tile_n))
 
     def stage_scale_bytes(self) -> int:
         """Bytes of scales a mainloop stage holds besides its A and B k-blocks (FP8: one FP32 A scale
@@ -545,10 +550,11 @@ class Sm90GroupedGemm:
     def consumer_setup(self, tiled_mma, sA: cute.Tensor, sB: cute.Tensor, sD: cute.Tensor,
                        consumer_tidx: Int32) -> tuple:
         """Device code, consumer warpgroups: ``(tCrA, tCrB, tCrB_parts, accumulators, block_acc,
-        num_k_blocks, tCcC, r0, epilogue, state, release_state)``: WGMMA fragments of the A and B
-        stages (B per N part), the tile's accumulators (FP8: and one part's block accumulator),
-        k-blocks per stage, each accumulator element's (row, column) in the tile and the row of the
-        first, the epilogue's copy plans, the ring's consumer state and its release state."""
+        num_k_blocks, tCcC, r0, epilogue, state, release_state)``: WGMMA fragments of the A stages
+        and of B's (tile_n, tile_k, buffers) tiles ``sB`` (also per N part), the tile's accumulators
+        (FP8: and one part's block accumulator), k-blocks per stage, each accumulator element's (row,
+        column) in the tile and the row of the first, the epilogue's copy plans, the ring's consumer
+        state and its release state."""
         tile_m, tile_n, tile_k = self.tile_shape_mnk
         wg_layout = cute.make_layout(self.num_consumer_wgs, stride=THREADS_PER_WARPGROUP)
         thr_mma = tiled_mma.get_slice(wg_layout(consumer_tidx // THREADS_PER_WARPGROUP))
@@ -559,7 +565,7 @@ class Sm90GroupedGemm:
         tCrB_parts = [tCrB]
         if cutlass.const_expr(self.n_parts > 1):
             tCrB_parts = [tiled_mma.make_fragment_B(thr_mma.partition_B(
-                cute.local_tile(sB, (self.mma_tile_n, tile_k, self.stages), (part, 0, 0))))
+                cute.local_tile(sB, (self.mma_tile_n, tile_k, cute.size(sB, mode=[2])), (part, 0, 0))))
                 for part in range(self.n_parts)]
         accumulators = cute.make_rmem_tensor(thr_mma.partition_shape_C((tile_m, tile_n)), self.acc_dtype)
         block_acc = accumulators
