@@ -348,7 +348,7 @@ def _finite(value: float) -> float:
     return value if math.isfinite(value) else math.inf
 
 
-def measure(setup: ShapeSetup, tokens: int, rank: int, world: int, samples: int, weights: str,
+def measure(setup: ShapeSetup, tokens: int, rank: int, world: int, samples: int, weight_format: str,
             progress: Callable[[str], None]) -> MegaRow:
     """Accuracy, then the interleaved timing of the five contenders at ``tokens`` tokens per rank."""
     import torch.distributed as dist
@@ -383,7 +383,7 @@ def measure(setup: ShapeSetup, tokens: int, rank: int, world: int, samples: int,
         return write
 
     def ours(name: str) -> Callable[[], None]:
-        run = cute_moe.fp8_fp4_mega_moe if weights == "fp4" else cute_moe.fp8_mega_moe
+        run = cute_moe.fp8_fp4_mega_moe if weight_format == "fp4" else cute_moe.fp8_mega_moe
         return lambda: run(out[name], *setup.mega_weights, buf)
 
     def unfused(topk_idx: torch.Tensor, name: str) -> Callable[[], object]:
@@ -426,7 +426,7 @@ def measure(setup: ShapeSetup, tokens: int, rank: int, world: int, samples: int,
     buf.check()
     ep.check()
     calls_note = "calls per graph: " + ", ".join(f"{name} {count}" for name, count in counts.items())
-    return make_row(s, tokens, times, diffs, slots, touched, weights, note=calls_note)
+    return make_row(s, tokens, times, diffs, slots, touched, weight_format, note=calls_note)
 
 
 def bench_shape(key: str, plan: Plan, rank: int, world: int, progress: Callable[[str], None]) -> Iterator[MegaRow]:
