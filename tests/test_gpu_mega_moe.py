@@ -64,8 +64,9 @@ class Layer:
         self.run = cute_moe.fp8_fp4_mega_moe if weights == "fp4" else cute_moe.fp8_mega_moe
         self.buf = cute_moe.get_symm_buffer_for_mega_moe(dist.group.WORLD, **shape, mma_type=mma_type,
                                                          timeout_s=timeout_s)
+        from cute_moe.tools.mega_moe_pipelines import SMALL_BLOCK_SHARE
         self.weights = make_layer(shape["num_experts"], shape["hidden"], shape["intermediate_hidden"], WEIGHT_SEED,
-                                  "cuda", weights=weights)
+                                  "cuda", weights=weights, small_block_share=SMALL_BLOCK_SHARE)
         self.local = self.weights.local(rank, world)
         self.l1, self.l2 = cute_moe.transform_weights_for_mega_moe(*self.local)
         self.num_local = shape["num_experts"] // world

@@ -190,7 +190,7 @@ def test_bf16_transform_argument_errors(make, error, match):
 
 def _fp4_layer(experts: int = 3, hidden: int = 256, inter: int = 384, seed: int = 0) -> tuple:
     """Untransformed MXFP4 weights ((w1 int8, e1 uint8), (w2, e2)) and their FP32 dequantized W1."""
-    layer = pipes.make_layer(experts, hidden, inter, seed, "cpu", weights="fp4")
+    layer = pipes.make_layer(experts, hidden, inter, seed, "cpu", weights="fp4", small_block_share=pipes.SMALL_BLOCK_SHARE)
     w1 = torch.stack([layer.dequantized(e)[0] for e in range(experts)])
     return ((layer.w1, layer.s1), (layer.w2, layer.s2)), w1
 
@@ -510,14 +510,17 @@ def test_make_layer_is_deterministic_and_sliced_per_rank():
 
 
 def test_make_layer_fp4_has_far_apart_block_exponents():
-    a = pipes.make_layer(4, 256, 128, 5, "cpu", weights="fp4")
-    assert torch.equal(a.w1, pipes.make_layer(4, 256, 128, 5, "cpu", weights="fp4").w1)
+    share = pipes.SMALL_BLOCK_SHARE
+    a = pipes.make_layer(4, 256, 128, 5, "cpu", weights="fp4", small_block_share=share)
+    assert torch.equal(a.w1, pipes.make_layer(4, 256, 128, 5, "cpu", weights="fp4", small_block_share=share).w1)
     assert (a.w1.dtype, a.s1.dtype, a.w1.shape, a.s1.shape, a.w2.shape, a.s2.shape) == (
         torch.int8, torch.uint8, (4, 256, 128), (4, 256, 8), (4, 256, 64), (4, 256, 4))
     assert (a.hidden, a.intermediate, a.fp4) == (256, 128, True)
     spread = a.s1.view(4, 256, 2, 4).int()
     spread = (spread.amax(-1) - spread.amin(-1)).flatten()
     assert (spread > 8).any() and (spread <= 5).float().mean() > 0.5  # both widening paths occur
+    plain = pipes.make_layer(4, 256, 128, 5, "cpu", weights="fp4").s1.view(4, 256, 2, 4).int()
+    assert int((plain.amax(-1) - plain.amin(-1)).max()) <= 5  # the default: the fast path only
     w1, w2 = a.dequantized(1)
     assert w1.shape == (256, 256) and w2.shape == (256, 128) and w1.dtype == torch.float32
     with pytest.raises(ValueError, match="^weights: expected one of"):

@@ -2,8 +2,8 @@
 baseline pipelines that ``cute_moe.fp8_mega_moe`` is compared with (docs/mega_moe.md, section 4).
 
 * ``make_layer``: all experts' weights of one layer, identical on every rank (same seed), FP8 with
-  one scale per 128 x 128 block, or MXFP4 (E2M1 codes with one UE8M0 exponent per 32 K, some
-  32-blocks far below their neighbours); ``MoEWeights.local`` slices this rank's experts.
+  one scale per 128 x 128 block, or MXFP4 (E2M1 codes with one UE8M0 exponent per 32 K; optionally
+  a share of 32-blocks far below their neighbours); ``MoEWeights.local`` slices this rank's experts.
 * ``make_inputs``: one rank's tokens (varied magnitudes, FP8 1 x 128), top-k routing without a
   repeated expert per token, optionally dropped slots (-1 and ids >= E).
 * ``reference_moe``: the layer in FP32 on the dequantized operands over all experts (optionally
@@ -40,8 +40,9 @@ EXPERT_MAGNITUDE_SIGMA = 0.3  # log-normal spread between experts
 OUT_OF_RANGE_SPAN = 1000  # dropped slots written as ids in [E, E + span) (half of them; the rest -1)
 WEIGHT_FORMATS = ("fp8", "fp4")
 MX_BLOCK = 32  # MXFP4: K elements per UE8M0 exponent
-# MXFP4 weights: this share of 32-blocks is scaled down by 2^-shift, shift uniform in [1, 12], before
-# quantization, so blocks of one 128-K block have exponents up to 12 apart (the kernel's exact path).
+# MXFP4 test weights: this share of 32-blocks scaled down by 2^-shift, shift uniform in [1, 12], before
+# quantization, so blocks of one 128-K block have exponents up to 12 apart (the kernels' exact path).
+# Trained weights rarely look like that; the benchmark uses none (make_layer's default).
 SMALL_BLOCK_SHARE = 0.1
 SMALL_BLOCK_MAX_SHIFT = 12
 
@@ -102,21 +103,23 @@ def _expert_matrix(rows: int, cols: int, gen: torch.Generator, device) -> torch.
     return torch.randn(rows, cols, generator=gen, device=device) * row_scale * matrix_scale / cols ** 0.5
 
 
-def _mxfp4(matrix: torch.Tensor, gen: torch.Generator) -> tuple:
-    """(int8 codes [N, K/2], uint8 exponents [N, K/32]) of ``matrix`` after scaling a random share of
-    its 32-blocks far down (see SMALL_BLOCK_SHARE)."""
+def _mxfp4(matrix: torch.Tensor, gen: torch.Generator, small_block_share: float) -> tuple:
+    """(int8 codes [N, K/2], uint8 exponents [N, K/32]) of ``matrix`` after scaling a random
+    ``small_block_share`` of its 32-blocks far down (see SMALL_BLOCK_SHARE)."""
     rows, cols = matrix.shape
     blocks = matrix.view(rows, cols // MX_BLOCK, MX_BLOCK)
-    small = torch.rand(rows, cols // MX_BLOCK, 1, generator=gen, device=matrix.device) < SMALL_BLOCK_SHARE
+    small = torch.rand(rows, cols // MX_BLOCK, 1, generator=gen, device=matrix.device) < small_block_share
     shift = torch.randint(1, SMALL_BLOCK_MAX_SHIFT + 1, small.shape, generator=gen, device=matrix.device)
     blocks = torch.where(small, blocks * torch.exp2(-shift.float()), blocks)
     codes, sf = per_token_cast_to_fp4(blocks.view(rows, cols), use_ue8m0=True, gran_k=MX_BLOCK)
     return codes, float_to_ue8m0(sf)
 
 
-def make_layer(num_experts: int, hidden: int, inter: int, seed: int, device, weights: str = "fp8") -> MoEWeights:
+def make_layer(num_experts: int, hidden: int, inter: int, seed: int, device, weights: str = "fp8",
+               small_block_share: float = 0.0) -> MoEWeights:
     """All experts' weights, generated expert by expert from ``seed`` on ``device`` (identical on every
-    rank: same seed, same generator), FP8-quantized per 128 x 128 block or (``weights='fp4'``) MXFP4."""
+    rank: same seed, same generator), FP8-quantized per 128 x 128 block or (``weights='fp4'``) MXFP4,
+    with ``small_block_share`` of the 32-blocks scaled far down first."""
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights: expected one of {WEIGHT_FORMATS}, got {weights!r}")
     device = torch.device(device)
@@ -127,8 +130,8 @@ def make_layer(num_experts: int, hidden: int, inter: int, seed: int, device, wei
         w2 = torch.empty(num_experts, hidden, inter // 2, dtype=torch.int8, device=device)
         s2 = torch.empty(num_experts, hidden, inter // MX_BLOCK, dtype=torch.uint8, device=device)
         for e in range(num_experts):
-            w1[e], s1[e] = _mxfp4(_expert_matrix(2 * inter, hidden, gen, device), gen)
-            w2[e], s2[e] = _mxfp4(_expert_matrix(hidden, inter, gen, device), gen)
+            w1[e], s1[e] = _mxfp4(_expert_matrix(2 * inter, hidden, gen, device), gen, small_block_share)
+            w2[e], s2[e] = _mxfp4(_expert_matrix(hidden, inter, gen, device), gen, small_block_share)
         return MoEWeights(w1, s1, w2, s2)
     w1 = torch.empty(num_experts, 2 * inter, hidden, dtype=FP8, device=device)
     s1 = torch.empty(num_experts, 2 * inter // SCALE_BLOCK, -(-hidden // SCALE_BLOCK), dtype=torch.float32,
