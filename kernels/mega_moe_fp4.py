@@ -3,7 +3,8 @@
 Everything but the GEMM engine is the FP8 kernel's (phases, row pulls, epilogues, reduction). Both
 GEMMs' weights stay MXFP4 in global memory: packed E2M1 codes ``[L, N, K/2]`` uint8 (element 2i in
 the low nibble) and, per row and 128-K block, one int32 word of its four UE8M0 exponents
-``[L, N, K/128]`` (byte j: the exponent of 32-element block j). Per k-block the TMA producer loads A,
+``[L, K/128, N]`` (byte j: the exponent of 32-element block j; a k-block's words of consecutive rows
+are contiguous, so a warp's loads of them coalesce). Per k-block the TMA producer loads A,
 A's row scales and the packed B tile (``256 x 64`` bytes, unswizzled) into the stage ring; the
 consumer warpgroups widen the packed tile into one of ``WIDE_BUFFERS`` swizzled E4M3 tiles
 (``kernels/sm90/fp4_widen.py``: per row the block's largest exponent ``e_max`` is factored out), one
@@ -57,7 +58,7 @@ class Sm90Fp4MegaMoE(E2m1Widening, Sm90MegaMoE):
         # Widening items of one N part (128 rows x 4 blocks), dealt round-robin: item = thread + round *
         # threads; the thread count is a multiple of 4, so every item of a thread has block thread % 4.
         self.widen_rounds = SCALE_BLOCK * BLOCKS_PER_K_TILE // self.num_consumer_threads
-        # B's exponent words of either GEMM as one (N, K blocks, L) view with runtime strides.
+        # B's exponent words of either GEMM as one (N, K blocks, L) view (K-block-major) with runtime strides.
         self.sfb_rows = max(2 * geom.intermediate, geom.hidden)
         self.sfb_n = (2 * geom.intermediate, geom.hidden)
 
@@ -129,11 +130,11 @@ class Sm90Fp4MegaMoE(E2m1Widening, Sm90MegaMoE):
                       k_tiles: Int32, consumer_tidx: Int32):
         """All k-blocks of one tile (see the module docstring): ``state`` is the next stage to widen,
         ``release_state`` the stage being multiplied; block 0 is widened first, the last block is
-        multiplied without widening. ``sfb_addr``: the exponent words, ``sfb_n`` rows per expert of
-        ``sfb_k`` words. Returns the ring states and ``wide`` advanced by ``k_tiles``."""
+        multiplied without widening. ``sfb_addr``: the exponent words, ``sfb_k`` k-blocks of ``sfb_n``
+        rows per expert. Returns the ring states and ``wide`` advanced by ``k_tiles``."""
         mE = cute.make_tensor(cute.make_ptr(Int32, sfb_addr, cute.AddressSpace.gmem, assumed_align=4),
                               cute.make_layout((self.sfb_rows, self.sfb_cols, self.g.local_experts),
-                                               stride=(sfb_k, 1, sfb_n * sfb_k)))
+                                               stride=(1, sfb_n, sfb_n * sfb_k)))
         # Plain locals, not the dict, enter the loops (the tracer would thread the dict's tensors), and
         # two WGMMA configurations set once (a block's first WGMMA overwrites, the others add).
         sP, sW, sRS, sSFA = smem["sB"], smem["sW"], smem["sRS"], smem["sSFA"]

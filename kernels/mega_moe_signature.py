@@ -7,8 +7,8 @@ Tensors (every shape static, fixed by the geometry): pool ``[pool_rows, H]`` and
 ``[pool_rows, I]`` uint8 (FP8 bytes) or BF16, their FP32 scales ``[pool_rows, blocks]`` MN-major (row stride
 1, block stride ``scale_pitch``), weights l1 ``[L, 2I, H]`` / l2 ``[L, H, I]`` uint8 with block scales
 s1 ``[L, 2I/128, H/128]`` / s2 ``[L, H/128, I/128]`` (BF16: no scales, None; FP8 x FP4: packed l1
-``[L, 2I, H/2]`` / l2 ``[L, H, I/2]`` uint8 with int32 exponent words s1 ``[L, 2I, H/128]`` / s2
-``[L, H, I/128]``), calls int32 ``[grid]``. The rest cross as
+``[L, 2I, H/2]`` / l2 ``[L, H, I/2]`` uint8 with int32 exponent words s1 ``[L, H/128, 2I]`` / s2
+``[L, I/128, H]``), calls int32 ``[grid]``. The rest cross as
 64-bit addresses (y, peers' base-address array, the int32 work tables, the host-mapped error record,
 the optional stats, 0 = none) and scalars (tokens, rank, clamp, timeout). The kernel runs on the
 caller's current CUDA stream (so CUDA graphs capture it).
@@ -50,8 +50,8 @@ def fake_arguments(geom: MegaMoEGeometry) -> tuple:
                   _row_major(cutlass.Float32, (L, geom.hidden_blocks, geom.inter_blocks))]
     if geom.fp4:
         w1_shape, w2_shape = (L, 2 * I, H // 2), (L, H, I // 2)
-        scales[1] = _row_major(cutlass.Int32, (L, 2 * I, geom.hidden_blocks))
-        scales[3] = _row_major(cutlass.Int32, (L, H, geom.inter_blocks))
+        scales[1] = _row_major(cutlass.Int32, (L, geom.hidden_blocks, 2 * I))
+        scales[3] = _row_major(cutlass.Int32, (L, geom.inter_blocks, H))
     return (
         _row_major(act, (rows, H)), scales[0], _row_major(act, w1_shape), scales[1],
         _row_major(act, (rows, I)), scales[2], _row_major(act, w2_shape), scales[3],
