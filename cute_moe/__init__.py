@@ -42,8 +42,8 @@ __all__ = [
     # HyperConnection, the MoE layer
     "tf32_hc_prenorm_gemm", "hc_pre", "hc_post", "moe",
     # Mega MoE (DeepGEMM names)
-    "MegaMoEBuffer", "get_symm_buffer_for_mega_moe", "transform_weights_for_mega_moe", "fp8_mega_moe", "fp8_fp4_mega_moe",
-    "bf16_mega_moe",
+    "MegaMoEBuffer", "get_symm_buffer_for_mega_moe", "transform_weights_for_mega_moe", "fp8_mega_moe",
+    "fp8_fp4_mega_moe", "bf16_mega_moe",
     *layouts.__all__,
 ]
 

@@ -161,8 +161,8 @@ class Sm90Fp4MegaMoE(E2m1Widening, Sm90MegaMoE):
             self.publish_widened()
             wide = wide + 1
             buffer = next_buffer
-        self.multiply_block(block_mma, first_mma, tCrA, tCrB_parts, accumulators, block_acc, num_k_blocks, mainloop, state,
-                            release_state, sP, sW, sRS, sSFA, words, tCcC, r0, buffer, buffer, False, consumer_tidx)
+        self.multiply_block(block_mma, first_mma, tCrA, tCrB_parts, accumulators, block_acc, num_k_blocks, mainloop,
+                            state, release_state, sP, sW, sRS, sSFA, words, tCcC, r0, buffer, buffer, False, consumer_tidx)
         release_state.advance()
         return state, release_state, wide + 1
 

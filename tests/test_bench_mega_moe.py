@@ -2,6 +2,7 @@
 errors, the local routing of the "ours local" measurement, the row arithmetic, the report from
 synthetic numbers, and the parent process end to end with the ranks stubbed out."""
 
+import argparse
 import json
 import math
 import pickle
@@ -249,3 +250,17 @@ def test_the_plan_survives_the_trip_to_the_ranks():
     plan = bench.Plan(("flash",), (8, 128), 10, "/tmp/out", (("ranks", "2"),))
     assert pickle.loads(pickle.dumps(plan)) == plan
     assert pickle.loads(pickle.dumps(bench.bench_rank)) is bench.bench_rank
+
+
+def test_weight_bytes_per_format_and_the_weights_option():
+    """MXFP4 experts stream half a byte per weight plus one exponent byte per 32; FP8 a byte plus
+    one FP32 scale per 128 x 128 block; ``--weights`` takes only the two formats."""
+    elements = 3 * 4096 * 2048
+    assert FLASH.expert_bytes("fp4") == elements // 2 + elements // 32
+    assert FLASH.expert_bytes("fp8") == elements + 4 * elements // (128 * 128)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert parser.parse_args(["--out", "x", "--weights", "fp4"]).weights == "fp4"
+    assert parser.parse_args(["--out", "x"]).weights == "fp8"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--out", "x", "--weights", "fp16"])

@@ -32,6 +32,7 @@ NOT_OPS = {
     "transform_weights_for_mega_moe": "re-lays out weights with torch ops (launches no kernel of ours)",
     "fp8_mega_moe": "collective over a MegaMoEBuffer (a Python object a custom op cannot take), as EPBuffer's ops",
     "bf16_mega_moe": "collective over a MegaMoEBuffer (a Python object a custom op cannot take), as EPBuffer's ops",
+    "fp8_fp4_mega_moe": "collective over a MegaMoEBuffer (a Python object a custom op cannot take), as EPBuffer's ops",
     "GemmSpec": "a value type",
     "KernelConfig": "the backend's config type",
     "nn": "the modules MoE and HyperConnection, over moe and hc_pre / hc_post",

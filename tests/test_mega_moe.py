@@ -190,7 +190,8 @@ def test_bf16_transform_argument_errors(make, error, match):
 
 def _fp4_layer(experts: int = 3, hidden: int = 256, inter: int = 384, seed: int = 0) -> tuple:
     """Untransformed MXFP4 weights ((w1 int8, e1 uint8), (w2, e2)) and their FP32 dequantized W1."""
-    layer = pipes.make_layer(experts, hidden, inter, seed, "cpu", weights="fp4", small_block_share=pipes.SMALL_BLOCK_SHARE)
+    layer = pipes.make_layer(experts, hidden, inter, seed, "cpu", weights="fp4",
+                             small_block_share=pipes.SMALL_BLOCK_SHARE)
     w1 = torch.stack([layer.dequantized(e)[0] for e in range(experts)])
     return ((layer.w1, layer.s1), (layer.w2, layer.s2)), w1
 
