@@ -10,13 +10,14 @@ consumer warpgroups widen the packed tile into one of ``WIDE_BUFFERS`` swizzled 
 (``kernels/sm90/fp4_widen.py``: per row the block's largest exponent ``e_max`` is factored out), one
 128-row N part at a time, each while the WGMMAs of the other part's current block run:
 
-    block k:  WGMMA part 0 of k | widen part 0 of k+1 | wait, promote part 0
+    block k:  WGMMA part 0 of k | await k+1's stage, widen part 0 of k+1 | wait, promote part 0
               WGMMA part 1 of k | widen part 1 of k+1 | wait, release k's stage, promote part 1
               proxy fence + named barrier: block k+1 widened by every consumer thread
 
 Promotion: ``acc[part] += block_acc * sfa[row] * 2^(e_max[col] - 127)`` (the column's ``e_max`` kept
 per widened buffer in ``sRS``). Each consumer thread loads the exponent words of its widening items
-from global memory one k-block ahead.
+from global memory a whole block ahead: a part's words of block k+2 right after widening that part
+of block k+1, into the same registers.
 
 Two widened buffers suffice: block k+1 is written into the buffer of block k-1, whose WGMMAs and
 promotions every consumer thread finished before it reached the barrier of block k; the ring
@@ -141,28 +142,28 @@ class Sm90Fp4MegaMoE(E2m1Widening, Sm90MegaMoE):
         first_mma, block_mma = self.make_tiled_mma(), self.make_tiled_mma()
         self.set_block_accumulate(block_mma, first_mma)
         words = cute.make_rmem_tensor((self.n_parts * self.widen_rounds,), Int32)
-        self.load_words(words, mE, Int32(0), k_tiles, tile, consumer_tidx)
+        for part in cutlass.range_constexpr(self.n_parts):
+            self.load_words(words, mE, Int32(0), k_tiles, tile, part, consumer_tidx)
         buffer = wide % WIDE_BUFFERS
         mainloop.consumer_wait(state)
         for part in cutlass.range_constexpr(self.n_parts):
             self.widen_part(sP, sW, sRS, words, state.index, buffer, part, consumer_tidx)
-        self.load_words(words, mE, Int32(1), k_tiles, tile, consumer_tidx)
+            self.load_words(words, mE, Int32(1), k_tiles, tile, part, consumer_tidx)
         state.advance()
         self.publish_widened()
         for k_tile in cutlass.range(k_tiles - 1, unroll=1):
             next_buffer = (wide + 1) % WIDE_BUFFERS
-            mainloop.consumer_wait(state)
             self.multiply_block(block_mma, first_mma, tCrA, tCrB_parts, accumulators, block_acc, num_k_blocks, mainloop,
                                 state, release_state, sP, sW, sRS, sSFA, words, tCcC, r0, buffer, next_buffer, True,
-                                consumer_tidx)
-            self.load_words(words, mE, k_tile + 2, k_tiles, tile, consumer_tidx)
+                                consumer_tidx, mE, tile, k_tile + 2, k_tiles)
             state.advance()
             release_state.advance()
             self.publish_widened()
             wide = wide + 1
             buffer = next_buffer
         self.multiply_block(block_mma, first_mma, tCrA, tCrB_parts, accumulators, block_acc, num_k_blocks, mainloop,
-                            state, release_state, sP, sW, sRS, sSFA, words, tCcC, r0, buffer, buffer, False, consumer_tidx)
+                            state, release_state, sP, sW, sRS, sSFA, words, tCcC, r0, buffer, buffer, False,
+                            consumer_tidx, mE, tile, k_tiles, k_tiles)
         release_state.advance()
         return state, release_state, wide + 1
 
@@ -171,10 +172,12 @@ class Sm90Fp4MegaMoE(E2m1Widening, Sm90MegaMoE):
                        num_k_blocks: cutlass.Constexpr[int], mainloop, state, release_state, sP: cute.Tensor,
                        sW: cute.Tensor, sRS: cute.Tensor, sSFA: cute.Tensor, words: cute.Tensor, tCcC: cute.Tensor,
                        r0: Int32, buffer: Int32, next_buffer: Int32, widen_next: cutlass.Constexpr[bool],
-                       consumer_tidx: Int32):
+                       consumer_tidx: Int32, mE: cute.Tensor, tile: WorkTile, words_k_tile: Int32, k_tiles: Int32):
         """One k-block (stage ``release_state``, widened buffer ``buffer``), part by part: issue the
         part's WGMMAs, widen the same part of the next block (stage ``state`` into ``next_buffer``)
-        when ``widen_next``, wait, promote; the stage is released after the last part's WGMMAs."""
+        when ``widen_next`` and load that part's exponent words of k-block ``words_k_tile`` into the
+        registers just read (a whole block ahead of their use), wait, promote; the stage is released
+        after the last part's WGMMAs."""
         scale_lo = sSFA[(r0, 0, release_state.index)]
         scale_hi = sSFA[(r0 + ROW_HALF, 0, release_state.index)]
         part_values = cute.size(block_acc)
@@ -182,7 +185,10 @@ class Sm90Fp4MegaMoE(E2m1Widening, Sm90MegaMoE):
             self.mma_fp8_block(block_mma, first_mma, tCrA, tCrB_parts[part], block_acc, num_k_blocks,
                                release_state.index, buffer)
             if cutlass.const_expr(widen_next):
+                if cutlass.const_expr(part == 0):
+                    mainloop.consumer_wait(state)  # the next block's stage, waited on while part 0 multiplies
                 self.widen_part(sP, sW, sRS, words, state.index, next_buffer, part, consumer_tidx)
+                self.load_words(words, mE, words_k_tile, k_tiles, tile, part, consumer_tidx)
             cute.nvgpu.warpgroup.wait_group(0)
             if cutlass.const_expr(part == self.n_parts - 1):
                 mainloop.consumer_release(release_state)
@@ -197,15 +203,14 @@ class Sm90Fp4MegaMoE(E2m1Widening, Sm90MegaMoE):
 
     @cute.jit
     def load_words(self, words: cute.Tensor, mE: cute.Tensor, k_tile: Int32, k_tiles: Int32, tile: WorkTile,
-                   consumer_tidx: Int32):
-        """This thread's exponent words of k-block ``k_tile`` (nothing past the tile's last k-block):
-        one per widening item, the word of the item's row."""
+                   part: cutlass.Constexpr[int], consumer_tidx: Int32):
+        """This thread's exponent words of N part ``part`` of k-block ``k_tile`` (nothing past the
+        tile's last k-block): one per widening item, the word of the item's row."""
         if k_tile < k_tiles:
-            for part in cutlass.range_constexpr(self.n_parts):
-                for round_ in cutlass.range_constexpr(self.widen_rounds):
-                    item = consumer_tidx + round_ * self.num_consumer_threads
-                    n = tile.n_block * TILE_N + part * SCALE_BLOCK + item // BLOCKS_PER_K_TILE
-                    words[part * self.widen_rounds + round_] = mE[(n, k_tile, tile.group)]
+            for round_ in cutlass.range_constexpr(self.widen_rounds):
+                item = consumer_tidx + round_ * self.num_consumer_threads
+                n = tile.n_block * TILE_N + part * SCALE_BLOCK + item // BLOCKS_PER_K_TILE
+                words[part * self.widen_rounds + round_] = mE[(n, k_tile, tile.group)]
 
     @cute.jit
     def widen_part(self, sP: cute.Tensor, sW: cute.Tensor, sRS: cute.Tensor, words: cute.Tensor, stage: Int32,
