@@ -8,11 +8,13 @@ are contiguous, so a warp's loads of them coalesce). Per k-block the TMA produce
 A's row scales and the packed B tile (``256 x 64`` bytes, unswizzled) into the stage ring; the
 consumer warpgroups widen the packed tile into one of ``WIDE_BUFFERS`` swizzled E4M3 tiles
 (``kernels/sm90/fp4_widen.py``: per row the block's largest exponent ``e_max`` is factored out), one
-128-row N part at a time, each while the WGMMAs of the other part's current block run:
+64-row N part (``PART_N``) at a time, each while the WGMMAs of the same part of the current block
+run (64-wide parts keep the block accumulator at 32 registers: no spills beside the 128-register
+tile accumulator):
 
-    block k:  WGMMA part 0 of k | await k+1's stage, widen part 0 of k+1 | wait, promote part 0
-              WGMMA part 1 of k | widen part 1 of k+1 | wait, release k's stage, promote part 1
-              proxy fence + named barrier: block k+1 widened by every consumer thread
+    block k, part p = 0..3:  WGMMA part p of k | (p = 0: await k+1's stage) widen part p of k+1 |
+                             wait, (p = 3: release k's stage) promote part p
+    then: proxy fence + named barrier: block k+1 widened by every consumer thread
 
 Promotion: ``acc[part] += block_acc * sfa[row] * 2^(e_max[col] - 127)`` (the column's ``e_max`` kept
 per widened buffer in ``sRS``). Each consumer thread loads the exponent words of its widening items
@@ -41,6 +43,7 @@ from .sm90.fp4_widen import BYTE_MASK, MX_BLOCK, SWIZZLE_ALIGN_BYTES, WIDEN_BARR
 from .sm90.grouped_gemm import EPI_N, EPI_STAGES, ROW_HALF, STAGE_ALIGN_BYTES, TMA_ALIGN_BYTES
 
 WIDE_BUFFERS = 2  # widened B tiles (see the module docstring)
+PART_N = 64  # weight rows (output columns) of one WGMMA part
 BLOCKS_PER_K_TILE = SCALE_BLOCK // MX_BLOCK  # exponents per row per 128-K block (bytes of one word)
 BYTE_BITS = 8
 ROW_SCALE_BYTES = 4  # one FP32 2^(e_max - 127) per widened row
@@ -54,11 +57,14 @@ class Sm90Fp4MegaMoE(E2m1Widening, Sm90MegaMoE):
 
     def __init__(self, geom: MegaMoEGeometry, clamp: bool, block_m: int):
         super().__init__(geom, clamp, block_m)
+        # 64-wide WGMMA parts: a 32-register block accumulator leaves the widening registers.
+        self.mma_tile_n = PART_N
+        self.n_parts = TILE_N // PART_N
         self.b_tile_k = self.tile_shape_mnk[2] // 2  # packed bytes of a k-block row
         self.widen_barrier = pipeline.NamedBarrier(barrier_id=WIDEN_BARRIER_ID, num_threads=self.num_consumer_threads)
-        # Widening items of one N part (128 rows x 4 blocks), dealt round-robin: item = thread + round *
+        # Widening items of one N part (64 rows x 4 blocks), dealt round-robin: item = thread + round *
         # threads; the thread count is a multiple of 4, so every item of a thread has block thread % 4.
-        self.widen_rounds = SCALE_BLOCK * BLOCKS_PER_K_TILE // self.num_consumer_threads
+        self.widen_rounds = PART_N * BLOCKS_PER_K_TILE // self.num_consumer_threads
         # B's exponent words of either GEMM as one (N, K blocks, L) view (K-block-major) with runtime strides.
         self.sfb_rows = max(2 * geom.intermediate, geom.hidden)
         self.sfb_n = (2 * geom.intermediate, geom.hidden)
@@ -209,19 +215,19 @@ class Sm90Fp4MegaMoE(E2m1Widening, Sm90MegaMoE):
         if k_tile < k_tiles:
             for round_ in cutlass.range_constexpr(self.widen_rounds):
                 item = consumer_tidx + round_ * self.num_consumer_threads
-                n = tile.n_block * TILE_N + part * SCALE_BLOCK + item // BLOCKS_PER_K_TILE
+                n = tile.n_block * TILE_N + part * PART_N + item // BLOCKS_PER_K_TILE
                 words[part * self.widen_rounds + round_] = mE[(n, k_tile, tile.group)]
 
     @cute.jit
     def widen_part(self, sP: cute.Tensor, sW: cute.Tensor, sRS: cute.Tensor, words: cute.Tensor, stage: Int32,
                    buffer: Int32, part: cutlass.Constexpr[int], consumer_tidx: Int32):
-        """Widen rows ``[128 part, 128 part + 128)`` of the packed tile of ``stage`` into widened buffer
+        """Widen rows ``[64 part, 64 part + 64)`` of the packed tile of ``stage`` into widened buffer
         ``buffer``: per item the E4M3 values ``value * 2^(e - e_max)`` and, by the item of block 0,
         the row's ``2^(e_max - 127)``."""
         b = consumer_tidx % BLOCKS_PER_K_TILE
         for round_ in cutlass.range_constexpr(self.widen_rounds):
             item = consumer_tidx + round_ * self.num_consumer_threads
-            n = part * SCALE_BLOCK + item // BLOCKS_PER_K_TILE
+            n = part * PART_N + item // BLOCKS_PER_K_TILE
             word = words[part * self.widen_rounds + round_]
             e_max = word & BYTE_MASK
             for j in cutlass.range_constexpr(1, BLOCKS_PER_K_TILE):

@@ -243,7 +243,8 @@ def make_row(shape: MegaShape, tokens: int, times: dict[str, float], diffs: dict
 HEADER = ("| shape | tokens/rank | ours µs | unfused µs | NCCL µs | vs unfused | vs NCCL | TFLOPS | weights GB/s | "
           "ours local µs | comm µs | NVLink hidden | calc_diff | status |\n"
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-LEGEND = ("ours = fp8_mega_moe; unfused = our EP dispatch (psum) + grouped FP8 GEMMs + SwiGLU/FP8 in torch + our "
+LEGEND = ("ours = fp8_mega_moe (fp8_fp4_mega_moe for MXFP4 weights); unfused = our EP dispatch (psum) + grouped FP8 "
+          "(or FP8 x FP4) GEMMs + SwiGLU/FP8 in torch + our "
           "EP combine; NCCL = all_to_all_single rows + the same GEMMs + partial sums back. vs = baseline µs / ours "
           "µs. TFLOPS: 2 * slots * (2I*H + H*I) per rank / ours. weights GB/s: FP8 bytes of the local experts that "
           "receive rows / ours. ours local: ours with every token routed to this rank's own experts (same rows "
@@ -293,7 +294,7 @@ def summary_lines(rows: list[MegaRow], failures: list[str]) -> list[str]:
 def write_report(out: str, settings: dict, rows: list[MegaRow], failures: list[str], device: str) -> None:
     """``<out>/mega_moe.md`` (settings, table, legend, targets, failures) and ``<out>/mega_moe.json``
     (the same as data)."""
-    lines = ["# Mega MoE: fp8_mega_moe vs the unfused and NCCL pipelines", "",
+    lines = ["# Mega MoE vs the unfused and NCCL pipelines", "",
              f"GPU: {device}. " + "; ".join(f"{k}: {v}" for k, v in settings.items()), "",
              HEADER, *map(format_row, rows), "", LEGEND, "", *summary_lines(rows, failures)]
     with open(os.path.join(out, f"{REPORT_STEM}.md"), "w") as f:
