@@ -375,7 +375,7 @@ class EPDispatchKernel:
         source waits for its own chunk's flag when the token has rows here. A warp whose wait timed
         out (``alive`` 0) skips its remaining units; returns ``alive``."""
         g = self.g
-        R, K, TM, C = g.num_ranks, g.num_topk, g.max_tokens, self.chunks
+        R, C = g.num_ranks, self.chunks
         x, x_scales, slot_row, out_x, out_scales, out_src_info = out
         sources = 1 if own else R - 1
         tokens_region = home + self.off["dispatch_tokens"]
