@@ -27,6 +27,7 @@ import torch
 from .fp4_ops import MX_BLOCK, PACKED_DTYPES as FP4_PACKED_DTYPES
 from .ep import DEFAULT_TIMEOUT_S, FP8, SymmetricGroupBuffer, _agreed_sm_count, check_group_sizes
 from .mega_moe_layout import (BLOCK_M, ENTRY_POSITION_BITS, MIN_BLOCK_M, MAX_LOCAL_EXPERTS, MAX_TOPK, MMA_TYPES,
+                              ROW_EXPONENT_ROWS,
                               SCALE_BLOCK, TILE_N, MegaMoEGeometry)
 from .validation import check_contiguous, check_shape, check_tensor
 
@@ -131,9 +132,10 @@ def transform_weights_for_mega_moe(l1_weights, l2_weights):
     MXFP4 (for ``fp8_fp4_mega_moe``): ``l1_weights = (w1 [L, 2I, H/2] int8 or uint8, two E2M1 codes per
     byte as ``per_token_cast_to_fp4`` packs them, sf1 [L, 2I, H/32] uint8 UE8M0)``, ``l2_weights =
     (w2 [L, H, I/2], sf2 [L, H, I/32])``; returns int8 codes and the exponents as int32 words, four
-    per word, K-block-major so that a k-block's words of consecutive rows are contiguous ([L, H/128,
-    2I], [L, I/128, H]; byte j of a word: 32-block j of its 128-K block). Row-major words
-    ``[L, N, K/128]`` (DeepGEMM's packed UE8M0) are accepted as input too.
+    per word, K-block-major so that a k-block's words of consecutive rows are contiguous, followed by
+    one row of each weight row's largest exponent over K (byte 0): [L, H/128 + 1, 2I], [L, I/128 + 1, H];
+    byte j of a word: 32-block j of its 128-K block. Row-major words ``[L, N, K/128]`` (DeepGEMM's
+    packed UE8M0) are accepted as input too.
     BF16: plain ``[L, 2I, H]`` and ``[L, H, I]`` tensors. Returns the same structure."""
     if isinstance(l1_weights, tuple) != isinstance(l2_weights, tuple):
         raise TypeError("l1_weights, l2_weights: expected both (weights, scales) tuples (FP8, MXFP4) or both "
@@ -141,8 +143,8 @@ def transform_weights_for_mega_moe(l1_weights, l2_weights):
     if isinstance(l1_weights, tuple) and _is_mxfp4(l1_weights):
         (w1, e1), (w2, e2) = _check_fp4_weights(l1_weights, l2_weights, "input")
         e1 = _interleave_rows(e1, "l1_scales")
-        return ((_interleave_rows(w1.view(torch.int8), "l1_weights"), e1.transpose(1, 2).contiguous()),
-                (w2.view(torch.int8).contiguous(), e2.transpose(1, 2).contiguous()))
+        return ((_interleave_rows(w1.view(torch.int8), "l1_weights"), _kernel_words(e1)),
+                (w2.view(torch.int8).contiguous(), _kernel_words(e2)))
     if isinstance(l1_weights, tuple):
         (w1, s1), (w2, s2) = _check_fp8_weights(l1_weights, l2_weights)
         w1t = _interleave_rows(w1.view(torch.uint8), "l1_weights").view(FP8)
@@ -177,10 +179,17 @@ def _exponent_words(name: str, sf: torch.Tensor, experts: int, rows: int, k: int
     return sf.contiguous().view(torch.int32)
 
 
+def _kernel_words(words: torch.Tensor) -> torch.Tensor:
+    """Row-major exponent words ``[L, N, K/128]`` as the kernel reads them, ``[L, K/128 + 1, N]``: K-block-major,
+    then each row's largest exponent over K (byte 0 of the last row's word)."""
+    row_max = words.contiguous().view(torch.uint8).amax(dim=2).to(torch.int32)
+    return torch.cat([words.transpose(1, 2), row_max.unsqueeze(1)], dim=1).contiguous()
+
+
 def _check_fp4_weights(l1_weights, l2_weights, stage: str) -> tuple:
     """((w1, e1), (w2, e2)) of MXFP4 weights, exponents as int32 words; ``stage`` 'input': uint8
-    exponents or row-major words ([L, N, K/128]), 'kernel': the K-block-major words ([L, K/128, N])
-    ``transform_weights_for_mega_moe`` returns."""
+    exponents or row-major words ([L, N, K/128]), 'kernel': the K-block-major words and the row
+    exponents ([L, K/128 + 1, N]) ``transform_weights_for_mega_moe`` returns."""
     for name, pair in (("l1_weights", l1_weights), ("l2_weights", l2_weights)):
         if not isinstance(pair, tuple) or len(pair) != 2:
             raise TypeError(f"{name}: expected a (packed weights, exponents) tuple for MXFP4")
@@ -199,7 +208,7 @@ def _check_fp4_weights(l1_weights, l2_weights, stage: str) -> tuple:
     if stage == "kernel":  # K-block-major words
         for name, words, rows, k in (("l1_scales", s1, two_i, hidden), ("l2_scales", s2, hidden, inter)):
             check_tensor(name, words, (torch.int32,), 3)
-            check_shape(name, words, (experts, k // SCALE_BLOCK, rows))
+            check_shape(name, words, (experts, k // SCALE_BLOCK + ROW_EXPONENT_ROWS, rows))
         return (w1, s1), (w2, s2)
     return ((w1, _exponent_words("l1_scales", s1, experts, two_i, hidden)),
             (w2, _exponent_words("l2_scales", s2, experts, hidden, inter)))

@@ -25,6 +25,9 @@ BLOCK_M = 128  # the largest GEMM tile height: the pool is sized for segments al
 MIN_BLOCK_M = 64  # the smallest (few rows per expert: less padding); counters exist per such block
 BLOCK_SIZES = (MIN_BLOCK_M, BLOCK_M)
 TILE_N = 256  # output columns of a GEMM tile: two 128-wide parts (GEMM 1: gate block, up block)
+# FP8 x FP4: the exponent words ``[L, K/128 + ROW_EXPONENT_ROWS, N]`` end with one row holding each weight
+# row's largest UE8M0 exponent over K (byte 0), the reference the kernel widens every block against.
+ROW_EXPONENT_ROWS = 1
 MAX_LOCAL_EXPERTS = 1024  # the kernel's segment table lives in shared memory
 MMA_TYPES = {"fp8": "fp8", "fp8xfp8": "fp8", "bf16": "bf16", "bf16xbf16": "bf16", "fp8xfp4": "fp8xfp4"}
 ENTRY_POSITION_BITS = 20  # entry_slot = local expert << 20 | position inside the expert (< R * Tm <= 2^20)

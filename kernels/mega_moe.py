@@ -29,6 +29,7 @@ Phases of one call (grid = the group's SM count, one CTA per SM, all co-resident
                 per-128-K promotion); GEMM-1 epilogue = SwiGLU (+ clamp) and 1x128 FP8 quantization into the
                 local intermediate, then ``l1_done`` release; GEMM-2 epilogue = BF16 rows stored
                 straight into the source rank's ``combine[t][k]`` (16-byte stores, peer addresses).
+              - ``aux_wgs`` auxiliary warpgroups (0 here; the FP4 variant's widening warpgroups).
   P4 signal   CTA barrier, +1 on every rank's ``combine_arrive[rank]`` (release, system scope).
   P5 reduce   wait until every rank's CTAs signalled this rank (timed); one warp per (token, chunk):
               ``y[t] = BF16(sum_k w[t,k] * combine[t][k])`` in FP32 (zeros for a token without slots).
@@ -69,6 +70,7 @@ PULL_PER_LANE = 4  # 16-byte vectors a pulling lane loads before storing them
 # reduction phases.
 ROLE_REGS = {64: (96, 232), 128: (56, 224)}
 TAIL_REGS = 168
+REGISTER_FILE = 65536  # 32-bit registers of one SM (one CTA per SM)
 REDUCE_LOADS_IN_FLIGHT = 16  # 16-byte loads a reducing lane issues before using them
 FP8_MAX = 448.0
 MIN_AMAX = 1e-4  # as layouts.per_token_cast_to_fp8
@@ -108,8 +110,13 @@ class Sm90MegaMoE(Sm90GroupedGemm):
         self.b_tile_k = tile_k  # B's k-block extent in its stored elements
         self.k1_tiles = h // tile_k
         self.k2_tiles = i // tile_k
-        self.threads = self.threads_per_cta
-        self.warps = self.threads // 32
+        # Warpgroups after the consumers with a variant-defined role (``aux_role``), their setmaxnreg
+        # budget, and the tile loop's budgets (producer, consumer) and the tail's.
+        self.aux_wgs = 0
+        self.aux_regs = 0
+        self.role_regs = ROLE_REGS[block_m]
+        self.tail_regs = TAIL_REGS
+        self.set_thread_count()
         # Binary search of a block's expert: probe distances span/2, span/4, ..., 1 (span: the
         # power of two >= L).
         span = 1 << max(geom.local_experts - 1, 0).bit_length()
@@ -120,6 +127,13 @@ class Sm90MegaMoE(Sm90GroupedGemm):
         self.sfb_cols = max(geom.hidden_blocks, geom.inter_blocks)
         self.sfb_n = (2 * geom.inter_blocks, geom.hidden_blocks)
         self.sfb_k = (geom.hidden_blocks, geom.inter_blocks)
+
+    def set_thread_count(self):
+        """Threads and warps of the CTA: the producer, consumer and auxiliary warpgroups."""
+        self.threads_per_cta = THREADS_PER_WARPGROUP * (1 + self.num_consumer_wgs + self.aux_wgs)
+        self.threads = self.threads_per_cta
+        self.warps = self.threads // 32
+        assert self.tail_regs * self.threads <= REGISTER_FILE, "the tail's registers exceed the register file"
 
     # ------------------------------------------------------------------ launch
     @cute.jit
@@ -175,8 +189,9 @@ class Sm90MegaMoE(Sm90GroupedGemm):
 
     def shared_tensors(self, storage, a_smem_layout: cute.ComposedLayout, b_smem_layout: cute.ComposedLayout,
                        sfa_smem_layout: cute.Layout, epi_smem_layout: cute.ComposedLayout) -> dict:
-        """Device code: the CTA's shared-memory tensors by name: the A and B stages (``sA``, ``sB``),
-        A's staged row scales (``sSFA``, FP8; else None), the epilogue's buffers (``sD``)."""
+        """Device code, before the barriers' init fence (a variant may create its own pipelines here): the
+        CTA's shared-memory tensors by name: the A and B stages (``sA``, ``sB``), A's staged row scales
+        (``sSFA``, FP8; else None), the epilogue's buffers (``sD``)."""
         return {"sA": storage.sA.get_tensor(a_smem_layout.outer, swizzle=a_smem_layout.inner),
                 "sB": storage.sB.get_tensor(b_smem_layout.outer, swizzle=b_smem_layout.inner),
                 "sSFA": storage.sSFA.get_tensor(sfa_smem_layout) if self.fp8 else None,
@@ -206,9 +221,9 @@ class Sm90MegaMoE(Sm90GroupedGemm):
 
         storage = SmemAllocator().allocate(self.shared_storage)
         mainloop = self.make_mainloop(storage, a_smem_layout, b_smem_layout, cta_layout_mnk)
+        smem = self.shared_tensors(storage, a_smem_layout, b_smem_layout, sfa_smem_layout, epi_smem_layout)
         pipeline_init_arrive(cluster_shape_mn=self.cluster_shape_mn, is_relaxed=True)
         table = storage.group_values.get_tensor(cute.make_layout(self.table_len))
-        smem = self.shared_tensors(storage, a_smem_layout, b_smem_layout, sfa_smem_layout, epi_smem_layout)
 
         call = ld_b32(calls + Int64(cta) * 4)
         parity = call % PARITIES
@@ -243,7 +258,7 @@ class Sm90MegaMoE(Sm90GroupedGemm):
         blocks = table[2 * L + 1]
         warp_group_idx = self.await_barrier_init(tidx)
         if warp_group_idx == 0:
-            cute.arch.setmaxregister_decrease(ROLE_REGS[self.block_m][0])
+            cute.arch.setmaxregister_decrease(self.role_regs[0])
             if warp_idx == 0:
                 self.produce(tma_atom_a1, mA1, tma_atom_b1, mB1, tma_atom_sfa1, mSFA1, tma_atom_a2, mA2, tma_atom_b2,
                              mB2, tma_atom_sfa2, mSFA2, smem["sA"], smem["sB"], smem["sSFA"], mainloop, table,
@@ -251,12 +266,18 @@ class Sm90MegaMoE(Sm90GroupedGemm):
             else:
                 self.pull_rows(blocks, parity, peers, work, pool_addr, pool_sf_addr,
                                cta * PULL_WARPS + warp_idx - 1, lane)
-            cute.arch.setmaxregister_increase(TAIL_REGS)
-        else:
-            cute.arch.setmaxregister_increase(ROLE_REGS[self.block_m][1])
+            cute.arch.setmaxregister_increase(self.tail_regs)
+        elif warp_group_idx <= self.num_consumer_wgs:
+            cute.arch.setmaxregister_increase(self.role_regs[1])
             self.consume(tiled_mma, smem, sfb1_addr, sfb2_addr, mOut, mainloop, table, blocks, parity, work, peers,
                          inter_addr, inter_sf_addr, clamp, tidx - THREADS_PER_WARPGROUP, cta)
-            cute.arch.setmaxregister_decrease(TAIL_REGS)
+            cute.arch.setmaxregister_decrease(self.tail_regs)
+        else:
+            if cutlass.const_expr(self.aux_wgs > 0):
+                cute.arch.setmaxregister_decrease(self.aux_regs)
+                self.aux_role(smem, mainloop, table, blocks, sfb1_addr, sfb2_addr, cta,
+                              tidx - THREADS_PER_WARPGROUP * (1 + self.num_consumer_wgs))
+                cute.arch.setmaxregister_increase(self.tail_regs)
 
         # P4 / P5: signal the expert outputs, wait for everyone's, reduce this rank's tokens.
         cute.arch.sync_threads()
@@ -534,15 +555,7 @@ class Sm90MegaMoE(Sm90GroupedGemm):
         for i in cutlass.range(cta, blocks * (g.l1_tiles + g.l2_tiles), g.num_ctas, unroll=1):
             second, block, n_block = self.tile_position(i, blocks)
             tile = self.block_tile(table, block, n_block)
-            # Per phase: K blocks and B's scales (s1 [L, 2I/128, H/128] or s2 [L, H/128, I/128]; FP4:
-            # exponent words [L, 2I, H/128] or [L, H, I/128]).
-            k_tiles = Int32(self.k1_tiles)
-            sfb_addr = sfb1_addr
-            sfb_n, sfb_k = Int32(self.sfb_n[0]), Int32(self.sfb_k[0])
-            if second != 0:
-                k_tiles = Int32(self.k2_tiles)
-                sfb_addr = sfb2_addr
-                sfb_n, sfb_k = Int32(self.sfb_n[1]), Int32(self.sfb_k[1])
+            k_tiles, sfb_addr, sfb_n, sfb_k = self.phase_operands(second, sfb1_addr, sfb2_addr)
             accumulators.fill(0.0)
             state, release_state, wide = self.multiply_tile(
                 tiled_mma, tCrA, tCrB, tCrB_parts, accumulators, block_acc, num_k_blocks, mainloop, state,
@@ -558,6 +571,20 @@ class Sm90MegaMoE(Sm90GroupedGemm):
                     fence_gpu()
                     red_relaxed_gpu_add_u32(work + self.work_off["l1_done"] + Int64(parity * g.pool_blocks + block) * 4,
                                             Int32(1))
+
+    @cute.jit
+    def phase_operands(self, second: Int32, sfb1_addr: Int64, sfb2_addr: Int64) -> tuple:
+        """A tile's K blocks and B's scales by GEMM: (k-blocks, scale address, N extent and K extent of
+        one expert's scales): s1 [L, 2I/128, H/128] or s2 [L, H/128, I/128] (FP4: the variant's
+        ``sfb_n`` / ``sfb_k``)."""
+        k_tiles = Int32(self.k1_tiles)
+        sfb_addr = sfb1_addr
+        sfb_n, sfb_k = Int32(self.sfb_n[0]), Int32(self.sfb_k[0])
+        if second != 0:
+            k_tiles = Int32(self.k2_tiles)
+            sfb_addr = sfb2_addr
+            sfb_n, sfb_k = Int32(self.sfb_n[1]), Int32(self.sfb_k[1])
+        return k_tiles, sfb_addr, sfb_n, sfb_k
 
     def mma_b_source(self, smem: dict) -> cute.Tensor:
         """The shared-memory B tiles WGMMA reads: the B stages."""

@@ -19,7 +19,7 @@ import cutlass.cute as cute
 from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream, make_fake_tensor
 from cutlass.cute.typing import Float32, Int32, Int64
 
-from cute_moe.mega_moe_layout import SCALE_BLOCK, MegaMoEGeometry
+from cute_moe.mega_moe_layout import ROW_EXPONENT_ROWS, SCALE_BLOCK, MegaMoEGeometry
 
 from .mega_moe import Sm90MegaMoE
 from .mega_moe_fp4 import Sm90Fp4MegaMoE
@@ -50,8 +50,8 @@ def fake_arguments(geom: MegaMoEGeometry) -> tuple:
                   _row_major(cutlass.Float32, (L, geom.hidden_blocks, geom.inter_blocks))]
     if geom.fp4:
         w1_shape, w2_shape = (L, 2 * I, H // 2), (L, H, I // 2)
-        scales[1] = _row_major(cutlass.Int32, (L, geom.hidden_blocks, 2 * I))
-        scales[3] = _row_major(cutlass.Int32, (L, geom.inter_blocks, H))
+        scales[1] = _row_major(cutlass.Int32, (L, geom.hidden_blocks + ROW_EXPONENT_ROWS, 2 * I))
+        scales[3] = _row_major(cutlass.Int32, (L, geom.inter_blocks + ROW_EXPONENT_ROWS, H))
     return (
         _row_major(act, (rows, H)), scales[0], _row_major(act, w1_shape), scales[1],
         _row_major(act, (rows, I)), scales[2], _row_major(act, w2_shape), scales[3],

@@ -37,7 +37,7 @@ def unpack_bytes(words, per_word: int) -> list:
     return [(w >> (8 * i)) & 0xFF for w in words for i in range(per_word)]
 
 
-@pytest.mark.parametrize("shift", range(bits.E4M3_MIN_SHIFT, 1))
+@pytest.mark.parametrize("shift", range(bits.E4M3_MIN_SHIFT, bits.E4M3_MAX_SHIFT + 1))
 def test_e4m3_words_equal_the_rounded_values(shift):
     rng = random.Random(shift)
     tables = tuple(t & WORD_MASK for t in bits.e4m3_tables(shift))
@@ -51,6 +51,8 @@ def test_e4m3_words_equal_the_rounded_values(shift):
 def test_e4m3_fast_path_ends_where_the_exponent_field_would_leave_the_normals():
     low, _ = bits.e4m3_tables(bits.E4M3_MIN_SHIFT)
     assert (low >> 8) & 0xFF == 0x08  # 0.5 * 2^-5 = 2^-6: exponent field 1, the smallest normal
+    _, high = bits.e4m3_tables(bits.E4M3_MAX_SHIFT)
+    assert (high >> 24) & 0xFF == 0x7C  # 6 * 2^6 = 384: exponent field 15, mantissa 100 (0x7F is NaN)
 
 
 @pytest.mark.parametrize("exponent", [bits.BF16_MIN_EXP, 3, 60, 120, 127, 128, 200, bits.BF16_MAX_EXP])

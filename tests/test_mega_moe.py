@@ -199,18 +199,22 @@ def _fp4_layer(experts: int = 3, hidden: int = 256, inter: int = 384, seed: int 
 def test_fp4_transform_interleaves_codes_and_exponent_words():
     ((w1, e1), (w2, e2)), dequant_w1 = _fp4_layer()
     (w1t, s1t), (w2t, s2t) = cute_moe.transform_weights_for_mega_moe((w1, e1), (w2, e2))
-    assert w1t.dtype == torch.int8 and s1t.dtype == torch.int32 and s1t.shape == (3, 2, 768)
+    assert w1t.dtype == torch.int8 and s1t.dtype == torch.int32 and s1t.shape == (3, 2 + 1, 768)
     assert s1t.is_contiguous() and s2t.is_contiguous()
     assert torch.equal(w1t, _interleaved_reference(w1, 128))
-    rows1 = s1t.transpose(1, 2).contiguous()  # the words K-block-major -> row-major [L, 2I, H/128]
+    rows1 = s1t[:, :-1].transpose(1, 2).contiguous()  # the words K-block-major -> row-major [L, 2I, H/128]
     assert torch.equal(rows1, _interleaved_reference(e1.view(torch.int32), 128))
     # byte j of a word is the exponent of 32-block j of its 128-K block (little-endian)
     assert torch.equal(rows1.view(torch.uint8), _interleaved_reference(e1, 128))
     for e in range(3):  # the codes and exponents move together: the matrix is the reordered one
         exps = ue8m0_to_float(rows1[e].view(torch.uint8))
         assert torch.equal(per_token_dequant_fp4(w1t[e], exps), _interleaved_reference(dequant_w1[e][None], 128)[0])
-    assert torch.equal(w2t, w2) and s2t.shape == (3, 3, 256)
-    assert torch.equal(s2t.transpose(1, 2).contiguous().view(torch.uint8), e2)
+    assert torch.equal(w2t, w2) and s2t.shape == (3, 3 + 1, 256)
+    assert torch.equal(s2t[:, :-1].transpose(1, 2).contiguous().view(torch.uint8), e2)
+    # the last row: each weight row's largest exponent over K (byte 0), the kernel's reference exponent
+    for words, exponents in ((s1t, _interleaved_reference(e1, 128)), (s2t, e2)):
+        assert torch.equal(words[:, -1], exponents.amax(dim=2).to(torch.int32))
+    assert (s1t[:, -1] >> 8).eq(0).all()
     # int32 words are accepted as input too (DeepGEMM's packed form) and give the same result
     again = cute_moe.transform_weights_for_mega_moe((w1, e1.view(torch.int32)), (w2.view(torch.uint8), e2))
     assert torch.equal(again[0][1], s1t) and torch.equal(again[1][0], w2t)
@@ -413,9 +417,9 @@ def _fp4_call_args(tokens: int = TM) -> dict:
     meta = dict(device="meta")
     return dict(y=torch.empty(tokens, H, dtype=torch.bfloat16, **meta),
                 l1_weights=(torch.empty(E_LOCAL, 2 * I, H // 2, dtype=torch.int8, **meta),
-                            torch.empty(E_LOCAL, H // 128, 2 * I, dtype=torch.int32, **meta)),
+                            torch.empty(E_LOCAL, H // 128 + 1, 2 * I, dtype=torch.int32, **meta)),
                 l2_weights=(torch.empty(E_LOCAL, H, I // 2, dtype=torch.int8, **meta),
-                            torch.empty(E_LOCAL, I // 128, H, dtype=torch.int32, **meta)),
+                            torch.empty(E_LOCAL, I // 128 + 1, H, dtype=torch.int32, **meta)),
                 cumulative_local_expert_recv_stats=None, activation_clamp=None)
 
 

@@ -13,9 +13,10 @@ with an emulated ``prmt`` (tests/test_fp4_widen_bits.py checks every code and ex
 bytes 0..3); selector nibbles here are always <= 7 (bit 3 would select sign replication).
 
 Fast-path domains (outside them the kernel keeps the exact FP32 path, which gives the same values):
-- E4M3 ``value(code) * 2^d`` for a block shift ``d = e - e_max`` in ``[E4M3_MIN_SHIFT, 0]``: the table
-  holds the E4M3 bytes of the eight magnitudes with ``d`` added to their exponent field, which stays
-  normal (>= 1) for ``d >= -5``.
+- E4M3 ``value(code) * 2^d`` for a block shift ``d = e - e_ref`` in ``[E4M3_MIN_SHIFT, E4M3_MAX_SHIFT]``
+  (the kernels' reference exponent is at least the block's, so ``d <= 0`` there): the table holds the
+  E4M3 bytes of the eight magnitudes with ``d`` added to their exponent field, which stays normal
+  (>= 1) for ``d >= -5`` and finite (<= 15 with mantissa 100 at most) for ``d <= 6``.
 - BF16 ``value(code) * 2^(e - 127)`` for a UE8M0 exponent ``e`` in ``[BF16_MIN_EXP, BF16_MAX_EXP]``:
   every non-zero magnitude's BF16 exponent field ``e - 1 .. e + 2`` stays in 1..254 (normal, finite).
 Zero codes map to the zero byte/half-word, and the code's sign bit becomes the result's sign bit, so
@@ -23,6 +24,7 @@ Zero codes map to the zero byte/half-word, and the code's sign bit becomes the r
 """
 
 E4M3_MIN_SHIFT = -5  # 0.5 (exponent field 6) times 2^d stays an E4M3 normal down to d = -5
+E4M3_MAX_SHIFT = 6  # 6 * 2^6 = 384: exponent field 15, mantissa 100, still finite (and no byte carries)
 BF16_MIN_EXP = 2  # 0.5 * 2^(e - 127) is a BF16 normal from e = 2
 BF16_MAX_EXP = 252  # 6 * 2^(e - 127) has BF16 exponent field e + 2 <= 254
 
