@@ -259,6 +259,7 @@ class Sm90MegaMoE(Sm90GroupedGemm):
         warp_group_idx = self.await_barrier_init(tidx)
         if warp_group_idx == 0:
             cute.arch.setmaxregister_decrease(self.role_regs[0])
+            self.roles_ready()
             if warp_idx == 0:
                 self.produce(tma_atom_a1, mA1, tma_atom_b1, mB1, tma_atom_sfa1, mSFA1, tma_atom_a2, mA2, tma_atom_b2,
                              mB2, tma_atom_sfa2, mSFA2, smem["sA"], smem["sB"], smem["sSFA"], mainloop, table,
@@ -269,12 +270,14 @@ class Sm90MegaMoE(Sm90GroupedGemm):
             cute.arch.setmaxregister_increase(self.tail_regs)
         elif warp_group_idx <= self.num_consumer_wgs:
             cute.arch.setmaxregister_increase(self.role_regs[1])
+            self.roles_ready()
             self.consume(tiled_mma, smem, sfb1_addr, sfb2_addr, mOut, mainloop, table, blocks, parity, work, peers,
                          inter_addr, inter_sf_addr, clamp, tidx - THREADS_PER_WARPGROUP, cta)
             cute.arch.setmaxregister_decrease(self.tail_regs)
         else:
             if cutlass.const_expr(self.aux_wgs > 0):
                 cute.arch.setmaxregister_decrease(self.aux_regs)
+                self.roles_ready()
                 self.aux_role(smem, mainloop, table, blocks, sfb1_addr, sfb2_addr, cta,
                               tidx - THREADS_PER_WARPGROUP * (1 + self.num_consumer_wgs))
                 cute.arch.setmaxregister_increase(self.tail_regs)
@@ -292,6 +295,15 @@ class Sm90MegaMoE(Sm90GroupedGemm):
         cute.arch.sync_threads()
         if tidx == 0:
             st_b32(calls + Int64(cta) * 4, call + 1)
+
+    def roles_ready(self):
+        """Device code, each warpgroup right after its tile-loop setmaxnreg: with auxiliary warpgroups,
+        a CTA barrier, so no warpgroup starts its role (and, with no tiles, returns its registers at
+        once) before every move was made. Two warpgroups give registers to the consumers then: were
+        both to give theirs and take them back before the consumers' increase is granted, that
+        increase would wait forever (seen with CTAs without tiles, 1 token per rank)."""
+        if cutlass.const_expr(self.aux_wgs > 0):
+            cute.arch.sync_threads()
 
     # ------------------------------------------------------------------ P0 - P2
     @cute.jit
