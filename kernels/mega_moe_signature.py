@@ -60,9 +60,15 @@ def fake_arguments(geom: MegaMoEGeometry) -> tuple:
         make_fake_stream(use_tvm_ffi_env_stream=True))
 
 
-def compile_mega_moe(geom: MegaMoEGeometry, clamp: bool, block_m: int, arch: str = "sm_90a"):
-    """Compile the Mega MoE kernel of ``geom`` (FP8, BF16, or FP8 x FP4 when ``geom.fp4``; ``clamp``:
-    with the SwiGLU clamp; ``block_m``: tile height and expert segment alignment, one of
-    ``BLOCK_SIZES``) for ``arch``."""
-    kernel = (Sm90Fp4MegaMoE if geom.fp4 else Sm90MegaMoE)(geom, clamp, block_m)
-    return cute.compile(kernel, *fake_arguments(geom), options=f"--enable-tvm-ffi --gpu-arch {arch}")
+def mega_moe_kernel(geom: MegaMoEGeometry, clamp: bool, block_m: int) -> Sm90MegaMoE:
+    """The kernel configuration of ``geom`` (FP8, BF16, or FP8 x FP4 when ``geom.fp4``; ``clamp``: with
+    the SwiGLU clamp; ``block_m``: tile height and expert segment alignment, one of ``BLOCK_SIZES``)."""
+    return (Sm90Fp4MegaMoE if geom.fp4 else Sm90MegaMoE)(geom, clamp, block_m)
+
+
+def compile_mega_moe(geom: MegaMoEGeometry, clamp: bool, block_m: int, arch: str = "sm_90a",
+                     extra_options: str = ""):
+    """Compile ``mega_moe_kernel(geom, clamp, block_m)`` for ``arch``; ``extra_options``: more
+    ``cute.compile`` options (e.g. ``--keep-cubin``)."""
+    options = f"--enable-tvm-ffi --gpu-arch {arch} {extra_options}".strip()
+    return cute.compile(mega_moe_kernel(geom, clamp, block_m), *fake_arguments(geom), options=options)

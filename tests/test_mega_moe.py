@@ -635,6 +635,24 @@ def test_kernel_compiles_for_sm90(geom, clamp, block_m):
     assert fn.__class__.__name__.startswith("TVMFFI")
 
 
+@pytest.mark.parametrize("geom,clamp,block_m", [COMPILED[1], COMPILED[4]])  # FP8; FP4 with widening warpgroups
+def test_register_moves_fit_what_the_launch_gives(geom, clamp, block_m, tmp_path):
+    """setmaxnreg.inc retries until the CTA's pool has the registers (ptxas gives a kernel that moves
+    registers the most its block size allows): the tile loop's budgets of every warpgroup, and the
+    tail's, fit in what the launch gives the CTA."""
+    from test_compile_fp4 import _register_count
+
+    from cute_moe.kernels.mega_moe_signature import compile_mega_moe, mega_moe_kernel
+    kernel = mega_moe_kernel(geom, clamp, block_m)
+    launch = _register_count(compile_mega_moe(geom, clamp, block_m, extra_options=f"--keep-cubin "
+                                              f"--dump-dir={tmp_path}").artifacts.CUBIN)
+    producer, consumer = kernel.role_regs
+    per_warpgroup = producer + kernel.num_consumer_wgs * consumer + kernel.aux_wgs * kernel.aux_regs
+    assert 128 * per_warpgroup <= launch * kernel.threads
+    assert kernel.tail_regs <= launch and kernel.threads == 128 * (1 + kernel.num_consumer_wgs + kernel.aux_wgs)
+    assert kernel.aux_wgs == (2 if geom.fp4 and block_m == MIN_BLOCK_M else 0)
+
+
 @pytest.mark.parametrize("tokens,expected", [(1, MIN_BLOCK_M), (128, MIN_BLOCK_M), (2048, BLOCK_M)])
 def test_block_height_follows_rows_per_expert(tokens, expected):
     g = MegaMoEGeometry(2, 256, 8192, 6, 4096, 2048, True, 132)  # 2048 tokens: 96 rows per expert
