@@ -297,13 +297,12 @@ class Sm90MegaMoE(Sm90GroupedGemm):
             st_b32(calls + Int64(cta) * 4, call + 1)
 
     def roles_ready(self):
-        """Device code, each warpgroup right after its tile-loop setmaxnreg: with auxiliary warpgroups,
-        a CTA barrier, so no warpgroup starts its role (and, with no tiles, returns its registers at
-        once) before every move was made. Two warpgroups give registers to the consumers then: were
-        both to give theirs and take them back before the consumers' increase is granted, that
-        increase would wait forever (seen with CTAs without tiles, 1 token per rank)."""
-        if cutlass.const_expr(self.aux_wgs > 0):
-            cute.arch.sync_threads()
+        """Device code, each warpgroup right after its tile-loop setmaxnreg: a CTA barrier, so no
+        warpgroup starts its role (and, with no tiles, takes registers back at once) before every move
+        was made. Were a donor (the producer, the FP4 variant's widening warpgroups) to give its
+        registers and take them back before the consumers' increase is granted, that increase would
+        wait forever (seen with CTAs without tiles, 1 token per rank)."""
+        cute.arch.sync_threads()
 
     # ------------------------------------------------------------------ P0 - P2
     @cute.jit
