@@ -47,6 +47,9 @@ PRESETS: dict[str, MoeModel] = {m.name: m for m in (
 # Presets whose expert weights ship in MXFP4 (E2M1 + UE8M0 per 32 K): gpt-oss publishes them so,
 # DeepSeek-V4 runs FP8 activations x FP4 experts. Their GEMMs run with --dtype fp8xfp4 / bf16xfp4.
 FP4_WEIGHT_MODELS = ("gpt-oss-120b", "DeepSeek-V4-Flash", "DeepSeek-V4-Pro")
+# The expert-parallel degree each preset is served (benchmarked, tuned) at; the others keep every
+# expert local.
+SERVING_EP = {"DeepSeek-V3": 8, "Kimi-K2": 8, "DeepSeek-V4-Flash": 8, "DeepSeek-V4-Pro": 8}
 
 
 def get_preset(name: str) -> MoeModel:

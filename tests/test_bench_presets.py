@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from cute_moe.models import PRESETS
+from cute_moe.models import PRESETS, SERVING_EP
 from cute_moe.tools import bench, bench_presets
 from cute_moe.tools.bench_common import Row
 
@@ -32,7 +32,7 @@ def test_plan_covers_every_preset_gemm_kind_and_load_deterministically():
 
 def test_decode_loads_hit_the_expected_rows_on_average():
     for name in PRESETS:
-        model, ep = PRESETS[name], bench_presets.PRESET_EP.get(name, 1)
+        model, ep = PRESETS[name], SERVING_EP.get(name, 1)
         tokens = bench_presets.decode_tokens(model, ep, 16)
         assert 16 <= tokens * model.top_k * ep / model.experts < 16 + model.top_k * ep
 

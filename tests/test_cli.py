@@ -65,6 +65,10 @@ def failure(capsys, main, argv: list[str]) -> tuple[int, str]:
     (["tune", "--model", "Kimi-K2", "--repeats", "0"], 2, "cute-moe tune: error: --repeats: expected >= 1, got 0"),
     (["tune", "--model", "Kimi-K2", "--jobs", "0"], 2, "cute-moe tune: error: --jobs: expected >= 1, got 0"),
     (["tune", "--model", "Kimi-K2"], 1, "cute-moe tune: error: measuring sm_90a kernels needs a GPU"),
+    (["tune", "--model", "all", "--ep", "0"], 2, "cute-moe tune: error: --ep: expected >= 1, got 0"),
+    (["tune", "--model", "all", "--decode-m", "8,x"], 2,
+     "cute-moe tune: error: --decode-m: expected comma-separated positive integers, got '8,x'"),
+    (["tune", "--model", "all", "--space", "far"], 2, "cute-moe tune: error: argument --space: invalid choice"),
     (["nope"], 2, "cute-moe: error: argument COMMAND: invalid choice: 'nope'"),
 ])
 def test_errors_are_one_line_naming_the_option(capsys, tmp_path, monkeypatch, argv, code, message):

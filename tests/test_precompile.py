@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from cute_moe import cache, dispatch, runtime
+from cute_moe.arch import get_backend
 from cute_moe.models import PRESETS, MoeModel, expected_rows, expert_gemms, get_preset, load_shapes
 from cute_moe.specs import GemmSpec
 from cute_moe.tools import cli, precompile
@@ -230,9 +231,40 @@ def test_tune_writes_only_entries_that_beat_the_rules_by_the_margin(tmp_path, mo
     assert tune.beats_rules(0.98) and not tune.beats_rules(0.981)
 
 
+def test_tune_near_space_is_the_rules_choice_and_its_one_field_neighbours():
+    from cute_moe.tools import tune
+
+    for items in tune.plan_workloads(tune_args(dtype="bf16,fp8", kinds=None), 128).values():
+        problem = items[0][0]
+        rules = get_backend("sm_90a").rule_config(problem)
+        near, full = tune.candidate_configs(problem, "near"), tune.candidate_configs(problem)
+        assert rules in near and set(near) <= set(full) and len(near) < len(full)
+        for config in set(full) - set(near):
+            changed = [config.tile_m != rules.tile_m, config.tile_n != rules.tile_n,
+                       (config.cluster_m, config.cluster_n) != (rules.cluster_m, rules.cluster_n)]
+            assert sum(changed) >= 2, config
+
+
+def test_tune_all_models_use_their_serving_ep_and_decode_rows_for_masked():
+    from cute_moe.models import PRESETS, SERVING_EP, expected_rows
+    from cute_moe.tools import tune
+
+    keyed = tune.plan_workloads(tune_args(model="all", ep=None, kinds="masked,ragged", tokens="4096",
+                                          decode_m="8,64"), 128)
+    workloads = [w for items in keyed.values() for _, w in items]
+    assert {w.rows for w in workloads if w.kind == "masked"} == {8, 64}
+    ragged = {(w.n, w.k, w.groups, w.rows) for w in workloads if w.kind == "ragged"}
+    for model in PRESETS.values():
+        ep = SERVING_EP.get(model.name, 1)
+        assert any(groups == model.experts // ep and rows == expected_rows(model, 4096, ep)
+                   for _, _, groups, rows in ragged), model.name
+    one = tune.plan_workloads(tune_args(model="Kimi-K2", ep=None, kinds="ragged", tokens="4096"), 128)
+    assert {w.groups for items in one.values() for _, w in items} == {PRESETS["Kimi-K2"].experts}  # EP 1
+
+
 def tune_args(**overrides):
     import argparse
 
     values = dict(model="Qwen3-30B-A3B", shapes=None, ep=8, tp=1, dtype="bf16", kinds="masked,ragged", tokens="16",
-                  repeats=1, jobs=1, out=None, arch="sm_90a")
+                  decode_m=None, space="all", repeats=1, jobs=1, out=None, arch="sm_90a")
     return argparse.Namespace(**{**values, **overrides})

@@ -20,13 +20,11 @@ import torch
 
 import cute_moe
 from cute_moe.layouts.alignment import align, get_mk_alignment_for_contiguous_layout
-from cute_moe.models import PRESETS, MoeModel, expert_gemms
+from cute_moe.models import PRESETS, SERVING_EP, MoeModel, expert_gemms
 from cute_moe.testing import calc_diff
 
 from .bench_common import Row, quantize_rows, randn, rowwise_fp8, sets_for, time_pair
 
-# The EP degree each preset is benchmarked at (the others run with every expert local).
-PRESET_EP = {"DeepSeek-V3": 8, "Kimi-K2": 8, "DeepSeek-V4-Flash": 8, "DeepSeek-V4-Pro": 8}
 TOKENS = (512, 4096, 16384)  # tokens per rank (prefill)
 DECODE_EXPECTED_M = (8, 16, 32, 64)  # mean rows per local expert (decode)
 QUICK_TOKENS = (4096,)
@@ -76,7 +74,7 @@ def plan(names: list[str], quick: bool, seed: int = 0) -> list[tuple[str, Preset
     decode_list = QUICK_DECODE_EXPECTED_M if quick else DECODE_EXPECTED_M
     items = []
     for name in names:
-        model, ep = PRESETS[name], PRESET_EP.get(name, 1)
+        model, ep = PRESETS[name], SERVING_EP.get(name, 1)
         for gemm in expert_gemms(model, ep):
             for tokens in tokens_list:
                 problem = PresetGemm(model, gemm.name, gemm.n, gemm.k, route_counts(model, tokens, ep, generator),

@@ -9,6 +9,12 @@ counts. Entries are merged into --out (default: the user's table,
 ``$XDG_CONFIG_HOME/cute-moe/tuned/<arch>.json``, which the dispatcher reads over the shipped one).
 
     cute-moe tune --model Qwen3-30B-A3B --ep 8 --tokens 16,128,1024,8192
+    cute-moe tune --model all --dtype bf16,fp8 --kinds contiguous,ragged,masked --decode-m 8,16,32,64 --space near
+
+``--model all`` tunes every preset at the expert-parallel degree it is served at (``SERVING_EP``);
+``--decode-m`` measures masked (decode) launches at these mean rows per expert instead of at the
+token counts; ``--space near`` measures only the rules' choice's neighbours (one of tile rows, tile
+columns or cluster shape changed), about a quarter of the full space.
 """
 
 import argparse
@@ -26,7 +32,8 @@ from cute_moe.dispatch import (KINDS_WITH_ROW_HINT, TABLE_KEY_FIELDS, TUNED_TABL
                                problem_of, read_tuned_table, reload_tuned_table, spec_of, table_entry, table_key,
                                user_table_path)
 from cute_moe.layouts.alignment import align, get_mk_alignment_for_contiguous_layout
-from cute_moe.models import expected_rows, expert_gemms, get_preset, load_shapes, model_errors
+from cute_moe.models import (PRESETS, SERVING_EP, MoeModel, expected_rows, expert_gemms, get_preset, load_shapes,
+                             model_errors)
 from cute_moe.operands import torch_dtype
 from cute_moe.specs import ALIGNED_KINDS
 
@@ -34,6 +41,9 @@ from .command import module_main, require_gpu
 from .precompile import PRECISIONS, Task, build, check_positive, model_help, parse_dtypes, parse_kinds
 
 DEFAULT_TOKENS = "16,128,1024,8192"
+ALL_MODELS = "all"  # --model all: every preset at its serving EP degree
+SPACES = ("all", "near")  # --space: every admitted config, or the rules' choice and its one-field neighbours
+NEIGHBOUR_FIELDS = ("tile_m", "tile_n", "cluster")  # what a "near" candidate may change, one at a time
 MAX_DIFF = 1e-5
 WIN_MARGIN = 0.02  # a tuned entry must beat the rules' choice by this fraction of its time, same run
 KernelConfig = Any  # the arch backend's config type
@@ -52,45 +62,69 @@ class Workload:
     d_dtype: str
 
 
-def candidate_configs(p: Problem) -> list[KernelConfig]:
-    """The search space: the arch backend's candidates for the problem."""
-    return get_backend(p.arch).candidate_configs(p)
+def candidate_configs(p: Problem, space: str = "all") -> list[KernelConfig]:
+    """The search space: the arch backend's candidates for the problem; ``near``: only the rules'
+    choice and the candidates that differ from it in one of NEIGHBOUR_FIELDS."""
+    backend = get_backend(p.arch)
+    candidates = backend.candidate_configs(p)
+    if space == "all":
+        return candidates
+    rules = backend.rule_config(p)
+
+    def traits(c: KernelConfig) -> tuple:
+        return c.tile_m, c.tile_n, (c.cluster_m, c.cluster_n)
+
+    return [c for c in candidates if sum(a != b for a, b in zip(traits(c), traits(rules))) <= 1]
 
 
-def parse_tokens(text: str) -> tuple[int, ...]:
+def parse_counts(option: str, text: str) -> tuple[int, ...]:
+    """A comma-separated list of positive integers (sorted, duplicates dropped)."""
     try:
-        tokens = tuple(sorted({int(t) for t in text.split(",") if t.strip()}))
+        counts = tuple(sorted({int(t) for t in text.split(",") if t.strip()}))
     except ValueError:
-        raise ValueError(f"--tokens: expected comma-separated positive integers, got {text!r}") from None
-    if not tokens or tokens[0] < 1:
-        raise ValueError(f"--tokens: expected comma-separated positive integers, got {text!r}")
-    return tokens
+        raise ValueError(f"{option}: expected comma-separated positive integers, got {text!r}") from None
+    if not counts or counts[0] < 1:
+        raise ValueError(f"{option}: expected comma-separated positive integers, got {text!r}")
+    return counts
+
+
+def models_and_ep(args: argparse.Namespace) -> list[tuple[MoeModel, int]]:
+    """The models to tune with their expert-parallel degree: --ep if given, else a preset's serving EP
+    under --model all and 1 otherwise."""
+    if args.model and args.model.lower() == ALL_MODELS:
+        return [(m, args.ep or SERVING_EP.get(m.name, 1)) for m in PRESETS.values()]
+    models = [get_preset(args.model)] if args.model else load_shapes(args.shapes)
+    return [(m, args.ep or 1) for m in models]
 
 
 def plan_workloads(args: argparse.Namespace, alignment: int) -> dict[tuple, list[tuple[Problem, Workload]]]:
     """Tuned-table key -> the (problem, workload) pairs measured for it (model GEMMs x kinds x tokens)."""
-    models = [get_preset(args.model)] if args.model else load_shapes(args.shapes)
     dtypes = parse_dtypes(args.dtype)
     kinds = parse_kinds(args.kinds, dtypes)
-    tokens = parse_tokens(args.tokens)
+    tokens = parse_counts("--tokens", args.tokens)
+    decode_m = parse_counts("--decode-m", args.decode_m) if args.decode_m else None
     keyed: dict[tuple, list[tuple[Problem, Workload]]] = {}
-    for model, dtype in itertools.product(models, dtypes):
+    for (model, ep), dtype in itertools.product(models_and_ep(args), dtypes):
         precision = PRECISIONS[dtype]
         with model_errors(model):
-            for gemm, kind, count in itertools.product(expert_gemms(model, args.ep, args.tp), precision.kinds,
-                                                       tokens):
+            for gemm, kind in itertools.product(expert_gemms(model, ep, args.tp), precision.kinds):
                 if kinds is not None and kind not in kinds:
                     continue
-                rows = max(1, expected_rows(model, count, args.ep))
-                problem = problem_of(kind, gemm.n, gemm.k, gemm.num_groups,
-                                     rows if kind in KINDS_WITH_ROW_HINT else 0,
-                                     alignment if kind in ALIGNED_KINDS else 0, arch=args.arch,
-                                     a=precision.a, b=precision.b, d_dtype=precision.d_dtype)
-                get_backend(args.arch).check_spec(problem)  # e.g. too many groups: refused before any work
-                item = (problem, Workload(kind, gemm.n, gemm.k, gemm.num_groups, rows, dtype, precision.d_dtype))
-                items = keyed.setdefault(table_key(problem), [])
-                if item not in items:
-                    items.append(item)
+                if kind == "masked" and decode_m:
+                    row_counts = decode_m
+                else:
+                    row_counts = tuple(max(1, expected_rows(model, count, ep)) for count in tokens)
+                for rows in row_counts:
+                    problem = problem_of(kind, gemm.n, gemm.k, gemm.num_groups,
+                                         rows if kind in KINDS_WITH_ROW_HINT else 0,
+                                         alignment if kind in ALIGNED_KINDS else 0, arch=args.arch,
+                                         a=precision.a, b=precision.b, d_dtype=precision.d_dtype)
+                    get_backend(args.arch).check_spec(problem)  # e.g. too many groups: refused before any work
+                    item = (problem, Workload(kind, gemm.n, gemm.k, gemm.num_groups, rows, dtype,
+                                              precision.d_dtype))
+                    items = keyed.setdefault(table_key(problem), [])
+                    if item not in items:
+                        items.append(item)
     return keyed
 
 
@@ -221,14 +255,20 @@ def write_table(path: Path, entries: list[dict], dropped: frozenset = frozenset(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help=model_help())
+    source.add_argument("--model", help=f"{model_help()}; or {ALL_MODELS}: every preset at its serving EP degree")
     source.add_argument("--shapes", metavar="FILE", help="JSON file of models (see precompile --help)")
-    parser.add_argument("--ep", type=int, default=1, help="expert-parallel ranks")
+    parser.add_argument("--ep", type=int, default=None,
+                        help="expert-parallel ranks (default: 1; under --model all each preset's serving EP)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
     parser.add_argument("--dtype", default="bf16", help="comma-separated operand precisions (default bf16)")
     parser.add_argument("--kinds", help="comma-separated subset of contiguous,psum,masked,ragged (default: all)")
     parser.add_argument("--tokens", default=DEFAULT_TOKENS,
                         help=f"token counts per rank to measure (default {DEFAULT_TOKENS})")
+    parser.add_argument("--decode-m", help="masked kind: mean rows per expert to measure, comma-separated "
+                        "(default: the rows the --tokens counts give)")
+    parser.add_argument("--space", choices=SPACES, default="all",
+                        help="candidates: all the backend admits, or near: the rules' choice and its neighbours "
+                        "(one of tile rows, tile columns, cluster shape changed)")
     parser.add_argument("--repeats", type=int, default=10, help="graph replays per timing (median)")
     parser.add_argument("--jobs", type=int, default=8, help="parallel compile processes for the candidates")
     parser.add_argument("--out", help="tuned table to merge into (default: the user's table "
@@ -246,6 +286,8 @@ def run(args: argparse.Namespace) -> int:
     arguments: ValueError; no GPU: NoGpuError (both before anything is printed)."""
     alignment = get_mk_alignment_for_contiguous_layout()
     args.arch = default_arch()
+    if args.ep is not None:
+        check_positive("--ep", args.ep)
     keyed = plan_workloads(args, alignment)
     check_positive("--repeats", args.repeats)
     check_positive("--jobs", args.jobs)
@@ -257,15 +299,15 @@ def run(args: argparse.Namespace) -> int:
 
     if cache.cache_enabled():
         tasks = {(spec_of(p), c)
-                 for items in keyed.values() for p, _ in items for c in candidate_configs(p)}
+                 for items in keyed.values() for p, _ in items for c in candidate_configs(p, args.space)}
         print(f"compiling {len(tasks)} candidate specializations with {args.jobs} processes", file=sys.stderr)
         build([Task(spec, config, ()) for spec, config in tasks], cache.cache_root(), args.jobs)
     torch.manual_seed(0)
-    entries, dropped = [], set()
-    for items in keyed.values():
+    written = removed = 0
+    for number, items in enumerate(keyed.values(), 1):
         problem = items[0][0]
-        print(f"{problem}: {len(items)} workload(s)", file=sys.stderr, flush=True)
-        means, rules_us = measure(items, candidate_configs(problem), alignment, args.repeats)
+        print(f"[{number}/{len(keyed)}] {problem}: {len(items)} workload(s)", file=sys.stderr, flush=True)
+        means, rules_us = measure(items, candidate_configs(problem, args.space), alignment, args.repeats)
         if not means:
             print("  no valid candidate; keeping the rules", file=sys.stderr)
             continue
@@ -273,16 +315,17 @@ def run(args: argparse.Namespace) -> int:
         rules = get_backend(problem.arch).rule_config(problem)
         print(f"  best {format_config(best)}: {means[best]:.3f}x the rules' time "
               f"(rules {format_config(rules)}, {rules_us:.1f} us)", flush=True)
+        # Written key by key, so an interrupted run keeps what it measured.
         if beats_rules(means[best]):
-            entries.append(table_entry(problem, best, rules_us=round(rules_us, 2),
-                                       relative_time=round(means[best], 4)))
+            write_table(out, [table_entry(problem, best, rules_us=round(rules_us, 2),
+                                          relative_time=round(means[best], 4))])
+            written += 1
         else:
             print(f"  not {WIN_MARGIN:.0%} faster than the rules: no entry (the rules stay)", flush=True)
-            dropped.add(table_key(problem))
-    write_table(out, entries, frozenset(dropped))
+            write_table(out, [], frozenset({table_key(problem)}))
+            removed += 1
     reload_tuned_table()
-    print(f"wrote {len(entries)} entries to {out}" + (f", removed {len(dropped)} keys where the rules won"
-                                                       if dropped else ""))
+    print(f"wrote {written} entries to {out}" + (f", removed {removed} keys where the rules won" if removed else ""))
     return 0
 
 
