@@ -47,7 +47,12 @@ def test_masked_decode_uses_64_row_tiles_without_cluster():
 
 def test_unknown_rows_take_the_b_multicast_cluster():
     assert choose_config("masked", 4096, 7168, 32, 0, 0) == KernelConfig(tile_m=128, tile_n=256, cluster_m=2)
-    assert choose_config("ragged", 7168, 2048, 32, 0, 0) == KernelConfig(tile_m=128, tile_n=256, cluster_m=2)
+
+
+def test_ragged_multicasts_a_over_an_n_cluster():
+    # A ragged group is cut into whole cluster tiles: an M-cluster would idle a CTA of each group's last one.
+    assert choose_config("ragged", 7168, 2048, 32, 0, 0) == KernelConfig(tile_m=128, tile_n=256, cluster_n=2)
+    assert choose_config("ragged", 256, 2048, 32, 0, 0).cluster_size == 1  # one N tile: nothing to share
 
 
 def test_contiguous_clusters_share_b_along_m_at_any_alignment():

@@ -314,7 +314,9 @@ def run(args: argparse.Namespace) -> int:
         best = min(means, key=means.get)
         rules = get_backend(problem.arch).rule_config(problem)
         print(f"  best {format_config(best)}: {means[best]:.3f}x the rules' time "
-              f"(rules {format_config(rules)}, {rules_us:.1f} us)", flush=True)
+              f"(rules {format_config(rules)}, {rules_us:.1f} us); all: "
+              + ", ".join(f"{format_config(c)} {t:.3f}" for c, t in sorted(means.items(), key=lambda item: item[1])),
+              flush=True)
         # Written key by key, so an interrupted run keeps what it measured.
         if beats_rules(means[best]):
             write_table(out, [table_entry(problem, best, rules_us=round(rules_us, 2),

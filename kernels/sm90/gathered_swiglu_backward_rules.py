@@ -9,7 +9,7 @@ from dataclasses import replace
 
 from .config import Sm90Config
 from .family_rules import check_group_count, descriptor, every_tile_and_cluster, refuse_a_multicast, refuse_swap_ab
-from .rules import rule_config as grouped_rule_config
+from .rules import b_multicast_config
 
 BACKWARD_KIND = "gathered_swiglu_backward"
 A_OPERAND = ("bf16", "k", "none")
@@ -50,9 +50,9 @@ def can_implement(problem, config: Sm90Config) -> None:
 
 
 def rule_config(problem) -> Sm90Config:
-    """The grouped GEMM's rules for the same ragged problem (N = I): 128 x 256 tiles with B shared by
-    an M-cluster of 2 unless an expert holds a single M tile."""
-    config = grouped_rule_config(replace(problem, kind="ragged"))
+    """The grouped GEMM's B-multicast rules for the same ragged problem (N = I): 128 x 256 tiles with
+    B shared by an M-cluster of 2 unless an expert holds a single M tile."""
+    config = b_multicast_config(replace(problem, kind="ragged"))
     return replace(config, tile_n=max(config.tile_n, MIN_TILE_N))
 
 

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 from .config import Sm90Config
 from .family_rules import check_group_count, descriptor, every_tile_and_cluster, refuse_a_multicast, refuse_swap_ab
-from .rules import rule_config as grouped_rule_config
+from .rules import b_multicast_config
 
 GATHERED_KINDS = ("gathered_swiglu", "gathered_swiglu_h")
 BF16_K = ("bf16", "k", "none")
@@ -44,10 +44,10 @@ def can_implement(problem, config: Sm90Config) -> None:
 
 
 def rule_config(problem) -> Sm90Config:
-    """The grouped GEMM's rules for the same ragged problem (N = 2I accumulator columns per row):
+    """The grouped GEMM's B-multicast rules for the same ragged problem (N = 2I accumulator columns per row):
     128 x 256 tiles (128 output columns) with B shared by an M-cluster of 2 unless an expert holds
     a single M tile."""
-    return grouped_rule_config(replace(problem, kind="ragged"))
+    return b_multicast_config(replace(problem, kind="ragged"))
 
 
 def candidate_configs(problem) -> list[Sm90Config]:

@@ -6,6 +6,7 @@ No cutlass import.
 
 import itertools
 import math
+from dataclasses import replace
 
 from cute_moe.specs import C_KINDS
 
@@ -82,16 +83,29 @@ def rule_config(p) -> Sm90Config:
        multiple of it (the last N block would be mostly padding) or when the widest tiles would
        leave SMs idle (known rows only).
     3. cluster: none when each group is a single M tile (every weight block is read once, there is
-       nothing to share); else B multicast over an M-cluster of 2 (contiguous segments aligned to
-       fewer rows than the cluster tile included: the kernel multicasts B only to CTAs of the same
-       expert; measured on the H200 with uneven experts of ~256 rows, 1.00-1.19x the time of the
-       A-multicast N-cluster and up to 1.24x the time of no cluster, never slower).
+       nothing to share); ragged (rows per group unknown): A multicast over an N-cluster of 2 when N
+       has two tiles or more, else none; otherwise B multicast over an M-cluster of 2 (contiguous
+       segments aligned to fewer rows than the cluster tile included: the kernel multicasts B only to
+       CTAs of the same expert; measured on the H200 with uneven experts of ~256 rows, 1.00-1.19x the
+       time of the A-multicast N-cluster and up to 1.24x the time of no cluster, never slower).
     4. stages: as many as fit in shared memory; panel: 8 M blocks.
     5. dense with at most 256 rows: see small_m_dense_config.
     """
-    m = p.expected_m
-    if p.kind == "dense" and 0 < m <= 256:
+    if p.kind == "dense" and 0 < p.expected_m <= 256:
         return small_m_dense_config(p)
+    config = b_multicast_config(p)
+    if p.kind == "ragged" and config.cluster_m > 1:
+        # A ragged group is cut into whole cluster tiles: an M-cluster idles one CTA of every group's
+        # last cluster tile (half the CTAs at <= 128 rows per group). Measured on the H200 over every
+        # preset's shapes, uniform rows: 128x256 c2x1 took 1.13-1.35x the time of the best neighbour.
+        cluster_n = 2 if math.ceil(p.n / config.tile_n) >= 2 else 1
+        return replace(config, cluster_m=1, cluster_n=cluster_n)
+    return config
+
+
+def b_multicast_config(p) -> Sm90Config:
+    """Rules 1-3 with B (weights) shared by an M-cluster of 2 whenever a group spans several M tiles."""
+    m = p.expected_m
     aligned_kind = p.kind in ("contiguous", "psum")
     tile_m = 64 if 0 < m <= 64 or (aligned_kind and p.alignment % 128 != 0) else 128
     widest = max(TILE_NS)
