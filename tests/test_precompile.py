@@ -231,6 +231,21 @@ def test_tune_writes_only_entries_that_beat_the_rules_by_the_margin(tmp_path, mo
     assert tune.beats_rules(0.98) and not tune.beats_rules(0.981)
 
 
+def test_tune_never_writes_the_rules_own_config(tmp_path, monkeypatch):
+    from cute_moe.tools import tune
+
+    monkeypatch.setattr(tune, "require_gpu", lambda what: None)
+    monkeypatch.setattr(tune.cache, "cache_enabled", lambda: False)
+
+    def measure(items, candidates, alignment, repeats):  # the rules "beat" themselves: noise
+        return {get_backend("sm_90a").rule_config(items[0][0]): 0.9}, 10.0
+
+    monkeypatch.setattr(tune, "measure", measure)
+    out = tmp_path / "t.json"
+    assert tune.run(tune_args(out=str(out))) == 0
+    assert json.loads(out.read_text())["entries"] == []
+
+
 def test_tune_near_space_is_the_rules_choice_and_its_one_field_neighbours():
     from cute_moe.tools import tune
 
