@@ -43,7 +43,6 @@ from .precompile import PRECISIONS, Task, build, check_positive, model_help, par
 DEFAULT_TOKENS = "16,128,1024,8192"
 ALL_MODELS = "all"  # --model all: every preset at its serving EP degree
 SPACES = ("all", "near")  # --space: every admitted config, or the rules' choice and its one-field neighbours
-NEIGHBOUR_FIELDS = ("tile_m", "tile_n", "cluster")  # what a "near" candidate may change, one at a time
 MAX_DIFF = 1e-5
 WIN_MARGIN = 0.02  # a tuned entry must beat the rules' choice by this fraction of its time, same run
 KernelConfig = Any  # the arch backend's config type
@@ -64,7 +63,7 @@ class Workload:
 
 def candidate_configs(p: Problem, space: str = "all") -> list[KernelConfig]:
     """The search space: the arch backend's candidates for the problem; ``near``: only the rules'
-    choice and the candidates that differ from it in one of NEIGHBOUR_FIELDS."""
+    choice and the candidates that differ from it in one of tile rows, tile columns, cluster shape."""
     backend = get_backend(p.arch)
     candidates = backend.candidate_configs(p)
     if space == "all":
