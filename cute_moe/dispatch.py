@@ -10,7 +10,7 @@ import contextlib
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -22,9 +22,10 @@ from .specs import D_DTYPES, KINDS, GemmSpec
 # Upper bounds of the expected-rows buckets; the last bucket is open-ended (everything above 2048).
 # Rules and tuned entries see expected_m only through its bucket; bucket 0 means "no hint".
 M_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-# Kinds whose launches carry a rows-per-group hint (dense: M, masked: the caller's expected_m);
-# contiguous, psum and ragged launches pass 0, so their warm keys never depend on token counts.
-KINDS_WITH_ROW_HINT = ("dense", "masked")
+# Kinds whose launches carry a rows-per-group hint: dense M, masked the caller's expected_m, contiguous
+# and ragged their rows per group (A's rows over the groups, see rows_per_group). psum launches pass 0:
+# their A is usually a dispatch's fixed-capacity pool, whose size says nothing about the routing.
+KINDS_WITH_ROW_HINT = ("dense", "masked", "contiguous", "ragged")
 TUNED_TABLE_FORMAT = "cute-moe-tuned-table"
 TUNED_TABLE_ENV = "CUTE_MOE_TUNED_TABLE"
 CONFIG_ENV = "CUTE_MOE_CONFIG"
@@ -39,6 +40,12 @@ def m_bucket(expected_m: int) -> int:
         if expected_m <= bound:
             return bound
     return M_BUCKETS[-1]
+
+
+def rows_per_group(total_rows: int, num_groups: int) -> int:
+    """The hint of a contiguous or ragged launch: A's rows (contiguous: padding included) per group, rounded up
+    (0, no hint, without groups: the launch's validation refuses those)."""
+    return -(-total_rows // num_groups) if num_groups > 0 else 0
 
 
 def buckets_between(lo: int, hi: int) -> tuple[int, ...]:
@@ -186,18 +193,35 @@ def reload_tuned_table() -> None:
 
 
 # ---------------------------------------------------------------------------------------- choice
+def _fitting_entry(p: Problem, key_problem: Problem) -> Any:
+    """The tuned tables' entry under ``key_problem``'s key if it can implement ``p``, else None."""
+    config = _tuned_table(p.arch).get(table_key(key_problem))
+    if config is not None:
+        try:
+            get_backend(p.arch).can_implement(p, config)
+        except ValueError:
+            return None
+    return config
+
+
+def fallback_choice(p: Problem) -> tuple[Any, str]:
+    """(config, source) the dispatcher takes for ``p`` when its own key has no entry: the entry of
+    its hint-free key (bucket 0) when ``p`` carries a hint, else the rules. ``cute-moe tune`` measures
+    a key's candidates against this choice."""
+    if p.expected_m:
+        config = _fitting_entry(p, replace(p, expected_m=0))
+        if config is not None:
+            return config, "tuned, no hint"
+    return get_backend(p.arch).rule_config(p), "rules"
+
+
 @lru_cache(maxsize=None)
 def _resolve(p: Problem) -> Any:
     backend = get_backend(p.arch)
     backend.check_spec(p)
-    config, source = _tuned_table(p.arch).get(table_key(p)), "tuned"
-    if config is not None:
-        try:
-            backend.can_implement(p, config)
-        except ValueError:
-            config = None
+    config, source = _fitting_entry(p, p), "tuned"
     if config is None:
-        config, source = backend.rule_config(p), "rules"
+        config, source = fallback_choice(p)
     if os.environ.get("CUTE_MOE_PRINT_CONFIGS", "0") not in ("", "0"):
         print(f"cute-moe: {p} -> {backend.format_config(config)} ({source})", file=sys.stderr)
     return config

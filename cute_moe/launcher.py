@@ -20,7 +20,7 @@ import torch
 
 from . import index_checks, runtime
 from .arch import arch_of_device, backend_for, get_backend
-from .dispatch import forced_config, m_bucket, problem_of, resolve, spec_of
+from .dispatch import forced_config, m_bucket, problem_of, resolve, rows_per_group, spec_of
 from .layouts.alignment import get_mk_alignment_for_contiguous_layout
 from .operands import Operand, dtype_name
 from .operand_io import OperandIO
@@ -212,8 +212,9 @@ class ContiguousOp(GemmOp):
         try:
             m = a.shape[0]
             device = a.get_device()
-            key = (self, use_psum_layout is True, b.shape, d.dtype, alignment, device, forced_config())
-        except AttributeError:
+            hint = 0 if use_psum_layout is True else m_bucket(rows_per_group(m, b.shape[0]))
+            key = (self, use_psum_layout is True, b.shape, d.dtype, alignment, hint, device, forced_config())
+        except (AttributeError, IndexError):
             self.validate(*args)
             raise
         if m == 0 and type(use_psum_layout) is bool:
@@ -225,8 +226,9 @@ class ContiguousOp(GemmOp):
 
     def facts(self, a, sfa, b, sfb, d, grouped_layout, use_psum_layout, alignment) -> dict:
         _, n, k = self.b.logical(b).shape
+        hint = 0 if use_psum_layout else rows_per_group(a.shape[0], b.shape[0])
         return dict(kind="psum" if use_psum_layout else "contiguous", n=n, k=k,
-                    num_groups=b.shape[0], expected_m=0, alignment=alignment, d_dtype=dtype_name(d.dtype),
+                    num_groups=b.shape[0], expected_m=hint, alignment=alignment, d_dtype=dtype_name(d.dtype),
                     device=a.device)
 
     def kernel_args(self, a, sfa, b, sfb, d, grouped_layout, use_psum_layout, alignment) -> tuple:
@@ -467,8 +469,8 @@ class RaggedOp(GemmOp):
         try:
             m = a.shape[0]
             device = a.get_device()
-            key = (self, b.shape, out_dtype, device, forced_config())
-        except (AttributeError, TypeError):
+            key = (self, b.shape, out_dtype, m_bucket(rows_per_group(m, b.shape[0])), device, forced_config())
+        except (AttributeError, TypeError, IndexError):
             self.validate(a, b, offs, out_dtype, None)
             raise
         warm = key in _launches and b.get_device() == device and offs.get_device() == device
@@ -480,7 +482,8 @@ class RaggedOp(GemmOp):
         return out
 
     def facts(self, a, b, offs, out_dtype, out) -> dict:
-        return dict(kind="ragged", n=b.shape[2], k=b.shape[1], num_groups=b.shape[0], expected_m=0, alignment=0,
+        return dict(kind="ragged", n=b.shape[2], k=b.shape[1], num_groups=b.shape[0],
+                    expected_m=rows_per_group(a.shape[0], b.shape[0]), alignment=0,
                     d_dtype=dtype_name(out_dtype), device=a.device)
 
     def kernel_args(self, a, b, offs, out_dtype, out) -> tuple:

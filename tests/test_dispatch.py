@@ -55,6 +55,13 @@ def test_ragged_multicasts_a_over_an_n_cluster():
     assert choose_config("ragged", 256, 2048, 32, 0, 0).cluster_size == 1  # one N tile: nothing to share
 
 
+def test_ragged_rules_ignore_the_hint_of_uneven_counts():
+    # The hint is the mean rows per group; the busiest experts hold 2-3x it (measured: the hinted
+    # choices lost up to 15% on the presets' uneven routing).
+    assert {choose_config("ragged", 6144, 7168, 48, m, 0) for m in (0, 16, 64, 128, 4000)} == {
+        KernelConfig(tile_m=128, tile_n=256, cluster_n=2)}
+
+
 def test_contiguous_clusters_share_b_along_m_at_any_alignment():
     # M-clusters may span two 128-row segments: the kernel multicasts B only inside one expert.
     for alignment in (128, 256):
@@ -135,6 +142,24 @@ def test_tuned_table_wins_for_its_key_only(tmp_path, monkeypatch):
     assert choose_config("masked", 4096, 7168, 8, 33, 0) == tuned  # same bucket (64), any group count
     assert choose_config("masked", 4096, 7168, 32, 65, 0) != tuned  # another bucket: the rules
     assert choose_config("masked", 4096, 2048, 32, 40, 0) != tuned  # another K
+
+
+def test_a_bucket_without_entry_takes_the_hint_free_entry_then_the_rules(tmp_path, monkeypatch):
+    hint_free = KernelConfig(tile_m=64, tile_n=256, cluster_m=2)
+    bucket_256 = KernelConfig(tile_m=128, tile_n=128, cluster_n=2)
+    _write_table(tmp_path / "t.json", [
+        table_entry(dispatch.problem_of("ragged", 4096, 7168, 32, 0, 0), hint_free),
+        table_entry(dispatch.problem_of("ragged", 4096, 7168, 32, 200, 0), bucket_256)])
+    monkeypatch.setenv(dispatch.TUNED_TABLE_ENV, str(tmp_path / "t.json"))
+    dispatch.reload_tuned_table()
+    assert choose_config("ragged", 4096, 7168, 32, 129, 0) == bucket_256
+    assert choose_config("ragged", 4096, 7168, 32, 40, 0) == hint_free
+    assert dispatch.fallback_choice(dispatch.problem_of("ragged", 4096, 7168, 32, 200, 0)) == (hint_free,
+                                                                                            "tuned, no hint")
+    rules = rule_config(dispatch.problem_of("ragged", 2048, 7168, 32, 40, 0))
+    assert choose_config("ragged", 2048, 7168, 32, 40, 0) == rules  # no entry of either key
+    assert dispatch.fallback_choice(dispatch.problem_of("ragged", 4096, 7168, 32, 0, 0)) == (
+        rule_config(dispatch.problem_of("ragged", 4096, 7168, 32, 0, 0)), "rules")
 
 
 def test_tuned_config_that_does_not_fit_falls_back_to_rules(tmp_path, monkeypatch):

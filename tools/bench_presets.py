@@ -91,14 +91,19 @@ def _packed_offsets(counts: tuple[int, ...]) -> torch.Tensor:
     return torch.tensor(counts, device="cuda").cumsum(0).to(torch.int32)
 
 
-def _aligned_layout(counts: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(grouped_layout of the aligned contiguous layout, index of each packed row in it, its rows)."""
-    alignment = get_mk_alignment_for_contiguous_layout()
+def aligned_segments(counts: tuple[int, ...], alignment: int) -> tuple[list[int], int]:
+    """First row of each group's segment in the aligned contiguous layout, and the layout's rows (at
+    least one segment)."""
     starts, total = [], 0
     for c in counts:
         starts.append(total)
         total += align(c, alignment)
-    total = max(total, alignment)
+    return starts, max(total, alignment)
+
+
+def _aligned_layout(counts: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(grouped_layout of the aligned contiguous layout, index of each packed row in it, its rows)."""
+    starts, total = aligned_segments(counts, get_mk_alignment_for_contiguous_layout())
     layout = torch.full((total,), -1, dtype=torch.int32)
     rows = []
     for g, (start, c) in enumerate(zip(starts, counts)):

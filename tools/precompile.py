@@ -148,9 +148,10 @@ def plan(models: list[MoeModel], *, archs: tuple[str, ...], dtypes: tuple[str, .
          alignment: Optional[int] = None, num_sms: Optional[int] = None) -> list[Task]:
     """Every (spec, config) the dispatcher can choose for the models' expert GEMMs on one rank.
 
-    N and K are static; the rows-per-group hint of hinted kinds (masked) ranges over the buckets of
-    expected_rows(model, tokens, ep) for tokens in [1, max_tokens], plus "no hint"; launches of the
-    other kinds carry no hint. ``alignment``: contiguous-layout segment alignment (default: current).
+    N and K are static; the rows-per-group hint of hinted kinds (masked, contiguous, ragged) ranges
+    over the buckets of expected_rows(model, tokens, ep) for tokens in [1, max_tokens] (contiguous: up
+    to one alignment more, its padding), plus "no hint"; psum launches carry no hint. ``alignment``:
+    contiguous-layout segment alignment (default: current).
     """
     check_positive("--max-tokens", max_tokens)
     check_positive("--num-sms", num_sms)
@@ -159,7 +160,11 @@ def plan(models: list[MoeModel], *, archs: tuple[str, ...], dtypes: tuple[str, .
     uses: dict[tuple[GemmSpec, Any], list[str]] = {}
     for model in models:
         with model_errors(model):
-            hinted = (0,) + buckets_between(expected_rows(model, 1, ep), expected_rows(model, max_tokens, ep))
+            fewest, most = expected_rows(model, 1, ep), expected_rows(model, max_tokens, ep)
+            # A contiguous A holds each expert's rows padded to the alignment: its hint (rows per
+            # group) exceeds the mean by less than the alignment.
+            hints = {kind: (0,) + buckets_between(fewest, most + (alignment - 1 if kind == "contiguous" else 0))
+                     for kind in KINDS_WITH_ROW_HINT}
             for gemm in expert_gemms(model, ep, tp):
                 for arch in archs:
                     for dtype in dtypes:
@@ -170,7 +175,7 @@ def plan(models: list[MoeModel], *, archs: tuple[str, ...], dtypes: tuple[str, .
                             spec = spec_for(kind, gemm.n, gemm.k, precision, arch, alignment)
                             configs = reachable_configs(
                                 kind, gemm.n, gemm.k, gemm.num_groups,
-                                hinted if kind in KINDS_WITH_ROW_HINT else (0,),
+                                hints.get(kind, (0,)),
                                 alignment if kind in ALIGNED_KINDS else 0, arch=arch, a=precision.a, b=precision.b,
                                 d_dtype=precision.d_dtype, num_sms=num_sms)
                             for config in configs:
