@@ -35,8 +35,8 @@ import torch
 from cute_moe import cache
 from cute_moe.arch import default_arch, get_backend
 from cute_moe.dispatch import (KINDS_WITH_ROW_HINT, TABLE_KEY_FIELDS, TUNED_TABLE_FORMAT, Problem, fallback_choice,
-                               format_config, problem_of, read_tuned_table, reload_tuned_table, rows_per_group, spec_of, table_entry,
-                               table_key, user_table_path)
+                               format_config, problem_of, read_tuned_table, reload_tuned_table, rows_per_group,
+                               spec_of, table_entry, table_key, user_table_path)
 from cute_moe.layouts.alignment import align, get_mk_alignment_for_contiguous_layout
 from cute_moe.models import (PRESETS, SERVING_EP, MoeModel, expected_rows, expert_gemms, get_preset, load_shapes,
                              model_errors)
@@ -53,6 +53,7 @@ SPACES = ("all", "near")  # --space: every admitted config, or the rules' / base
 MAX_DIFF = 1e-5
 WIN_MARGIN = 0.02  # a tuned entry must beat the baseline by this fraction of its time, same run
 KernelConfig = Any  # the arch backend's config type
+ROUTER_SEED = 0  # the per-expert counts of a tuning run are reproducible
 
 
 @dataclass(frozen=True)
@@ -122,8 +123,7 @@ def models_and_ep(args: argparse.Namespace) -> list[tuple[MoeModel, int]]:
     return [(m, args.ep or 1) for m in models]
 
 
-def plan_workloads(args: argparse.Namespace, alignment: int,
-                   seed: int = 0) -> dict[tuple, list[tuple[Problem, Workload]]]:
+def plan_workloads(args: argparse.Namespace, alignment: int) -> dict[tuple, list[tuple[Problem, Workload]]]:
     """Tuned-table key -> the (problem, workload) pairs measured for it (model GEMMs x kinds x loads).
     Each load's per-expert counts come from the benchmark's top-k router (uneven, some experts may be
     empty); a load that leaves the rank's experts no row is skipped."""
@@ -131,7 +131,7 @@ def plan_workloads(args: argparse.Namespace, alignment: int,
     kinds = parse_kinds(args.kinds, dtypes)
     tokens = parse_counts("--tokens", args.tokens)
     decode_m = parse_counts("--decode-m", args.decode_m) if args.decode_m else None
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(ROUTER_SEED)
     keyed: dict[tuple, list[tuple[Problem, Workload]]] = {}
     for (model, ep), dtype in itertools.product(models_and_ep(args), dtypes):
         precision = PRECISIONS[dtype]
