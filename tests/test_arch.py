@@ -72,6 +72,32 @@ def _record_configs(monkeypatch) -> list:
     return built
 
 
+def test_contiguous_and_ragged_launches_carry_their_rows_per_group_hint(monkeypatch):
+    built = _record_configs(monkeypatch)
+    hints = []
+    build = launcher.GemmOp._build
+
+    def build_and_record_hint(self, key, **facts):
+        hints.append((facts["kind"], facts["expected_m"]))
+        return build(self, key, **facts)
+
+    monkeypatch.setattr(launcher.GemmOp, "_build", build_and_record_hint)
+    for op in (launcher.ContiguousOp, launcher.RaggedOp):
+        monkeypatch.setattr(op, "validate", lambda self, *args: None)
+    groups, k, n = 32, 7168, 4096
+    b = torch.zeros(groups, n, k, dtype=torch.bfloat16)
+    for rows in (128, 4096, 128, 200):  # rows per group; 128 again: the warm entry, no new build
+        a = torch.zeros(groups * rows, k, dtype=torch.bfloat16)
+        d = torch.zeros(groups * rows, n, dtype=torch.bfloat16)
+        layout = torch.zeros(groups * rows, dtype=torch.int32)
+        if rows % 128 == 0:
+            cute_moe.m_grouped_bf16_gemm_nt_contiguous(a, b, d, layout)
+        offs = torch.arange(1, groups + 1, dtype=torch.int32) * rows
+        cute_moe.grouped_mm(a, b.transpose(1, 2), offs)
+    assert hints == [("contiguous", 128), ("ragged", 128), ("contiguous", 4096), ("ragged", 4096), ("ragged", 200)]
+    assert built[-1] == dispatch.choose_config("ragged", n, k, groups, 200, 0)
+
+
 @pytest.mark.parametrize("order", [(64, 100), (100, 64), (128, 200), (200, 128)])
 def test_warm_key_buckets_rows_as_dispatch_does(monkeypatch, order):
     built = _record_configs(monkeypatch)
