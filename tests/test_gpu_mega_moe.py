@@ -240,11 +240,35 @@ def worker_small(rank: int, world: int) -> None:
     assert torch.equal(stats, expected), f"stats {stats.tolist()} != received rows {expected.tolist()}"
 
 
+def _graph_replays(layer: Layer, y: torch.Tensor, call, tokens: int, seeds, what: str):
+    """Capture ``call`` (a clamped Mega MoE op writing ``y``) in a CUDA graph, then for each seed write
+    new routing and data into the buffer's views, poison ``y`` with NaN, replay and check it against the
+    clamped reference; yields each replay's inputs after its check. The graph is released at the end."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        call()
+    torch.cuda.current_stream().wait_stream(stream)
+    for replay, seed in enumerate(seeds):
+        inputs = layer.inputs(tokens, seed, drop_fraction=0.1, magnitude=CLAMP_MAGNITUDE)
+        layer.fill(*inputs)
+        y.fill_(float("nan"))
+        torch.cuda.synchronize()
+        dist.barrier()
+        graph.replay()
+        layer.buf.synchronize()
+        layer.check(y, inputs, CLAMP, f"{what} {replay}")
+        yield inputs
+        dist.barrier()
+    del graph
+
+
 def worker_graph_clamp(rank: int, world: int) -> None:
     """Tests 7, 9 and (world 2) 10: a CUDA graph of one clamped call replayed with new routing and data
     written into the buffer's views, stats accumulated by the replays; then the timeout."""
-    import torch.distributed as dist
-
     import cute_moe
     layer = Layer(rank, world, SMALL)
     t = [200, 77][rank % 2]
@@ -257,23 +281,10 @@ def worker_graph_clamp(rank: int, world: int) -> None:
     stats = torch.zeros(layer.num_local, dtype=torch.int32, device="cuda")
     expected = torch.zeros_like(stats)
     y = torch.empty(t, SMALL["hidden"], dtype=torch.bfloat16, device="cuda")
-    dist.barrier()
-    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-        cute_moe.fp8_mega_moe(y, layer.l1, layer.l2, layer.buf, stats, CLAMP)
-    torch.cuda.current_stream().wait_stream(stream)
-    for replay in range(3):
-        inputs = layer.inputs(t, 10 + replay, drop_fraction=0.1, magnitude=CLAMP_MAGNITUDE)
-        layer.fill(*inputs)
-        y.fill_(float("nan"))
-        torch.cuda.synchronize()
-        dist.barrier()
-        graph.replay()
-        layer.buf.synchronize()
+    replays = _graph_replays(layer, y, lambda: cute_moe.fp8_mega_moe(y, layer.l1, layer.l2, layer.buf, stats, CLAMP),
+                             t, seeds=range(10, 13), what="graph replay")
+    for inputs in replays:
         expected += _received_counts(layer, inputs[2])
-        layer.check(y, inputs, CLAMP, f"graph replay {replay}")
-        dist.barrier()
     assert torch.equal(stats, expected), f"stats after replays {stats.tolist()} != {expected.tolist()}"
     if world >= 2:
         _timeout(rank, world)
@@ -388,23 +399,10 @@ def worker_fp4(rank: int, world: int) -> None:
     t = [150, 20][rank % 2]
     y = torch.empty(t, SMALL["hidden"], dtype=torch.bfloat16, device="cuda")
     layer.call(layer.inputs(t, 9, magnitude=CLAMP_MAGNITUDE), clamp=CLAMP)  # compiles the clamped variant
-    dist.barrier()
-    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-        cute_moe.fp8_fp4_mega_moe(y, layer.l1, layer.l2, layer.buf, activation_clamp=CLAMP)
-    torch.cuda.current_stream().wait_stream(stream)
-    for replay in range(2):
-        inputs = layer.inputs(t, 20 + replay, drop_fraction=0.1, magnitude=CLAMP_MAGNITUDE)
-        layer.fill(*inputs)
-        y.fill_(float("nan"))
-        torch.cuda.synchronize()
-        dist.barrier()
-        graph.replay()
-        layer.buf.synchronize()
-        layer.check(y, inputs, CLAMP, f"FP4 graph replay {replay}")
-        dist.barrier()
-    del graph
+    for _ in _graph_replays(layer, y, lambda: cute_moe.fp8_fp4_mega_moe(y, layer.l1, layer.l2, layer.buf,
+                                                                        activation_clamp=CLAMP),
+                            t, seeds=range(20, 22), what="FP4 graph replay"):
+        pass
     flash = Layer(rank, world, FLASH, timeout_s=FP4_TIMEOUT_S, weights="fp4")
     _precompile(flash, (False,))
     for seed, tokens in enumerate([[128, 93], [8, 128]]):

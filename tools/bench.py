@@ -28,7 +28,8 @@ from cute_moe.models import PRESETS, get_preset
 from cute_moe.layouts.alignment import check_alignment
 from cute_moe.testing import calc_diff
 
-from .bench_common import HEADER, Row, format_row, quantize_rows, randn, rowwise_fp8, sets_for, time_pair
+from .bench_common import (HEADER, Row, format_row, quantize_rows, randn, rowwise_fp8, sets_for, time_pair,
+                           timed_row)
 from .bench_presets import (DECODE_EXPECTED_M, PRESET_KINDS, QUICK_DECODE_EXPECTED_M, QUICK_TOKENS, TOKENS,
                             bench_preset_rows, summary)
 from .command import make_out_dir, module_main, require_gpu
@@ -70,10 +71,8 @@ def bench_contiguous(kind: str, g: int, m: int, n: int, k: int) -> Row:
     ours(0)
     base(0)
     diff = calc_diff(outs["ours"], outs["base"])
-    t_ours, t_base = time_pair(ours, base, len(sets))
-    flops = 2 * total * n * k
-    return Row(kind, f"{g}x{m} n={n} k={k}", t_ours, t_base, flops / t_ours / 1e6, bytes_per_set / t_ours / 1e3,
-               t_base / t_ours, diff, "torch._grouped_mm")
+    return timed_row(kind, f"{g}x{m} n={n} k={k}", ours, base, len(sets), 2 * total * n * k, bytes_per_set, diff,
+                     "torch._grouped_mm")
 
 
 def bench_masked(g: int, max_m: int, expected_m: int, n: int, k: int) -> Row:
@@ -98,11 +97,9 @@ def bench_masked(g: int, max_m: int, expected_m: int, n: int, k: int) -> Row:
     base(0)
     ours_packed = torch.cat([d[i, :c] for i, c in enumerate(counts)])
     diff = calc_diff(ours_packed, outs["base"])
-    t_ours, t_base = time_pair(ours, base, 1)
     bytes_moved = (g * n * k + valid * k + valid * n) * 2
-    return Row("masked", f"{g}x{max_m} exp_m={expected_m} n={n} k={k}", t_ours, t_base,
-               2 * valid * n * k / t_ours / 1e6, bytes_moved / t_ours / 1e3, t_base / t_ours, diff,
-               "torch._grouped_mm (packed rows)")
+    return timed_row("masked", f"{g}x{max_m} exp_m={expected_m} n={n} k={k}", ours, base, 1, 2 * valid * n * k,
+                     bytes_moved, diff, "torch._grouped_mm (packed rows)")
 
 
 def bench_fp8_contiguous(g: int, m: int, n: int, k: int) -> Row:
@@ -132,12 +129,10 @@ def bench_fp8_contiguous(g: int, m: int, n: int, k: int) -> Row:
     ours(0)
     ref = torch.cat([a[i * m:(i + 1) * m].float() @ w[i].float().T for i in range(g)])
     diff = calc_diff(d, ref)
-    t_ours, t_base = time_pair(ours, base, 1)
-    _, t_bf16 = time_pair(ours, ours_bf16, 1)
-    flops = 2 * total * n * k
-    return Row("fp8 contiguous", f"{g}x{m} n={n} k={k}", t_ours, t_base, flops / t_ours / 1e6,
-               (total * k + g * n * k + total * n * 2) / t_ours / 1e3, t_base / t_ours, diff,
-               "torch._scaled_grouped_mm (row-wise)", f"{t_bf16 / t_ours:.2f}x our bf16")
+    t_fp8, t_bf16 = time_pair(ours, ours_bf16, 1)
+    return timed_row("fp8 contiguous", f"{g}x{m} n={n} k={k}", ours, base, 1, 2 * total * n * k,
+                     total * k + g * n * k + total * n * 2, diff, "torch._scaled_grouped_mm (row-wise)",
+                     f"{t_bf16 / t_fp8:.2f}x our bf16", operand="fp8")
 
 
 def bench_fp8_masked(g: int, max_m: int, expected_m: int, n: int, k: int) -> Row:
@@ -160,11 +155,9 @@ def bench_fp8_masked(g: int, max_m: int, expected_m: int, n: int, k: int) -> Row
 
     ours(0)
     diff = max(calc_diff(d[i, :c], a[i, :c].float() @ w[i].float().T) for i, c in enumerate(counts[:4]))
-    t_ours, t_bf16 = time_pair(ours, ours_bf16, 1)
     bytes_moved = g * n * k + sfb.numel() * 4 + valid * k + valid * (k // 128) * 4 + valid * n * 2
-    return Row("fp8 masked", f"{g}x{max_m} exp_m={expected_m} n={n} k={k}", t_ours, t_bf16,
-               2 * valid * n * k / t_ours / 1e6, bytes_moved / t_ours / 1e3, t_bf16 / t_ours, diff,
-               "our bf16 masked")
+    return timed_row("fp8 masked", f"{g}x{max_m} exp_m={expected_m} n={n} k={k}", ours, ours_bf16, 1,
+                     2 * valid * n * k, bytes_moved, diff, "our bf16 masked", operand="fp8")
 
 
 def bench_dense(m: int, n: int, k: int) -> Row:
@@ -185,9 +178,8 @@ def bench_dense(m: int, n: int, k: int) -> Row:
     ours(0)
     base(0)
     diff = calc_diff(outs["ours"], outs["base"])
-    t_ours, t_base = time_pair(ours, base, len(sets))
-    return Row("dense", f"m={m} n={n} k={k}", t_ours, t_base, 2 * m * n * k / t_ours / 1e6,
-               bytes_per_set / t_ours / 1e3, t_base / t_ours, diff, "torch.matmul")
+    return timed_row("dense", f"m={m} n={n} k={k}", ours, base, len(sets), 2 * m * n * k, bytes_per_set, diff,
+                     "torch.matmul")
 
 
 def host_overhead_us(calls: int = 2000) -> float:

@@ -1,21 +1,27 @@
 """Measurement pieces shared by the benchmark's sections: rows, interleaved CUDA-graph timing, inputs."""
 
+import functools
 import json
 import math
 import os
 import statistics
 import sys
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 import cute_moe
 
 from .command import make_out_dir, require_gpu
+from .gpu_telemetry import Sample, sample, summarize
 
 L2_BYTES = 60 * 2**20
 FP8_MAX = 448.0  # largest finite E4M3 value
+# Dense tensor-core FLOPs per SM per clock, by compute capability and operand type (H100 / H200 WGMMA:
+# 989 TFLOPS BF16 at 1830 MHz over 132 SMs).
+TENSOR_FLOPS_PER_SM_CLOCK = {(9, 0): {"bf16": 4096, "fp8": 8192}}
+READ_BYTES = 2**30  # buffer of the DRAM read-rate measurement (many times the L2)
 
 
 @dataclass
@@ -30,6 +36,54 @@ class Row:
     diff: float
     baseline: str
     note: str = ""
+    sm_mhz: float = 0.0  # median SM clock while ours ran (0: not read)
+    base_sm_mhz: float = 0.0  # the same while the baseline ran
+    watts: float = 0.0  # median board power while ours ran
+    power_capped: float = 0.0  # share of ours' samples whose clock the power cap held down
+    thermal: float = 0.0  # share of ours' samples whose clock heat (or a hardware slowdown) held down
+    roofline: float = 0.0  # ours' share of its ceiling at that clock (0: unknown)
+    bound: str = ""  # the ceiling: "tensor" (FLOPs at the clock) or "memory" (bytes at the read rate)
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """A device's ceilings: dense tensor FLOPs per SM clock over all SMs (per operand type), and the
+    DRAM read rate measured on it (bytes per second)."""
+
+    flops_per_clock: dict[str, float]
+    read_bytes_per_s: float
+
+    def ceiling(self, operand: str, flops: float, bytes_moved: float, sm_mhz: float) -> tuple[float, str]:
+        """Microseconds of the work at the higher of the two ceilings (tensor at ``sm_mhz``, memory at
+        the read rate), and which one it is."""
+        tensor_us = flops / (self.flops_per_clock[operand] * sm_mhz)
+        memory_us = bytes_moved / self.read_bytes_per_s * 1e6
+        return (tensor_us, "tensor") if tensor_us >= memory_us else (memory_us, "memory")
+
+
+@functools.lru_cache(maxsize=None)
+def device_roofline(device_index: int) -> Optional[Roofline]:
+    """The ceilings of a device this module knows the tensor rate of (else ``None``); the read rate is
+    measured on the first call (a graph of reductions over 1 GiB run by the SMs, median of five
+    replays; a graph-captured 1 GiB device-to-device copy measured 2.7 TB/s read plus written on an H200,
+    a copy engine's rate, not the SMs')."""
+    properties = torch.cuda.get_device_properties(device_index)
+    per_sm = TENSOR_FLOPS_PER_SM_CLOCK.get((properties.major, properties.minor))
+    if per_sm is None:
+        return None
+    with torch.cuda.device(device_index):
+        src = torch.zeros(READ_BYTES // 4, dtype=torch.float32, device="cuda")
+        graph, calls = graph_of(lambda _: src.amax(), 1)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        seconds = []
+        for _ in range(5):
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            seconds.append(start.elapsed_time(end) / 1e3 / calls)
+    return Roofline({operand: rate * properties.multi_processor_count for operand, rate in per_sm.items()},
+                    READ_BYTES / statistics.median(seconds))
 
 
 def graph_of(launch: Callable[[int], object], num_sets: int) -> tuple[torch.cuda.CUDAGraph, int]:
@@ -54,9 +108,10 @@ def graph_of(launch: Callable[[int], object], num_sets: int) -> tuple[torch.cuda
 
 
 def time_pair(ours: Callable[[int], object], base: Callable[[int], object], num_sets: int,
-              repeats: int = 20) -> tuple[float, float]:
+              repeats: int = 20, telemetry: Optional[tuple[list, list]] = None) -> tuple[float, float]:
     """Median microseconds per launch of ours and of the baseline, their graph replays interleaved so
-    clock and thermal drift hit both alike."""
+    clock and thermal drift hit both alike. ``telemetry``: two lists that receive a clock / power
+    ``Sample`` (or ``None``) taken during each replay of ours and of the baseline."""
     graphs = [graph_of(ours, num_sets), graph_of(base, num_sets)]
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     samples: list[list[float]] = [[], []]
@@ -65,9 +120,34 @@ def time_pair(ours: Callable[[int], object], base: Callable[[int], object], num_
             start.record()
             graph.replay()
             end.record()
+            if telemetry is not None:  # the replay runs on while the host reads the clock
+                telemetry[which].append(sample())
             end.synchronize()
             samples[which].append(start.elapsed_time(end) * 1e3 / calls)
     return statistics.median(samples[0]), statistics.median(samples[1])
+
+
+def timed_row(kind: str, shape: str, ours: Callable[[int], object], base: Callable[[int], object], num_sets: int,
+              flops: float, bytes_moved: float, diff: float, baseline: str, note: str = "",
+              operand: str = "bf16") -> Row:
+    """Time ours against the baseline (``time_pair``) and make their row: speed from ``flops`` and
+    ``bytes_moved`` (the bytes the problem must move), the clock and power while each ran, and ours'
+    share of its roofline at its clock (``operand``: "bf16" or "fp8" tensor rate)."""
+    telemetry: tuple[list[Optional[Sample]], list[Optional[Sample]]] = ([], [])
+    t_ours, t_base = time_pair(ours, base, num_sets, telemetry=telemetry)
+    row = Row(kind, shape, t_ours, t_base, flops / t_ours / 1e6, bytes_moved / t_ours / 1e3, t_base / t_ours, diff,
+              baseline, note)
+    mine, theirs = summarize(telemetry[0]), summarize(telemetry[1])
+    if theirs is not None:
+        row.base_sm_mhz = theirs.sm_mhz
+    if mine is not None:
+        row.sm_mhz, row.watts = mine.sm_mhz, mine.watts
+        row.power_capped, row.thermal = mine.power_capped, mine.thermal
+        roofline = device_roofline(torch.cuda.current_device())
+        if roofline is not None:
+            ceiling_us, row.bound = roofline.ceiling(operand, flops, bytes_moved, mine.sm_mhz)
+            row.roofline = ceiling_us / t_ours
+    return row
 
 
 def sets_for(bytes_per_set: int) -> int:
@@ -96,12 +176,16 @@ def rowwise_fp8(a: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 HEADER = ("| kind | shape | ours us | baseline us | TFLOPS | GB/s | ours/baseline speed | calc_diff | baseline | "
-          "note |\n|---|---|---|---|---|---|---|---|---|---|")
+          "note | SM MHz ours / base, W, power-capped | of roofline |\n" + "|---" * 12 + "|")
 
 
 def format_row(r: Row) -> str:
+    clock = (f"{r.sm_mhz:.0f} / {r.base_sm_mhz:.0f}, {r.watts:.0f} W, {r.power_capped:.0%}" if r.sm_mhz else "—")
+    if r.thermal:
+        clock += f", thermal {r.thermal:.0%}"
+    roofline = f"{r.roofline:.0%} {r.bound}" if r.roofline else "—"
     return (f"| {r.kind} | {r.shape} | {r.ours_us:.1f} | {r.base_us:.1f} | {r.tflops:.0f} | {r.gbps:.0f} | "
-            f"{r.ratio:.3f}x | {r.diff:.1e} | {r.baseline} | {r.note} |")
+            f"{r.ratio:.3f}x | {r.diff:.1e} | {r.baseline} | {r.note} | {clock} | {roofline} |")
 
 
 def add_arguments(parser, stem: str, quick: str) -> None:

@@ -4,7 +4,7 @@ For each preset (at the EP degree it is served with) and each expert GEMM (gate_
 row counts come from a random top-k router whose experts differ in popularity, so counts are uneven
 and some experts may get none. Prefill rows (contiguous, ragged, FP8 contiguous) run at several
 token counts per rank; decode rows (masked, BF16 and FP8) at several expected rows per expert.
-Ours and the baseline run on the same data in the same process (``bench_common.time_pair``):
+Ours and the baseline run on the same data in the same process (``bench_common.timed_row``):
 - contiguous / ragged BF16: torch._grouped_mm on the packed rows (contiguous: ours on the aligned
   layout, padding rows not counted);
 - FP8 contiguous and FP8 masked: torch._scaled_grouped_mm with row-wise FP8 scales on the packed rows;
@@ -13,6 +13,7 @@ Masked rows also report the weight bytes streamed per microsecond (TB/s), the de
 """
 
 import math
+import statistics
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -23,7 +24,7 @@ from cute_moe.layouts.alignment import align, get_mk_alignment_for_contiguous_la
 from cute_moe.models import PRESETS, SERVING_EP, MoeModel, expert_gemms
 from cute_moe.testing import calc_diff
 
-from .bench_common import Row, quantize_rows, randn, rowwise_fp8, sets_for, time_pair
+from .bench_common import Row, quantize_rows, randn, rowwise_fp8, sets_for, timed_row
 
 TOKENS = (512, 4096, 16384)  # tokens per rank (prefill)
 DECODE_EXPECTED_M = (8, 16, 32, 64)  # mean rows per local expert (decode)
@@ -125,13 +126,14 @@ def torch_baseline(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, rowwise
 def _row(kind: str, p: PresetGemm, ours: Callable[[int], object], base: Callable[[int], object], num_sets: int,
          diff: float, baseline: str, weight_bytes: int) -> Row:
     """Time the pair; GB/s counts the weights, the valid A rows (in their operand type) and D (BF16)."""
-    t_ours, t_base = time_pair(ours, base, num_sets)
     valid = sum(p.counts)
-    element_bytes = 1 if kind.startswith("fp8") else 2
-    bytes_moved = weight_bytes + valid * (p.k * element_bytes + p.n * 2)
-    note = f"{weight_bytes / t_ours / 1e6:.2f} TB/s weights" if kind.endswith("masked") else ""
-    return Row(kind, p.shape, t_ours, t_base, 2 * valid * p.n * p.k / t_ours / 1e6,
-               bytes_moved / t_ours / 1e3, t_base / t_ours, diff, baseline, note)
+    fp8 = kind.startswith("fp8")
+    bytes_moved = weight_bytes + valid * (p.k * (1 if fp8 else 2) + p.n * 2)
+    row = timed_row(kind, p.shape, ours, base, num_sets, 2 * valid * p.n * p.k, bytes_moved, diff, baseline,
+                    operand="fp8" if fp8 else "bf16")
+    if kind.endswith("masked"):
+        row.note = f"{weight_bytes / row.ours_us / 1e6:.2f} TB/s weights"
+    return row
 
 
 def bench_prefill(kind: str, p: PresetGemm) -> Row:
@@ -230,11 +232,18 @@ def bench_preset_rows(names: list[str], kinds: set[str], quick: bool, emit: Call
 
 
 def summary(rows: list[Row]) -> list[str]:
-    """Per kind: rows, geometric mean and minimum of ours/baseline speed."""
-    lines = ["| kind | rows | geomean ours/baseline | min ours/baseline (row) |", "|---|---|---|---|"]
+    """Per kind: rows, geometric mean and minimum of ours/baseline speed, and the medians of ours' SM
+    clock and of its share of the roofline (over the rows where they were read)."""
+    lines = ["| kind | rows | geomean ours/baseline | min ours/baseline (row) | median SM MHz | median of roofline |",
+             "|---|---|---|---|---|---|"]
     for kind in dict.fromkeys(r.kind for r in rows):
         ratios = [r for r in rows if r.kind == kind]
         geomean = math.exp(sum(math.log(r.ratio) for r in ratios) / len(ratios))
         worst = min(ratios, key=lambda r: r.ratio)
-        lines.append(f"| {kind} | {len(ratios)} | {geomean:.3f}x | {worst.ratio:.3f}x ({worst.shape}) |")
+        clocks = [r.sm_mhz for r in ratios if r.sm_mhz]
+        shares = [r.roofline for r in ratios if r.roofline]
+        clock = f"{statistics.median(clocks):.0f}" if clocks else "—"
+        share = f"{statistics.median(shares):.0%}" if shares else "—"
+        lines.append(f"| {kind} | {len(ratios)} | {geomean:.3f}x | {worst.ratio:.3f}x ({worst.shape}) | {clock} | "
+                     f"{share} |")
     return lines
