@@ -65,8 +65,8 @@ class Roofline:
 def device_roofline(device_index: int) -> Optional[Roofline]:
     """The ceilings of a device this module knows the tensor rate of (else ``None``); the read rate is
     measured on the first call (a graph of reductions over 1 GiB run by the SMs, median of five
-    replays; a graph-captured 1 GiB device-to-device copy measured 2.7 TB/s read plus written on an H200,
-    a copy engine's rate, not the SMs')."""
+    replays; a graph-captured 1 GiB device-to-device copy measured only 2.7 TB/s read plus written on an
+    H200, likely a copy engine's rate rather than the SMs')."""
     properties = torch.cuda.get_device_properties(device_index)
     per_sm = TENSOR_FLOPS_PER_SM_CLOCK.get((properties.major, properties.minor))
     if per_sm is None:
